@@ -1,0 +1,176 @@
+"""The ``fedtune`` command: run, partition, data convert, eval, chat, report."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markup import escape
+from rich.table import Table
+
+from fedtune.errors import FedtuneError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+data_app = typer.Typer(no_args_is_help=True, help="Data files: convert between formats.")
+app.add_typer(data_app, name="data")
+console = Console(stderr=True)
+out = Console()
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="dotted override, e.g. fed.rounds=5")]
+RunDirArg = Annotated[Path, typer.Argument(help="a run directory written by `fedtune run`")]
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
+    for name in ("flwr", "ray", "datasets", "httpx", "urllib3", "filelock"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
+def _config(config: Path | None, overrides: list[str] | None):  # type: ignore[no-untyped-def]
+    from fedtune.config import load_config
+
+    return load_config(config, overrides or [])
+
+
+@app.command()
+def run(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    resume: Annotated[Path | None, typer.Option(help="continue this run directory")] = None,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+) -> None:
+    """Federated LoRA fine-tuning in Flower's simulation runtime; writes a run directory."""
+    from fedtune.launch import run as launch
+    from fedtune.report import loss_table, read_metrics
+
+    if resume is not None and (config is not None or set_):
+        raise FedtuneError("--resume continues a run with its own config.toml; drop --config/--set")
+    cfg = None if resume is not None else _config(config, set_)
+    run_dir = launch(cfg, resume=resume, progress=progress)
+    table = Table(title="held-out loss per client (round 0 -> last round)")
+    for col in ("client", "before", "after", "change"):
+        table.add_column(col, justify="right")
+    for row in loss_table(read_metrics(run_dir.path)):
+        table.add_row(str(row.client), f"{row.before:.4f}", f"{row.after:.4f}", f"{row.after - row.before:+.4f}")
+    out.print(table)
+    out.print(f"run directory: {run_dir.path}")
+    report = run_dir.path / "report" / "index.html"
+    if report.exists():
+        out.print(f"report: {report}")
+
+
+@app.command()
+def partition(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Show how the config splits the data: a clients x categories table."""
+    from fedtune.data.partition import partition_table
+    from fedtune.data.pipeline import partitions
+
+    cfg = _config(config, set_)
+    out.print(partition_table(partitions(cfg), cfg.partition.column))
+
+
+@data_app.command("convert")
+def data_convert(
+    src: Annotated[Path, typer.Argument(help="input file (.json/.jsonl/.csv/.parquet)")],
+    dst: Annotated[Path, typer.Argument(help="output file (.json/.jsonl)")],
+    from_: Annotated[str, typer.Option("--from", help="input format")],
+    to: Annotated[str, typer.Option("--to", help="output format")],
+    explain: Annotated[bool, typer.Option(help="render responses as EXPLAIN: ... CONCLUSION: ...")] = False,
+) -> None:
+    """Convert a data file between formats (alpaca, dolly, chatglm, sharegpt, openai, explanation)."""
+    from fedtune.data.load import convert_file
+
+    n = convert_file(str(src), from_, str(dst), to, explain=explain)
+    out.print(f"wrote {n} records to {dst}")
+
+
+@app.command("eval")
+def eval_(run_dir: RunDirArg) -> None:
+    """Held-out loss of every client under the base model and under the run's final adapter."""
+    from fedtune.inference import evaluate_clients, load_run
+
+    base = evaluate_clients(load_run(run_dir, base_only=True))
+    tuned = evaluate_clients(load_run(run_dir))
+    table = Table(title=f"held-out loss: {run_dir}")
+    for col in ("client", "base", "adapter", "change"):
+        table.add_column(col, justify="right")
+    for pid in sorted(base):
+        table.add_row(str(pid), f"{base[pid]:.4f}", f"{tuned[pid]:.4f}", f"{tuned[pid] - base[pid]:+.4f}")
+    out.print(table)
+
+
+@app.command()
+def chat(
+    run_dir: RunDirArg,
+    prompt: Annotated[list[str] | None, typer.Option(help="user turn(s) to send instead of reading stdin")] = None,
+    system: Annotated[str | None, typer.Option(help="system message")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
+) -> None:
+    """Multi-turn chat with the run's adapter, template and RoPE scaling. Empty line or /exit ends it."""
+    from fedtune.data.types import Conversation
+    from fedtune.inference import load_run, reply
+
+    loaded = load_run(run_dir)
+    history: Conversation = [{"role": "system", "content": system}] if system else []
+    turns = iter(prompt) if prompt else None
+    while True:
+        if turns is not None:
+            text = next(turns, None)
+            if text is None:
+                break
+            out.print(f"[bold]you>[/bold] {text}")
+        else:
+            try:
+                text = input("you> ")
+            except EOFError:
+                break
+        if not text.strip() or text.strip() == "/exit":
+            break
+        history.append({"role": "user", "content": text})
+        answer = reply(loaded, history, max_new_tokens=max_new_tokens)
+        history.append({"role": "assistant", "content": answer})
+        out.print(f"[bold]model>[/bold] {answer}")
+
+
+@app.command()
+def report(run_dir: RunDirArg) -> None:
+    """Write plots and an HTML page for a run directory."""
+    from fedtune.report import write_report
+
+    out.print(f"report: {write_report(run_dir)}")
+
+
+def main() -> None:
+    _quiet_libraries()
+    try:
+        app(standalone_mode=False)
+    except FedtuneError as err:
+        console.print(f"[red]error:[/red] {escape(str(err))}")
+        sys.exit(2)
+    except (typer.Exit, SystemExit) as err:
+        code = getattr(err, "exit_code", getattr(err, "code", 0))
+        sys.exit(code)
+    except (typer.Abort, KeyboardInterrupt):
+        console.print("aborted")
+        sys.exit(130)
+    except Exception as err:  # click usage errors arrive here in standalone_mode=False
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        raise

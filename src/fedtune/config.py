@@ -1,0 +1,214 @@
+"""The one typed config tree: TOML file + dotted overrides -> :class:`Config`.
+
+Every section is a pydantic model with ``extra="forbid"``, so a misspelt key or a
+non-positive size is reported with its dotted path (``model.lora.r``) and the file.
+Flower's flat ``run_config`` is parsed here too (:func:`config_from_run_config`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedtune.errors import FedtuneError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    source: str = Field("chatterbot", description="built-in corpus name, local file, or datasets name")
+    format: str = Field("openai", description="record format (ignored for built-in corpora)")
+    split: str = "train"
+    template: str = Field("chat", description="'chat' (tokenizer's template) or a named template")
+    max_source_length: int = Field(256, gt=0, description="prompt tokens kept, cut from the left")
+    max_target_length: int = Field(128, gt=0, description="response tokens kept, cut from the right")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="per-client held-out share")
+    max_train_examples: int | None = Field(None, gt=0, description="cap per client (after the split)")
+    max_test_examples: int | None = Field(None, gt=0, description="cap per client held-out set")
+
+
+class PartitionConfig(_Section):
+    name: str = Field("category", description="iid | dirichlet | category | shards")
+    num_partitions: int = Field(8, gt=0, description="number of clients")
+    column: str = "category"
+    alpha: float = Field(0.5, gt=0)
+    min_partition_size: int = Field(2, gt=0)
+    shards_per_client: int = Field(2, gt=0)
+
+
+class RopeScalingConfig(_Section):
+    type: Literal["linear", "dynamic"]
+    factor: float = Field(gt=0)
+
+
+class LoraConfig(_Section):
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class ModelConfig(_Section):
+    name: str = Field("smollm2", description="'smollm2', 'tiny-llama', a hub id, or a local folder")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    rope_scaling: RopeScalingConfig | None = None
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class TrainConfig(_Section):
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps per round (default 10)")
+    epochs: float | None = Field(None, gt=0, description="local epochs per round")
+    batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    eval_batch_size: int = Field(8, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    num_threads: int | None = Field(None, gt=0, description="torch threads per client process")
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> TrainConfig:
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError("set only one of train.max_steps and train.epochs")
+        if self.max_steps is None and self.epochs is None:
+            self.__dict__["max_steps"] = 10
+        return self
+
+
+class FedConfig(_Section):
+    rounds: int = Field(3, gt=0)
+    strategy: str = "fedavg"
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    fraction_evaluate: float = Field(1.0, ge=0, le=1)
+    min_train_clients: int = Field(1, gt=0)
+    min_evaluate_clients: int = Field(1, ge=0)
+    min_available_clients: int | None = Field(None, gt=0, description="default: partition.num_partitions")
+    wire_dtype: Literal["float16", "float32"] = "float16"
+    evaluate_before: bool = Field(True, description="evaluate the starting adapter as round 0")
+    timeout: float = Field(3600, gt=0, description="seconds to wait for client replies")
+
+
+class SimulationConfig(_Section):
+    num_supernodes: int | None = Field(None, gt=0, description="default: partition.num_partitions")
+    cpus_per_client: float | None = Field(None, gt=0, description="default: all cores (clients in turn)")
+    num_cpus: int | None = Field(None, gt=0, description="cores Ray may use (default: all)")
+
+
+class RunSection(_Section):
+    output_dir: str = "runs"
+    name: str = "fedtune"
+    report: bool = True
+
+
+class Config(_Section):
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    fed: FedConfig = Field(default_factory=FedConfig)
+    simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+    run: RunSection = Field(default_factory=RunSection)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
+
+    def fingerprint(self, *sections: str) -> str:
+        """A short hash of some sections, for caches keyed on what they depend on."""
+        dump = self.model_dump(mode="json", include=set(sections) if sections else None)
+        return hashlib.sha256(repr(sorted(dump.items())).encode()).hexdigest()[:16]
+
+
+def _parse_value(text: str) -> Any:
+    """An override value is TOML (``5``, ``true``, ``[1, 2]``, ``"x"``) or else a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any, *, where: str = "--set") -> None:
+    """Set ``a.b.c`` in a nested dict, creating tables on the way."""
+    parts = key.split(".")
+    if not all(parts):
+        raise FedtuneError(f"{where}: bad key {key!r}")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise FedtuneError(f"{where}: {key!r}: {part!r} is a value, not a table")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``key=value`` strings (``fed.rounds=5``) to a raw config dict."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise FedtuneError(f"--set {item!r}: expected KEY=VALUE, e.g. fed.rounds=5")
+        set_dotted(tree, key.strip(), _parse_value(value.strip()))
+    return tree
+
+
+def validate(tree: Mapping[str, Any], *, source: str) -> Config:
+    """Build a Config, turning pydantic's errors into one message naming each key."""
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+            lines.append(f"{source}: {loc}: {e['msg']}")
+        raise FedtuneError("\n".join(lines)) from None
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FedtuneError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as err:
+        raise FedtuneError(f"{path}: invalid TOML: {err}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Load a TOML config (or the defaults) and apply dotted overrides."""
+    tree = read_toml(path) if path is not None else {}
+    apply_overrides(tree, overrides)
+    return validate(tree, source=str(path) if path else "config")
+
+
+def config_from_run_config(run_config: Mapping[str, Any], app_dir: str | Path = ".") -> Config:
+    """Parse Flower's flat run_config: ``config-file`` plus dotted overrides of it."""
+    tree: dict[str, Any] = {}
+    config_file = run_config.get("config-file")
+    if config_file:
+        path = Path(str(config_file))
+        if not path.is_absolute():
+            path = Path(app_dir) / path
+        tree = read_toml(path)
+    for key, value in run_config.items():
+        if key != "config-file":
+            set_dotted(tree, str(key), value, where="run_config")
+    return validate(tree, source="run_config")
+
+
+def config_from_toml_text(text: str, *, source: str) -> Config:
+    try:
+        tree = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise FedtuneError(f"{source}: invalid TOML: {err}") from None
+    return validate(tree, source=source)

@@ -1,0 +1,96 @@
+"""From the config to one client's train/test data: load -> partition -> split -> tokenize.
+
+Conversion and partitioning results are memoised per process (keyed by the config
+sections they depend on), so a simulation worker serving many clients reads and
+partitions the corpus once.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from fedtune.config import Config, DataConfig, PartitionConfig
+from fedtune.data.load import load_conversations
+from fedtune.data.partition import partition_dataset, split_train_test
+from fedtune.data.tokenize import tokenize_dataset
+from fedtune.errors import FedtuneError
+
+
+@lru_cache(maxsize=4)
+def _partitions(data_json: str, partition_json: str, seed: int) -> tuple[Dataset, ...]:
+    data = DataConfig.model_validate_json(data_json)
+    part = PartitionConfig.model_validate_json(partition_json)
+    ds = load_conversations(data.source, data.format, split=data.split, category_field=part.column)
+    return tuple(
+        partition_dataset(
+            ds,
+            name=part.name,
+            num_partitions=part.num_partitions,
+            column=part.column,
+            alpha=part.alpha,
+            min_partition_size=part.min_partition_size,
+            shards_per_client=part.shards_per_client,
+            seed=seed,
+        )
+    )
+
+
+def partitions(cfg: Config) -> list[Dataset]:
+    """Every client's conversations (before the held-out split)."""
+    return list(_partitions(cfg.data.model_dump_json(), cfg.partition.model_dump_json(), cfg.seed))
+
+
+def _cap(ds: Dataset, limit: int | None) -> Dataset:
+    return ds if limit is None or len(ds) <= limit else ds.select(range(limit))
+
+
+def client_conversations(
+    cfg: Config, partition_id: int, *, data_path: str | None = None
+) -> tuple[Dataset, Dataset]:
+    """One client's (train, test) conversations.
+
+    ``data_path`` (a SuperNode's ``node-config``) makes the client use its own file
+    whole, in ``data.format``, instead of a partition of the shared source.
+    """
+    if data_path:
+        ds = load_conversations(
+            data_path, cfg.data.format, split=cfg.data.split, category_field=cfg.partition.column
+        )
+    else:
+        parts = partitions(cfg)
+        if not 0 <= partition_id < len(parts):
+            raise FedtuneError(
+                f"partition-id {partition_id} is out of range (partition.num_partitions={len(parts)})"
+            )
+        ds = parts[partition_id]
+    train, test = split_train_test(ds, cfg.data.test_fraction, cfg.seed + partition_id)
+    return _cap(train, cfg.data.max_train_examples), _cap(test, cfg.data.max_test_examples)
+
+
+def client_tokenized(
+    cfg: Config, tokenizer: PreTrainedTokenizerBase, partition_id: int, *, data_path: str | None = None
+) -> tuple[Dataset, Dataset]:
+    train, test = client_conversations(cfg, partition_id, data_path=data_path)
+    kw = {
+        "template_name": cfg.data.template,
+        "max_source_length": cfg.data.max_source_length,
+        "max_target_length": cfg.data.max_target_length,
+    }
+    return tokenize_dataset(train, tokenizer, **kw), tokenize_dataset(test, tokenizer, **kw)
+
+
+def data_key(cfg: Config, partition_id: int, data_path: str | None) -> str:
+    """What a client's tokenized data depends on (for caching it in a worker)."""
+    return json.dumps(
+        [
+            cfg.data.model_dump(mode="json"),
+            cfg.partition.model_dump(mode="json"),
+            cfg.seed,
+            partition_id,
+            data_path,
+        ]
+    )

@@ -1,0 +1,135 @@
+"""Flower ClientApp: receive the global adapter, train or evaluate locally, reply.
+
+Every message carries the run's resolved config (``fedtune-config``), so the client
+needs nothing but its node config: ``partition-id`` and ``num-partitions`` (set by the
+simulation runtime, or ``--node-config`` on a SuperNode), and optionally ``data-path``,
+a file of the client's own that replaces the partition of the shared source.
+
+The base model is loaded once per process and only the adapter weights are swapped
+per message. In simulation Ray workers live for the whole run, so that cache saves a
+model load per client per round; in deployment the SuperNode starts a fresh process
+per message and the cache cannot help (see README, "Deployment").
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from datasets import Dataset
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from fedtune.config import Config, ModelConfig, config_from_toml_text
+from fedtune.data.pipeline import client_tokenized
+from fedtune.federated.records import from_record, to_record, to_torch
+from fedtune.models.adapters import adapter_state, attach_lora, load_adapter_state
+from fedtune.models.load import load_model, load_tokenizer
+from fedtune.training.local import evaluate, train
+
+log = logging.getLogger(__name__)
+app = ClientApp()
+
+CONFIG_KEY = "fedtune-config"
+
+
+@dataclass
+class Runtime:
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+
+
+@lru_cache(maxsize=1)
+def _runtime(model_json: str) -> Runtime:
+    cfg = ModelConfig.model_validate_json(model_json)
+    tokenizer = load_tokenizer(cfg)
+    model = attach_lora(load_model(cfg), cfg.lora)
+    model.eval()
+    log.info("Loaded base model %s in this process", cfg.name)
+    return Runtime(model=model, tokenizer=tokenizer)
+
+
+@lru_cache(maxsize=32)
+def _data(config_text: str, partition_id: int, data_path: str | None) -> tuple[Dataset, Dataset]:
+    cfg = config_from_toml_text(config_text, source="message config")
+    tokenizer = _runtime(cfg.model.model_dump_json()).tokenizer
+    return client_tokenized(cfg, tokenizer, partition_id, data_path=data_path)
+
+
+def _node(context: Context) -> tuple[int, str | None]:
+    node = context.node_config
+    if "partition-id" not in node:
+        raise ValueError("node config lacks 'partition-id' (SuperNode --node-config \"partition-id=0 ...\")")
+    data_path = node.get("data-path")
+    return int(node["partition-id"]), (str(data_path) if data_path else None)
+
+
+def _setup(msg: Message, context: Context) -> tuple[Config, str, Runtime, int, str | None]:
+    config: ConfigRecord = msg.content["config"]  # type: ignore[assignment]
+    text = str(config[CONFIG_KEY])
+    cfg = config_from_toml_text(text, source="message config")
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    partition_id, data_path = _node(context)
+    runtime = _runtime(cfg.model.model_dump_json())
+    if "arrays" in msg.content:
+        load_adapter_state(runtime.model, to_torch(from_record(msg.content["arrays"])))  # type: ignore[arg-type]
+    return cfg, text, runtime, partition_id, data_path
+
+
+def client_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """Distinct, reproducible randomness per (run seed, round, client)."""
+    return (seed * 1_000_003 + server_round * 10_007 + partition_id) % (2**31)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server who this client is and how much data it holds."""
+    _, text, _, partition_id, data_path = _setup(msg, context)
+    train_ds, test_ds = _data(text, partition_id, data_path)
+    metrics = MetricRecord({"partition-id": partition_id, "num-train": len(train_ds), "num-test": len(test_ds)})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+@app.train()
+def train_handler(msg: Message, context: Context) -> Message:
+    start = time.perf_counter()
+    cfg, text, runtime, partition_id, data_path = _setup(msg, context)
+    server_round = int(msg.content["config"]["server-round"])  # type: ignore[index, arg-type]
+    train_ds, _ = _data(text, partition_id, data_path)
+    result = train(runtime.model, train_ds, runtime.tokenizer, cfg.train, seed=client_seed(cfg.seed, server_round, partition_id))
+    arrays: ArrayRecord = to_record(adapter_state(runtime.model), cfg.fed.wire_dtype)
+    metrics = MetricRecord(
+        {
+            "num-examples": result.num_examples,
+            "train-loss": result.loss,
+            "steps": result.steps,
+            "partition-id": partition_id,
+            "seconds": time.perf_counter() - start,
+        }
+    )
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_handler(msg: Message, context: Context) -> Message:
+    start = time.perf_counter()
+    cfg, text, runtime, partition_id, data_path = _setup(msg, context)
+    _, test_ds = _data(text, partition_id, data_path)
+    result = evaluate(runtime.model, test_ds, runtime.tokenizer, cfg.train.eval_batch_size)
+    metrics = MetricRecord(
+        {
+            "num-examples": result.num_examples,
+            "eval-loss": result.loss,
+            "perplexity": result.perplexity,
+            "num-tokens": result.num_tokens,
+            "partition-id": partition_id,
+            "seconds": time.perf_counter() - start,
+        }
+    )
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -1,0 +1,147 @@
+"""Flower ServerApp: rounds of train -> aggregate -> evaluate, checkpointed every round.
+
+The round loop is Flower's ``Strategy.start`` loop with what an LLM run needs
+around it: a discovery query (partition id and data size of every node), a
+round-0 evaluation of the starting adapter, a checkpoint of the global adapter and
+the round's metrics after every round, and a start from the last complete round
+when resuming. Two ways in:
+
+- ``fedtune run`` builds the app with :func:`make_server_app` over a run directory it
+  created (or one it resumes) and starts Flower's simulation runtime;
+- ``flwr run .`` loads ``app`` below, which reads ``config-file`` (and dotted
+  overrides) from the run config; ``resume-dir`` continues a run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedtune.config import Config, config_from_run_config
+from fedtune.errors import FedtuneError
+from fedtune.federated.records import from_record, to_record, to_torch
+from fedtune.federated.strategies import STRATEGIES, AdapterFedAvg
+from fedtune.models.adapters import initial_adapter_state
+from fedtune.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+def discover(grid: Grid, cfg: Config, *, poll: float = 0.5) -> dict[int, int]:
+    """Wait for the clients and ask each for its partition id: node id -> partition id."""
+    expected = cfg.fed.min_available_clients or cfg.partition.num_partitions
+    deadline = time.monotonic() + cfg.fed.timeout
+    while len(nodes := list(grid.get_node_ids())) < expected:
+        if time.monotonic() > deadline:
+            raise FedtuneError(f"only {len(nodes)} of {expected} clients connected within fed.timeout")
+        time.sleep(poll)
+    config = ConfigRecord({"server-round": 0, "fedtune-config": cfg.to_toml()})
+    messages = [
+        Message(content=RecordDict({"config": config}), message_type=MessageType.QUERY, dst_node_id=node)
+        for node in nodes
+    ]
+    clients: dict[int, int] = {}
+    for reply in grid.send_and_receive(messages, timeout=cfg.fed.timeout):
+        if reply.has_error():
+            raise FedtuneError(f"client on node {reply.metadata.src_node_id} failed to start: {reply.error.reason}")
+        pid = int(reply.content["metrics"]["partition-id"])  # type: ignore[index, arg-type]
+        if pid in clients.values():
+            raise FedtuneError(f"two nodes claim partition-id {pid}")
+        clients[reply.metadata.src_node_id] = pid
+    log.info("clients (node -> partition): %s", clients)
+    return clients
+
+
+def _server_line(server_round: int, entries: list[dict[str, Any]], train: Any, evaluate: Any, seconds: float) -> dict:
+    line: dict[str, Any] = {
+        "round": server_round,
+        "phase": "server",
+        "client": None,
+        "bytes_up": sum(e["bytes_up"] for e in entries),
+        "bytes_down": sum(e["bytes_down"] for e in entries),
+        "seconds": seconds,
+    }
+    if train is not None:
+        line["train_loss"] = float(train["train-loss"])
+        line["num_clients"] = int(train["num-clients"])
+    if evaluate is not None:
+        line["eval_loss"] = float(evaluate["eval-loss"])
+    return line
+
+
+def run_federation(grid: Grid, cfg: Config, run: RunDir, *, progress: bool = True) -> None:
+    """Run (or continue) the federation described by ``cfg`` into ``run``."""
+    clients = discover(grid, cfg)
+    strategy: AdapterFedAvg = STRATEGIES.get(cfg.fed.strategy, where="fed.strategy")(cfg, clients)
+    last = run.last_round()
+    if last < 0:  # fresh run: seeded starting adapter, evaluated as round 0
+        run.save_round(0, initial_adapter_state(cfg.model, seed=cfg.seed), cfg)
+    run.rollback_to(max(last, 0))
+    arrays = to_record(run.load_round(max(last, 0)), "float32")
+    if last < 0:
+        if cfg.fed.evaluate_before:
+            t0 = time.perf_counter()
+            evaluated = strategy.aggregate_evaluate(
+                0, grid.send_and_receive(strategy.configure_evaluate(0, arrays, ConfigRecord(), grid), timeout=cfg.fed.timeout)
+            )
+            run.append_metrics([*strategy.round_log, _server_line(0, strategy.round_log, None, evaluated, time.perf_counter() - t0)])
+            strategy.round_log.clear()
+        run.mark_complete(0)
+        last = 0
+    bar = Progress(TextColumn("[bold]federated rounds"), BarColumn(), TextColumn("{task.completed}/{task.total} {task.description}"), TimeElapsedColumn(), disable=not progress)
+    with bar:
+        task = bar.add_task("", total=cfg.fed.rounds, completed=last)
+        for server_round in range(last + 1, cfg.fed.rounds + 1):
+            t0 = time.perf_counter()
+            replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord(), grid), timeout=cfg.fed.timeout)
+            new_arrays, trained = strategy.aggregate_train(server_round, replies)
+            if new_arrays is None:
+                raise FedtuneError(f"round {server_round}: no client returned an update (see the log)")
+            arrays = new_arrays
+            evaluated = strategy.aggregate_evaluate(
+                server_round,
+                grid.send_and_receive(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), timeout=cfg.fed.timeout),
+            )
+            line = _server_line(server_round, strategy.round_log, trained, evaluated, time.perf_counter() - t0)
+            run.save_round(server_round, to_torch(from_record(arrays)), cfg)
+            run.append_metrics([*strategy.round_log, line])
+            run.mark_complete(server_round)
+            strategy.round_log.clear()
+            loss = f"eval {line['eval_loss']:.3f}" if "eval_loss" in line else f"train {line['train_loss']:.3f}"
+            bar.update(task, completed=server_round, description=loss)
+    run.save_final(to_torch(from_record(arrays)), cfg)
+
+
+def make_server_app(cfg: Config, run: RunDir, *, progress: bool = True) -> ServerApp:
+    """A ServerApp bound to a config and run directory (what ``fedtune run`` starts)."""
+    server = ServerApp()
+
+    @server.main()
+    def _main(grid: Grid, context: Context) -> None:
+        run_federation(grid, cfg, run, progress=progress)
+
+    return server
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point for ``flwr run``: run config ``config-file`` + dotted overrides."""
+    run_config = dict(context.run_config)
+    resume = run_config.pop("resume-dir", None)
+    if resume:
+        run = RunDir.open(str(resume))
+        cfg = run.config()
+    else:
+        cfg = config_from_run_config(run_config, app_dir=Path.cwd())
+        run = RunDir.create(cfg)
+    log.info("run directory: %s", run.path.resolve())
+    run_federation(grid, cfg, run, progress=False)

@@ -1,0 +1,40 @@
+"""Start Flower's simulation runtime for a config and run directory (``fedtune run``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+from fedtune.config import Config
+from fedtune.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+def backend_config(cfg: Config) -> dict:
+    """Ray resources: by default one client at a time with every core (no oversubscription)."""
+    cores = cfg.simulation.num_cpus or os.cpu_count() or 1
+    per_client = cfg.simulation.cpus_per_client or cores
+    return {
+        "client_resources": {"num_cpus": per_client, "num_gpus": 0.0},
+        "init_args": {"num_cpus": cores, "include_dashboard": False},
+    }
+
+
+def simulate(cfg: Config, run: RunDir, *, progress: bool = True) -> None:
+    """Run the federation in Flower's simulation runtime (Ray workers on this machine)."""
+    from flwr.simulation import run_simulation
+
+    from fedtune.federated.client_app import app as client_app
+    from fedtune.federated.server_app import make_server_app
+
+    num_supernodes = cfg.simulation.num_supernodes or cfg.partition.num_partitions
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_simulation(
+            server_app=make_server_app(cfg, run, progress=progress),
+            client_app=client_app,
+            num_supernodes=num_supernodes,
+            backend_config=backend_config(cfg),  # type: ignore[arg-type]
+        )

@@ -1,0 +1,74 @@
+"""Use a run's adapter: load base + adapter as the run trained it, evaluate, chat.
+
+The run's own config decides the model, the dtype, the prompt template and the RoPE
+scaling, so chat and evaluation see the model exactly as training did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from fedtune.config import Config
+from fedtune.data.pipeline import client_tokenized, partitions
+from fedtune.data.tokenize import build_generation_input
+from fedtune.data.types import Conversation
+from fedtune.errors import FedtuneError
+from fedtune.models.load import load_model, load_tokenizer
+from fedtune.rundir import RunDir
+from fedtune.training.local import evaluate
+
+
+@dataclass
+class Loaded:
+    cfg: Config
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    adapter: Path | None
+
+
+def load_run(run_dir: str | Path, *, adapter: str | Path | None = None, base_only: bool = False) -> Loaded:
+    """The run's base model with its final adapter (or ``adapter``, or none)."""
+    run = RunDir.open(run_dir)
+    cfg = run.config()
+    tokenizer = load_tokenizer(cfg.model)
+    model: torch.nn.Module = load_model(cfg.model)
+    folder = None
+    if not base_only:
+        folder = Path(adapter) if adapter else run.final_dir()
+        model = PeftModel.from_pretrained(model, folder)
+    model.eval()
+    return Loaded(cfg=cfg, model=model, tokenizer=tokenizer, adapter=folder)
+
+
+def evaluate_clients(loaded: Loaded) -> dict[int, float]:
+    """Held-out loss of every client's test split under the loaded model."""
+    cfg = loaded.cfg
+    out = {}
+    for pid in range(len(partitions(cfg))):
+        _, test = client_tokenized(cfg, loaded.tokenizer, pid)
+        out[pid] = evaluate(loaded.model, test, loaded.tokenizer, cfg.train.eval_batch_size).loss
+    return out
+
+
+@torch.no_grad()
+def reply(loaded: Loaded, history: Conversation, *, max_new_tokens: int = 128) -> str:
+    """Greedy reply to a conversation whose last message is the user's."""
+    if not history or history[-1]["role"] != "user":
+        raise FedtuneError("the conversation must end with a user message")
+    cfg = loaded.cfg
+    ids = build_generation_input(history, loaded.tokenizer, cfg.data.template, cfg.data.max_source_length)
+    input_ids = torch.tensor([ids])
+    output = loaded.model.generate(  # type: ignore[operator]
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=loaded.tokenizer.pad_token_id,
+        eos_token_id=loaded.tokenizer.eos_token_id,
+    )
+    return str(loaded.tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)).strip()

@@ -1,0 +1,69 @@
+"""``fedtune run``: check everything that can be checked, then create the run directory and simulate.
+
+Bad input must never leave a half-written run directory, so the data (every
+client's partition and held-out split, and one tokenized example each), the model
+(config, tokenizer, LoRA targets), the template and the strategy are all checked
+before the directory is made.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from fedtune.config import Config
+from fedtune.data.pipeline import client_conversations, partitions
+from fedtune.data.tokenize import tokenize_conversation
+from fedtune.errors import FedtuneError
+from fedtune.federated.strategies import STRATEGIES
+from fedtune.models.adapters import initial_adapter_state
+from fedtune.models.load import load_tokenizer
+from fedtune.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+def preflight(cfg: Config) -> None:
+    """Raise FedtuneError for anything in ``cfg`` that would fail later in the run."""
+    STRATEGIES.get(cfg.fed.strategy, where="fed.strategy")
+    tokenizer = load_tokenizer(cfg.model)
+    initial_adapter_state(cfg.model, seed=cfg.seed)  # model config + LoRA targets, no weights
+    parts = partitions(cfg)
+    if cfg.fed.min_available_clients and cfg.fed.min_available_clients > len(parts):
+        raise FedtuneError(
+            f"fed.min_available_clients={cfg.fed.min_available_clients} exceeds the {len(parts)} partitions"
+        )
+    for pid in range(len(parts)):
+        train, _ = client_conversations(cfg, pid)
+        tokenize_conversation(
+            train[0]["messages"],
+            tokenizer,
+            cfg.data.template,
+            max_source_length=cfg.data.max_source_length,
+            max_target_length=cfg.data.max_target_length,
+        )
+
+
+def run(cfg: Config | None = None, *, resume: str | Path | None = None, progress: bool = True) -> RunDir:
+    """Start a new run from ``cfg``, or continue the run directory ``resume``."""
+    from fedtune.federated.simulation import simulate
+    from fedtune.report import write_report
+
+    if resume is not None:
+        run_dir = RunDir.open(resume)
+        cfg = run_dir.config()
+        preflight(cfg)
+        log.info("resuming %s after round %s", run_dir.path, run_dir.last_round())
+    else:
+        assert cfg is not None
+        preflight(cfg)
+        run_dir = RunDir.create(cfg)
+    simulate(cfg, run_dir, progress=progress)
+    if run_dir.last_round() < cfg.fed.rounds:
+        raise FedtuneError(
+            f"the federation stopped after round {run_dir.last_round()} of {cfg.fed.rounds}; "
+            f"continue with: fedtune run --resume {run_dir.path}"
+        )
+    if cfg.run.report:
+        write_report(run_dir.path)
+    return run_dir

@@ -1,0 +1,130 @@
+"""peft glue: attach LoRA, read and write adapter state dicts, save peft adapter folders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel
+
+from fedtune.config import LoraConfig, ModelConfig
+from fedtune.errors import FedtuneError
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+StateDict = dict[str, torch.Tensor]
+
+
+def peft_lora_config(cfg: LoraConfig) -> PeftLoraConfig:
+    return PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach_lora(model: PreTrainedModel, cfg: LoraConfig, *, seed: int = 0) -> PeftModel:
+    """Wrap ``model`` with a fresh LoRA adapter; A is drawn from ``seed``, B is zero."""
+    torch.manual_seed(seed)
+    try:
+        peft_model = get_peft_model(model, peft_lora_config(cfg))
+    except ValueError as err:  # e.g. target modules not found in the model
+        raise FedtuneError(f"model.lora.target_modules: {err}") from None
+    return peft_model  # type: ignore[return-value]
+
+
+def adapter_state(model: PeftModel) -> StateDict:
+    """The adapter's weights (peft names, fp32 copies detached from the model)."""
+    state = get_peft_model_state_dict(model)
+    return {k: v.detach().to(torch.float32).clone() for k, v in state.items()}
+
+
+def load_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> None:
+    """Overwrite the adapter's weights; every key must match the model's adapter."""
+    expected = get_peft_model_state_dict(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise FedtuneError(f"adapter keys do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise FedtuneError(
+                f"adapter weight {key}: shape {tuple(value.shape)} != model's {tuple(expected[key].shape)}"
+            )
+    set_peft_model_state_dict(model, {k: v.to(expected[k].dtype) for k, v in state.items()})
+
+
+def save_adapter_folder(
+    state: Mapping[str, torch.Tensor], lora: LoraConfig, model: ModelConfig, out: str | Path
+) -> Path:
+    """Write a peft adapter folder atomically (``PeftModel.from_pretrained`` loads it)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        config = peft_lora_config(lora)
+        config.base_model_name_or_path = model.name
+        config.save_pretrained(tmp)
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp / ADAPTER_WEIGHTS)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_adapter_folder(folder: str | Path) -> StateDict:
+    folder = Path(folder)
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.is_file() or not (folder / ADAPTER_CONFIG).is_file():
+        raise FedtuneError(f"{folder}: not a peft adapter folder ({ADAPTER_WEIGHTS} + {ADAPTER_CONFIG})")
+    return {k: v.to(torch.float32) for k, v in load_file(weights).items()}
+
+
+def read_adapter_config(folder: str | Path) -> dict[str, object]:
+    return dict(json.loads((Path(folder) / ADAPTER_CONFIG).read_text()))
+
+
+def adapter_num_bytes(state: Mapping[str, torch.Tensor], bytes_per_value: int = 4) -> int:
+    """Raw size of an adapter's values at ``bytes_per_value`` (fp32 = 4)."""
+    return sum(v.numel() for v in state.values()) * bytes_per_value
+
+
+def initial_adapter_state(model: ModelConfig, *, seed: int) -> StateDict:
+    """A fresh adapter (A drawn from ``seed``, B zero) without loading the base weights.
+
+    The base model is built on the meta device, so a server can start a run for a
+    model it could not hold in memory; only the LoRA factors are materialised.
+    """
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    from fedtune.models.load import load_model_config
+
+    config = load_model_config(model)
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code)
+    try:
+        peft_model = get_peft_model(base, peft_lora_config(model.lora))
+    except ValueError as err:
+        raise FedtuneError(f"model.lora.target_modules: {err}") from None
+    torch.manual_seed(seed)
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer):
+            module.lora_A.to_empty(device="cpu")
+            module.lora_B.to_empty(device="cpu")
+            module.reset_lora_parameters("default", True)
+    return adapter_state(peft_model)  # type: ignore[arg-type]

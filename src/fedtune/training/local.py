@@ -1,0 +1,142 @@
+"""One client's local training and held-out evaluation. Knows nothing of Flower.
+
+The input is a tokenized ``datasets.Dataset`` (``input_ids``, ``labels``,
+``attention_mask``); labels of -100 carry no loss. Batches are padded by
+transformers' ``DataCollatorForSeq2Seq``; optimisation is AdamW with a transformers
+schedule. Everything random is drawn from the ``seed`` passed in, so a client's
+round is a pure function of (adapter in, data, config, seed).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from datasets import Dataset
+from torch.utils.data import DataLoader
+from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, get_scheduler
+
+from fedtune.config import TrainConfig
+
+MODEL_COLUMNS = ["input_ids", "labels", "attention_mask"]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float  # mean of the per-step losses
+    steps: int
+    num_examples: int  # examples in the client's training set (the FedAvg weight)
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float  # token-weighted mean cross-entropy over labelled tokens
+    perplexity: float
+    num_examples: int
+    num_tokens: int
+    seconds: float
+
+
+def make_loader(
+    ds: Dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int, *, shuffle: bool, seed: int = 0
+) -> DataLoader:
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        ds.select_columns(MODEL_COLUMNS),  # type: ignore[arg-type]
+        batch_size=batch_size,
+        shuffle=shuffle,
+        collate_fn=collator,
+        generator=generator,
+    )
+
+
+def _cycle(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
+    while True:
+        yield from loader
+
+
+def planned_steps(cfg: TrainConfig, num_examples: int) -> int:
+    """Optimizer steps for one round: ``max_steps``, or ``epochs`` over the data."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    assert cfg.epochs is not None
+    batches = math.ceil(num_examples / cfg.batch_size)
+    return max(1, math.ceil(cfg.epochs * batches / cfg.grad_accum))
+
+
+def train(
+    model: torch.nn.Module,
+    ds: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: TrainConfig,
+    *,
+    seed: int,
+) -> TrainResult:
+    """Run the configured number of optimizer steps on ``ds`` from the model's current weights."""
+    start = time.perf_counter()
+    torch.manual_seed(seed)  # LoRA dropout
+    steps = planned_steps(cfg, len(ds))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps)
+    batches = _cycle(make_loader(ds, tokenizer, cfg.batch_size, shuffle=True, seed=seed))
+    device = next(model.parameters()).device
+    model.train()
+    losses: list[float] = []
+    for _ in range(steps):
+        step_loss = 0.0
+        for _ in range(cfg.grad_accum):
+            batch = {k: v.to(device) for k, v in next(batches).items()}
+            loss = model(**batch).loss / cfg.grad_accum
+            loss.backward()
+            step_loss += loss.item()
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+    model.eval()
+    return TrainResult(
+        loss=sum(losses) / len(losses),
+        steps=steps,
+        num_examples=len(ds),
+        seconds=time.perf_counter() - start,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, ds: Dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int
+) -> EvalResult:
+    """Held-out loss: summed token cross-entropy / labelled tokens (not a mean of batch means)."""
+    start = time.perf_counter()
+    model.eval()
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    for batch in make_loader(ds, tokenizer, batch_size, shuffle=False):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # position t predicts token t+1
+        shift_logits = logits[:, :-1].float()
+        shift_labels = batch["labels"][:, 1:]
+        total += torch.nn.functional.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.size(-1)),
+            shift_labels.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        ).item()
+        tokens += int((shift_labels != -100).sum())
+    loss = total / max(tokens, 1)
+    return EvalResult(
+        loss=loss,
+        perplexity=math.exp(min(loss, 50.0)),
+        num_examples=len(ds),
+        num_tokens=tokens,
+        seconds=time.perf_counter() - start,
+    )

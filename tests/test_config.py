@@ -1,0 +1,90 @@
+from pathlib import Path
+
+import pytest
+
+from fedtune.config import Config, apply_overrides, config_from_run_config, load_config
+from fedtune.errors import FedtuneError
+
+CONFIGS = sorted(Path("configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads(path: Path) -> None:
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    assert load_config(path, []).to_toml() == cfg.to_toml()
+
+
+def test_shipped_configs_exist() -> None:
+    assert {"demo.toml", "tiny.toml"} <= {p.name for p in CONFIGS}
+
+
+def test_overrides_are_parsed_as_toml_values() -> None:
+    tree = apply_overrides({}, ["fed.rounds=5", "model.lora.target_modules=['q_proj']", "data.source=x.jsonl", "fed.evaluate_before=false"])
+    assert tree == {
+        "fed": {"rounds": 5, "evaluate_before": False},
+        "model": {"lora": {"target_modules": ["q_proj"]}},
+        "data": {"source": "x.jsonl"},
+    }
+
+
+def test_override_applies_over_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[fed]\nrounds = 2\n")
+    assert load_config(path, ["fed.rounds=7"]).fed.rounds == 7
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("model.lora.r=0", "model.lora.r"),
+        ("train.batch_size=-1", "train.batch_size"),
+        ("data.max_source_length=0", "data.max_source_length"),
+        ("partition.num_partitions=0", "partition.num_partitions"),
+        ("fed.rounds=0", "fed.rounds"),
+        ("fed.lr=1", "fed.lr"),  # unknown key
+        ("model.rope_scaling.type='cubic'", "model.rope_scaling"),
+    ],
+)
+def test_bad_values_name_their_key(override: str, key: str) -> None:
+    with pytest.raises(FedtuneError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_steps_xor_epochs() -> None:
+    with pytest.raises(FedtuneError, match="only one of train.max_steps and train.epochs"):
+        load_config(None, ["train.epochs=1", "train.max_steps=3"])
+    assert load_config(None, ["train.epochs=1"]).train.max_steps is None
+    assert load_config(None, []).train.max_steps == 10
+
+
+def test_bad_override_syntax() -> None:
+    with pytest.raises(FedtuneError, match="KEY=VALUE"):
+        load_config(None, ["fed.rounds"])
+
+
+def test_invalid_toml_names_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[fed\nrounds = 2\n")
+    with pytest.raises(FedtuneError, match="bad.toml: invalid TOML"):
+        load_config(path)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(FedtuneError, match="config file not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_flower_run_config_is_file_plus_dotted_overrides(tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text("seed = 3\n[fed]\nrounds = 2\n")
+    cfg = config_from_run_config({"config-file": "c.toml", "fed.rounds": 4, "model.lora.r": 2}, app_dir=tmp_path)
+    assert (cfg.seed, cfg.fed.rounds, cfg.model.lora.r) == (3, 4, 2)
+
+
+def test_toml_round_trip() -> None:
+    cfg = load_config(None, ["model.rope_scaling={type='linear', factor=2.0}"])
+    assert load_config(None, []).model.rope_scaling is None
+    import tomllib
+
+    again = Config.model_validate(tomllib.loads(cfg.to_toml()))
+    assert again == cfg
