@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -29,9 +31,17 @@ RunDirArg = Annotated[Path, typer.Argument(help="a run directory written by `fed
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
-    for name in ("flwr", "ray", "datasets", "httpx", "urllib3", "filelock"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")  # Ray workers too
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
+    logging.getLogger("fedtune").setLevel(logging.INFO)
+    import flwr  # noqa: F401  (configures its logger on import; quieten it after)
+
+    # Flower's INFO lines and its run_simulation deprecation notice would bury the progress
+    # bars; fedtune logs client failures itself.
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    logging.getLogger("flwr").propagate = False  # it has its own handler
     import datasets
     import transformers
 
@@ -59,14 +69,19 @@ def run(
 
     if resume is not None and (config is not None or set_):
         raise FedtuneError("--resume continues a run with its own config.toml; drop --config/--set")
+    started = time.time()
     cfg = None if resume is not None else _config(config, set_)
     run_dir = launch(cfg, resume=resume, progress=progress)
+    firsts = [r["first_step_at"] for r in run_dir.metrics() if r["phase"] == "train" and r.get("first_step_at")]
     table = Table(title="held-out loss per client (round 0 -> last round)")
     for col in ("client", "before", "after", "change"):
         table.add_column(col, justify="right")
     for row in loss_table(read_metrics(run_dir.path)):
         table.add_row(str(row.client), f"{row.before:.4f}", f"{row.after:.4f}", f"{row.after - row.before:+.4f}")
     out.print(table)
+    if firsts:
+        out.print(f"first training step finished {min(firsts) - started:.1f} s after start")
+    out.print(f"wall time: {time.time() - started:.1f} s")
     out.print(f"run directory: {run_dir.path}")
     report = run_dir.path / "report" / "index.html"
     if report.exists():

@@ -41,6 +41,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return make_tokenizer()
 
 
-def ids(text: str) -> list[int]:
-    """Hand lookup: the VOCAB positions of space-separated words."""
-    return [VOCAB.index(w) for w in text.split()]
+@pytest.fixture
+def tiny_tokenizer_bos() -> PreTrainedTokenizerFast:
+    """Like tiny_tokenizer, but ``tokenizer(text)`` starts with <s> (as Llama's does)."""
+    return make_tokenizer(with_bos_prefix=True)

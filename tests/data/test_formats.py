@@ -5,14 +5,16 @@ from __future__ import annotations
 import pytest
 
 from fedtune.data.formats import FORMATS, WRITERS, convert_record, to_format
-from fedtune.data.types import Conversation, validate_conversation
+from fedtune.data.types import Conversation, Role, validate_conversation
 from fedtune.errors import FedtuneError
 
-U, A, S = "user", "assistant", "system"
+U: Role = "user"
+A: Role = "assistant"
+S: Role = "system"
 
 
-def turns(*pairs: tuple[str, str]) -> Conversation:
-    return [{"role": role, "content": text} for role, text in pairs]  # type: ignore[misc]
+def turns(*pairs: tuple[Role, str]) -> Conversation:
+    return [{"role": role, "content": text} for role, text in pairs]
 
 
 def test_registries_hold_every_format() -> None:
@@ -101,7 +103,9 @@ def test_explain_option_applies_to_any_format() -> None:
 
     plain = convert_record(record, "dolly", "r")
     explained = convert_record(record, "dolly", "r", explain=True)
-    already = convert_record({"instruction": "Q", "output": "R", "explanation": "E"}, "explanation", "r", explain=True)
+    already = convert_record(
+        {"instruction": "Q", "output": "R", "explanation": "E"}, "explanation", "r", explain=True
+    )
 
     assert plain[-1]["content"] == "R"
     assert explained[-1]["content"] == "EXPLAIN: E\nCONCLUSION: R"

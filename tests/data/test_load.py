@@ -39,7 +39,7 @@ def test_json_array_and_json_lines_in_a_json_file(tmp_path: Path) -> None:
 
 def test_csv(tmp_path: Path) -> None:
     path = tmp_path / "d.csv"
-    path.write_text('instruction,input,output,category\nSay hi,,hi,greet\nAdd,1 2,3,math\n', encoding="utf-8")
+    path.write_text("instruction,input,output,category\nSay hi,,hi,greet\nAdd,1 2,3,math\n", encoding="utf-8")
 
     assert read_records(str(path)).to_list() == ROWS
 
@@ -87,7 +87,9 @@ def test_non_object_record_is_named(tmp_path: Path) -> None:
 
 
 def test_unloadable_hub_name_says_what_is_expected() -> None:
-    with pytest.raises(FedtuneError, match=r"could not load dataset 'no-such-org/no-such-set'.*built-in name"):
+    with pytest.raises(
+        FedtuneError, match=r"could not load dataset 'no-such-org/no-such-set'.*built-in name"
+    ):
         read_records("no-such-org/no-such-set")
 
 
@@ -145,7 +147,12 @@ def test_convert_file_alpaca_to_chatglm(tmp_path: Path) -> None:
 
     lines = (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()
     assert count == 2
-    assert json.loads(lines[1]) == {"prompt": "Add\n\n1 2", "response": "3", "history": [], "category": "math"}
+    assert json.loads(lines[1]) == {
+        "prompt": "Add\n\n1 2",
+        "response": "3",
+        "history": [],
+        "category": "math",
+    }
 
 
 def test_convert_file_with_explain(tmp_path: Path) -> None:
@@ -162,9 +169,7 @@ def test_convert_file_writes_nothing_on_error(tmp_path: Path) -> None:
     src.write_text(
         json.dumps({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]})
         + "\n"
-        + json.dumps(
-            {"conversations": [{"from": v, "value": v} for v in ("human", "gpt", "human", "gpt")]}
-        )
+        + json.dumps({"conversations": [{"from": v, "value": v} for v in ("human", "gpt", "human", "gpt")]})
         + "\n",
         encoding="utf-8",
     )

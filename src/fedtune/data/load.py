@@ -7,6 +7,7 @@ Local files are read record by record with their position (``path:LINE`` for JSO
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -63,7 +64,7 @@ def _json_records(path: Path, text: str) -> list[Located]:
 
 
 def _csv_records(path: Path, text: str) -> list[Located]:
-    rows = csv.DictReader(text.splitlines())
+    rows = csv.DictReader(io.StringIO(text, newline=""))
     return [(f"{path}: record {i}", dict(row)) for i, row in enumerate(rows)]
 
 
@@ -84,7 +85,7 @@ def read_local(path: Path) -> list[Located]:
         records = [(f"{path}: record {i}", row) for i, row in enumerate(rows)]
     else:
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # tolerate a BOM (Excel exports)
         except UnicodeDecodeError as exc:
             raise FedtuneError(f"{path}: not UTF-8 text ({exc})") from None
         reader = {".jsonl": _jsonl_records, ".json": _json_records, ".csv": _csv_records}[suffix]

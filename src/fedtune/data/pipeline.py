@@ -8,14 +8,18 @@ partitions the corpus once.
 from __future__ import annotations
 
 import json
+from typing import Any
 from functools import lru_cache
 
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from fedtune.config import Config, DataConfig, PartitionConfig
+from fedtune.data.builtin import BUILTINS
+from fedtune.data.formats import FORMATS
 from fedtune.data.load import load_conversations
-from fedtune.data.partition import partition_dataset, split_train_test
+from fedtune.data.partition import PARTITIONERS, partition_dataset, split_train_test
+from fedtune.data.templates import TEMPLATES
 from fedtune.data.tokenize import tokenize_dataset
 from fedtune.errors import FedtuneError
 
@@ -24,6 +28,7 @@ from fedtune.errors import FedtuneError
 def _partitions(data_json: str, partition_json: str, seed: int) -> tuple[Dataset, ...]:
     data = DataConfig.model_validate_json(data_json)
     part = PartitionConfig.model_validate_json(partition_json)
+    check_names(data, part)
     ds = load_conversations(data.source, data.format, split=data.split, category_field=part.column)
     return tuple(
         partition_dataset(
@@ -37,6 +42,14 @@ def _partitions(data_json: str, partition_json: str, seed: int) -> tuple[Dataset
             seed=seed,
         )
     )
+
+
+def check_names(data: DataConfig, part: PartitionConfig) -> None:
+    """Unknown format, template or partitioner names fail before any data is read."""
+    if data.source not in BUILTINS:
+        FORMATS.get(data.format, where="data.format")
+    TEMPLATES.get(data.template, where="data.template")
+    PARTITIONERS.get(part.name, where="partition.name")
 
 
 def partitions(cfg: Config) -> list[Dataset]:
@@ -75,7 +88,7 @@ def client_tokenized(
     cfg: Config, tokenizer: PreTrainedTokenizerBase, partition_id: int, *, data_path: str | None = None
 ) -> tuple[Dataset, Dataset]:
     train, test = client_conversations(cfg, partition_id, data_path=data_path)
-    kw = {
+    kw: dict[str, Any] = {
         "template_name": cfg.data.template,
         "max_source_length": cfg.data.max_source_length,
         "max_target_length": cfg.data.max_target_length,

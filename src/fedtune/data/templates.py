@@ -46,7 +46,7 @@ class Template(ABC):
     def generation_prompt(self, conv: Conversation) -> str:
         """The text a model continues to answer ``conv`` (which must end with a user turn)."""
         self.check_open(conv)
-        return "".join(text for text, _ in self.segments(conv))
+        return self.render(conv)
 
     def check_open(self, conv: Conversation) -> None:
         """Refuse a history that does not end with a user turn (nothing to answer)."""
@@ -81,6 +81,9 @@ class RoundTemplate(Template):
     answer_prefix = ""
     answer_suffix = ""
 
+    def __init__(self, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+        del tokenizer  # plain-text prompts; subclasses that need special tokens read them
+
     @abstractmethod
     def user_piece(self, question: str, n: int, system: str) -> str: ...
 
@@ -105,9 +108,6 @@ class AlpacaTemplate(RoundTemplate):
         "Write a response that appropriately completes the request."
     )
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
-        del tokenizer  # the prompt is plain text
-
     def user_piece(self, question: str, n: int, system: str) -> str:
         head = f"{system or self.preamble}\n\n" if n == 1 else "\n\n"
         return f"{head}### Instruction:\n{question}\n\n### Response:\n"
@@ -118,9 +118,6 @@ class ChatGLM2Template(RoundTemplate):
     """ChatGLM2's ``[Round n]`` prompt; a system message goes first, before a blank line."""
 
     name = "chatglm2"
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
-        del tokenizer
 
     def user_piece(self, question: str, n: int, system: str) -> str:
         head = (f"{system}\n\n" if system else "") if n == 1 else "\n\n"

@@ -18,7 +18,9 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 
+import datasets
 import torch
+import transformers
 from datasets import Dataset
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -34,6 +36,10 @@ from fedtune.training.local import evaluate, train
 
 log = logging.getLogger(__name__)
 app = ClientApp()
+
+# Worker processes print to the driver's terminal: keep per-dataset bars out of it.
+datasets.disable_progress_bars()
+transformers.utils.logging.disable_progress_bar()
 
 CONFIG_KEY = "fedtune-config"
 
@@ -109,6 +115,7 @@ def train_handler(msg: Message, context: Context) -> Message:
             "num-examples": result.num_examples,
             "train-loss": result.loss,
             "steps": result.steps,
+            "first-step-at": result.first_step_at,
             "partition-id": partition_id,
             "seconds": time.perf_counter() - start,
         }

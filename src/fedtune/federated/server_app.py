@@ -15,15 +15,16 @@ when resuming. Two ways in:
 from __future__ import annotations
 
 import logging
+import shlex
 import time
-from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.config import flatten_dict, get_project_dir
 from flwr.serverapp import Grid, ServerApp
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedtune.config import Config, config_from_run_config
+from fedtune.config import Config, apply_overrides, config_from_run_config
 from fedtune.errors import FedtuneError
 from fedtune.federated.records import from_record, to_record, to_torch
 from fedtune.federated.strategies import STRATEGIES, AdapterFedAvg
@@ -54,7 +55,7 @@ def discover(grid: Grid, cfg: Config, *, poll: float = 0.5) -> dict[int, int]:
         if pid in clients.values():
             raise FedtuneError(f"two nodes claim partition-id {pid}")
         clients[reply.metadata.src_node_id] = pid
-    log.info("clients (node -> partition): %s", clients)
+    log.debug("clients (node -> partition): %s", clients)
     return clients
 
 
@@ -134,14 +135,28 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point for ``flwr run``: run config ``config-file`` + dotted overrides."""
+    """Entry point for ``flwr run``, configured by the run config.
+
+    ``config-file`` is a fedtune TOML; a relative path is read from the installed app
+    (the FAB that ``flwr run`` shipped), not from the process's working directory, which
+    is whatever directory the SuperLink was started in. ``overrides`` holds
+    space-separated dotted ``KEY=VALUE`` settings, as ``fedtune run --set`` takes them
+    (Flower refuses run-config keys that pyproject does not declare, so they cannot be
+    keys of their own). ``resume-dir`` continues a run directory on this host.
+    """
     run_config = dict(context.run_config)
-    resume = run_config.pop("resume-dir", None)
+    resume = str(run_config.pop("resume-dir", "") or "")
+    overrides = shlex.split(str(run_config.pop("overrides", "") or ""))
     if resume:
-        run = RunDir.open(str(resume))
+        if overrides:
+            raise FedtuneError("resume-dir continues a run with its own config.toml; drop overrides")
+        run = RunDir.open(resume)
         cfg = run.config()
     else:
-        cfg = config_from_run_config(run_config, app_dir=Path.cwd())
+        run_config.update(flatten_dict(apply_overrides({}, overrides)))
+        app_dir = get_project_dir(grid.run.fab_id, grid.run.fab_version, grid.run.fab_hash)
+        cfg = config_from_run_config(run_config, app_dir=app_dir)
         run = RunDir.create(cfg)
-    log.info("run directory: %s", run.path.resolve())
+    # Flower forwards only its own logger's records to `flwr run --stream` and `flwr log`.
+    logging.getLogger("flwr").info("fedtune run directory: %s", run.path.resolve())
     run_federation(grid, cfg, run, progress=False)

@@ -83,7 +83,7 @@ class AdapterFedAvg(FedAvg):
             node = self.node_of[pid]
             self._sent[node] = size
             messages.append(Message(content=record, message_type=message_type, dst_node_id=node))
-        log.info("round %s %s: clients %s", server_round, message_type, chosen)
+        log.debug("round %s %s: clients %s", server_round, message_type, chosen)
         return messages
 
     def configure_train(
@@ -127,7 +127,8 @@ class AdapterFedAvg(FedAvg):
         valid = self._valid_sorted(replies, is_train=True)
         if not valid:
             return None, None
-        entries = [self._log(server_round, "train", m, {"train_loss": "train-loss"}) for m in valid]
+        fields = {"train_loss": "train-loss", "first_step_at": "first-step-at"}
+        entries = [self._log(server_round, "train", m, fields) for m in valid]
         weights = [e["num_examples"] for e in entries]
         states = [from_record(m.content["arrays"]) for m in valid]  # type: ignore[arg-type]
         merged = self.aggregate_states(states, weights)

@@ -30,6 +30,7 @@ class TrainResult:
     steps: int
     num_examples: int  # examples in the client's training set (the FedAvg weight)
     seconds: float
+    first_step_at: float  # wall clock (time.time()) when the first optimizer step finished
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ def train(
     device = next(model.parameters()).device
     model.train()
     losses: list[float] = []
+    first_step_at = 0.0
     for _ in range(steps):
         step_loss = 0.0
         for _ in range(cfg.grad_accum):
@@ -101,12 +103,14 @@ def train(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(step_loss)
+        first_step_at = first_step_at or time.time()
     model.eval()
     return TrainResult(
         loss=sum(losses) / len(losses),
         steps=steps,
         num_examples=len(ds),
         seconds=time.perf_counter() - start,
+        first_step_at=first_step_at,
     )
 
 

@@ -1,0 +1,230 @@
+"""What a deployment round costs on top of the same round in simulation, side by side.
+
+Both sides run the same config (demo.toml with the overrides below: 2 clients, 1 round,
+3 training steps of batch 4 per client) on this machine's cores:
+
+- simulation: ``fedtune run`` (Flower's simulation runtime, one Ray worker that keeps the
+  model loaded between messages; with the default ``simulation.cpus_per_client`` the
+  clients take turns);
+- deployment: ``flower-superlink`` and two ``flower-supernode`` processes on loopback and
+  ``flwr run`` of this app. Each message starts a fresh ``flwr-clientapp`` process that
+  imports torch/transformers/peft and loads the model again; the two SuperNodes run
+  their clients at the same time, sharing the cores.
+
+Round times are the server lines' ``seconds`` of round 1 (train, aggregate, evaluate and
+checkpoint). ``*_handler_s`` is time inside the ClientApp handlers, summed over clients
+and phases; in deployment it includes the model load and data preparation that the
+simulation did once in round 0. ``cold_*`` are measured in a fresh interpreter.
+
+Usage: python bench/deployment.py [--model smollm2] [--steps 3]
+Last line: ``deployment_round_overhead_s: X`` (deployment round - simulation round).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+CONFIG = "configs/demo.toml"
+COLD_START = """
+import time
+t0 = time.perf_counter()
+import fedtune.federated.client_app  # what every flwr-clientapp process imports
+t1 = time.perf_counter()
+from fedtune.config import load_config
+from fedtune.models.adapters import attach_lora
+from fedtune.models.load import load_model, load_tokenizer
+cfg = load_config({config!r}, {overrides!r})
+load_tokenizer(cfg.model)
+attach_lora(load_model(cfg.model), cfg.model.lora)
+print(t1 - t0, time.perf_counter() - t1)
+"""
+
+
+def _env(flwr_home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        FLWR_HOME=str(flwr_home),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",  # else uv syncs CUDA torch
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+    )
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+@contextmanager
+def local_deployment(root: Path, num_nodes: int) -> Iterator[int]:
+    """A SuperLink and ``num_nodes`` SuperNodes on loopback; yields the SuperLink port."""
+    port = _free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(name: str, *args: str) -> subprocess.Popen[bytes]:
+        with (root / f"{name}.log").open("wb") as log:
+            proc = subprocess.Popen(
+                [str(BIN / args[0]), *args[1:]],
+                cwd=root,
+                env=_env(root / name),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        procs.append(proc)
+        return proc
+
+    try:
+        link = start(
+            "superlink",
+            "flower-superlink",
+            "--insecure",
+            "--host=127.0.0.1",
+            f"--port={port}",
+            "--disable-runtime-dependency-installation",
+        )
+        deadline = time.monotonic() + 30
+        while not _healthy(port):
+            if link.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"SuperLink did not come up; see {root / 'superlink.log'}")
+            time.sleep(0.2)
+        for pid in range(num_nodes):
+            start(
+                f"supernode-{pid}",
+                "flower-supernode",
+                "--insecure",
+                f"--superlink=127.0.0.1:{port}",
+                f"--port={_free_port()}",
+                f"--node-config=partition-id={pid} num-partitions={num_nodes}",
+            )
+        yield port
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def _metrics(out_dir: Path) -> list[dict[str, Any]]:
+    (path,) = out_dir.glob("*/metrics.jsonl")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _round(metrics: list[dict[str, Any]], server_round: int = 1) -> tuple[float, float]:
+    """(server-line seconds, handler seconds summed over clients and phases) of a round."""
+    lines = [m for m in metrics if m["round"] == server_round]
+    server = next(m["seconds"] for m in lines if m["phase"] == "server")
+    return server, sum(m["seconds"] for m in lines if m["phase"] != "server")
+
+
+def _run(cmd: list[str], env: dict[str, str], timeout: float) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per runtime")
+    args = parser.parse_args()
+    clients = 2
+    overrides = [
+        f"model.name={args.model}",
+        f"partition.num_partitions={clients}",
+        "fed.rounds=1",
+        f"train.max_steps={args.steps}",
+        "train.batch_size=4",
+        "data.max_train_examples=16",
+        "data.max_test_examples=8",
+        "run.report=false",
+    ]
+
+    with tempfile.TemporaryDirectory(prefix="fedtune-bench-deploy-") as tmp:
+        root = Path(tmp)
+        env = _env(root / "cli")
+
+        sim_out = root / "simulation"
+        sets = [a for o in [*overrides, f"run.output_dir={sim_out}"] for a in ("--set", o)]
+        sim_wall = _run([str(BIN / "fedtune"), "run", "--config", CONFIG, *sets, "--no-progress"], env, args.timeout)
+        sim_round, sim_handlers = _round(_metrics(sim_out))
+
+        dep_out = root / "deployment"
+        with local_deployment(root, clients) as port:
+            (root / "cli").mkdir(exist_ok=True)
+            (root / "cli" / "config.toml").write_text(
+                f'[superlink.bench]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+            )
+            run_config = f"config-file='{CONFIG}' overrides='{' '.join([*overrides, f'run.output_dir={dep_out}'])}'"
+            dep_wall = _run(
+                [str(BIN / "flwr"), "run", str(REPO), "bench", "--run-config", run_config, "--stream"],
+                env,
+                args.timeout,
+            )
+        dep_round, dep_handlers = _round(_metrics(dep_out))
+
+        cold = subprocess.run(
+            [sys.executable, "-c", COLD_START.format(config=CONFIG, overrides=overrides)],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        cold_import, cold_load = map(float, cold.stdout.split()[-2:])
+
+    messages = 2 * clients  # a train and an evaluate message per client per round
+    print(f"model: {args.model}")
+    print(f"clients: {clients}")
+    print(f"train_steps: {args.steps}")
+    print(f"simulation_wall_s: {sim_wall:.2f}")
+    print(f"deployment_wall_s: {dep_wall:.2f}")
+    print(f"simulation_round_s: {sim_round:.2f}")
+    print(f"deployment_round_s: {dep_round:.2f}")
+    print(f"simulation_handler_s: {sim_handlers:.2f}")
+    print(f"deployment_handler_s: {dep_handlers:.2f}")
+    print(f"deployment_setup_per_message_s: {(dep_handlers - sim_handlers) / messages:.2f}")
+    print(f"cold_import_s: {cold_import:.2f}")
+    print(f"cold_model_load_s: {cold_load:.2f}")
+    print(f"deployment_round_overhead_s: {dep_round - sim_round:.2f}")
+
+
+if __name__ == "__main__":
+    main()

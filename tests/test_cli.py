@@ -1,0 +1,124 @@
+"""Bad input: one clear error naming the file/line/key, exit code 2, no run directory."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from unittest.mock import patch
+
+import pytest
+
+from fedtune.cli import main
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    with patch.object(sys, "argv", ["fedtune", *args]):
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, " ".join(captured.err.split())
+
+
+def _alpaca(path: Path, n: int = 12) -> Path:
+    rows = [{"instruction": f"say {i}", "input": "", "output": f"{i}", "category": f"c{i % 3}"} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _run(capsys, tmp_path: Path, *overrides: str) -> tuple[int, str]:
+    out = tmp_path / "runs"
+    code, _, err = cli(
+        capsys, "run", "--config", "configs/tiny.toml", "--set", f"run.output_dir='{out}'", "--no-progress",
+        *[x for o in overrides for x in ("--set", o)],
+    )
+    assert not out.exists() or not any(out.iterdir()), "a run directory was left behind"
+    return code, err
+
+
+def test_malformed_jsonl_line_names_file_and_line(capsys, tmp_path: Path) -> None:
+    data = _alpaca(tmp_path / "d.jsonl")
+    lines = data.read_text().splitlines()
+    lines[4] = '{"instruction": "broken"'
+    data.write_text("\n".join(lines) + "\n")
+    code, err = _run(capsys, tmp_path, f"data.source='{data}'", "data.format='alpaca'")
+    assert code == 2
+    assert "d.jsonl:5" in err
+
+
+def test_missing_field_names_record(capsys, tmp_path: Path) -> None:
+    data = _alpaca(tmp_path / "d.jsonl")
+    lines = data.read_text().splitlines()
+    lines[2] = json.dumps({"instruction": "no output here"})
+    data.write_text("\n".join(lines) + "\n")
+    code, err = _run(capsys, tmp_path, f"data.source='{data}'", "data.format='alpaca'")
+    assert code == 2
+    assert "d.jsonl:3" in err and "output" in err
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.format='yaml-ish'", "data.format"),
+        ("data.template='mystery'", "mystery"),
+        ("partition.name='by-moon'", "partition.name"),
+        ("model.name='/no/such/model'", "model.name"),
+        ("model.lora.r=0", "model.lora.r"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("data.max_target_length=-3", "data.max_target_length"),
+        ("fed.strategy='fedmagic'", "fed.strategy"),
+    ],
+)
+def test_bad_settings(capsys, tmp_path: Path, override: str, message: str) -> None:
+    data = _alpaca(tmp_path / "d.jsonl")
+    extra = [f"data.source='{data}'", "data.format='alpaca'"] if "format" in override else []
+    code, err = _run(capsys, tmp_path, *extra, override)
+    assert code == 2
+    assert message in err
+
+
+def test_empty_client_partition(capsys, tmp_path: Path) -> None:
+    data = _alpaca(tmp_path / "d.jsonl", n=12)
+    code, err = _run(
+        capsys, tmp_path, f"data.source='{data}'", "data.format='alpaca'", "partition.name='shards'",
+        "partition.num_partitions=3", "partition.shards_per_client=5",
+    )
+    assert code == 2
+    assert "partition" in err
+
+
+def test_missing_data_file(capsys, tmp_path: Path) -> None:
+    code, err = _run(capsys, tmp_path, f"data.source='{tmp_path / 'nope.jsonl'}'", "data.format='alpaca'")
+    assert code == 2 and "nope.jsonl" in err
+
+
+def test_missing_config_file(capsys, tmp_path: Path) -> None:
+    code, _, err = cli(capsys, "run", "--config", str(tmp_path / "none.toml"))
+    assert code == 2 and "none.toml" in err
+
+
+def test_partition_prints_clients_by_categories(capsys) -> None:
+    code, out, _ = cli(capsys, "partition", "--config", "configs/tiny.toml")
+    assert code == 0
+    assert "client 0" in out and "client 2" in out and "total" in out
+
+
+def test_data_convert_alpaca_to_chatglm(capsys, tmp_path: Path) -> None:
+    src = _alpaca(tmp_path / "a.jsonl", n=3)
+    dst = tmp_path / "g.jsonl"
+    code, out, _ = cli(capsys, "data", "convert", str(src), str(dst), "--from", "alpaca", "--to", "chatglm")
+    assert code == 0 and "wrote 3 records" in out
+    first = json.loads(dst.read_text().splitlines()[0])
+    assert first["prompt"] == "say 0" and first["response"] == "0"
+
+
+def test_data_convert_error_writes_nothing(capsys, tmp_path: Path) -> None:
+    src = tmp_path / "a.jsonl"
+    src.write_text('{"instruction": "x", "output": "y"}\n{"instruction": "z"}\n')
+    dst = tmp_path / "g.jsonl"
+    code, _, err = cli(capsys, "data", "convert", str(src), str(dst), "--from", "alpaca", "--to", "chatglm")
+    assert code == 2 and "a.jsonl:2" in err
+    assert not dst.exists()

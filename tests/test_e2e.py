@@ -1,0 +1,78 @@
+"""`fedtune run` end to end through Flower's simulation runtime, and exact resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from fedtune.config import load_config
+from fedtune.models.load import load_model
+
+
+def fedtune(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fedtune", *args], capture_output=True, text=True, timeout=600, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    proc = fedtune("run", "--config", "configs/tiny.toml", "--set", f"run.output_dir='{out}'", "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "held-out loss per client" in proc.stdout
+    (run,) = out.iterdir()
+    return run
+
+
+def test_run_directory_is_complete(finished_run: Path) -> None:
+    run = finished_run
+    assert (run / "config.toml").is_file()
+    assert json.loads((run / "state.json").read_text()) == {"last_round": 2}
+    assert sorted(p.name for p in (run / "rounds").iterdir()) == ["0000", "0001", "0002"]
+    assert (run / "report" / "index.html").is_file()
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    # 3 clients: round 0 evaluates; rounds 1-2 train and evaluate; one server line per round
+    phases = [(r["round"], r["phase"]) for r in lines]
+    assert phases.count((0, "evaluate")) == 3 and phases.count((0, "train")) == 0
+    for rnd in (1, 2):
+        assert phases.count((rnd, "train")) == 3 and phases.count((rnd, "evaluate")) == 3
+    assert phases.count((1, "server")) == 1
+    train = [r for r in lines if r["phase"] == "train"]
+    assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 and r["seconds"] > 0 for r in train)
+    assert all(r["num_examples"] == 16 for r in train)  # data.max_train_examples
+
+
+def test_final_adapter_is_a_peft_folder_equal_to_the_last_round(finished_run: Path) -> None:
+    final = load_file(finished_run / "final" / "adapter_model.safetensors")
+    last = load_file(finished_run / "rounds" / "0002" / "adapter_model.safetensors")
+    assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
+    first = load_file(finished_run / "rounds" / "0001" / "adapter_model.safetensors")
+    assert any(not torch.equal(first[k], last[k]) for k in final)  # training moved it
+    cfg = load_config(finished_run / "config.toml")
+    model = PeftModel.from_pretrained(load_model(cfg.model), finished_run / "final")
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0
+
+
+def test_resume_after_round_one_gives_the_same_final_adapter(finished_run: Path, tmp_path: Path) -> None:
+    # The state a crash during round 2 leaves: round 1 complete, remains of round 2 on disk.
+    run = tmp_path / "interrupted"
+    shutil.copytree(finished_run, run)
+    (run / "state.json").write_text(json.dumps({"last_round": 1}))
+    shutil.rmtree(run / "final")
+    shutil.rmtree(run / "report")
+    proc = fedtune("run", "--resume", str(run), "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = load_file(finished_run / "final" / "adapter_model.safetensors")
+    b = load_file(run / "final" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in lines if r["round"] == 2].count("train") == 3  # round 2 redone once
