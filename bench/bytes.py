@@ -50,8 +50,10 @@ def main() -> None:
         up = sum(r["bytes_up"] for r in rows) / len(rows)
         down = sum(r["bytes_down"] for r in rows) / len(rows)
         ratios[wire] = (up + down) / fp32
-        print(f"{wire}: adapter_fp32_bytes={fp32} up={up:.0f} down={down:.0f} "
-              f"up_ratio={up / fp32:.3f} down_ratio={down / fp32:.3f} up+down_ratio={ratios[wire]:.3f}")
+        print(
+            f"{wire}: adapter_fp32_bytes={fp32} up={up:.0f} down={down:.0f} "
+            f"up_ratio={up / fp32:.3f} down_ratio={down / fp32:.3f} up+down_ratio={ratios[wire]:.3f}"
+        )
     print(f"bytes_ratio: {ratios['float16']:.3f}")
 
 

@@ -183,7 +183,9 @@ def main() -> None:
 
         sim_out = root / "simulation"
         sets = [a for o in [*overrides, f"run.output_dir={sim_out}"] for a in ("--set", o)]
-        sim_wall = _run([str(BIN / "fedtune"), "run", "--config", CONFIG, *sets, "--no-progress"], env, args.timeout)
+        sim_wall = _run(
+            [str(BIN / "fedtune"), "run", "--config", CONFIG, *sets, "--no-progress"], env, args.timeout
+        )
         sim_round, sim_handlers = _round(_metrics(sim_out))
 
         dep_out = root / "deployment"
@@ -192,7 +194,9 @@ def main() -> None:
             (root / "cli" / "config.toml").write_text(
                 f'[superlink.bench]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
             )
-            run_config = f"config-file='{CONFIG}' overrides='{' '.join([*overrides, f'run.output_dir={dep_out}'])}'"
+            run_config = (
+                f"config-file='{CONFIG}' overrides='{' '.join([*overrides, f'run.output_dir={dep_out}'])}'"
+            )
             dep_wall = _run(
                 [str(BIN / "flwr"), "run", str(REPO), "bench", "--run-config", run_config, "--stream"],
                 env,

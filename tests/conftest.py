@@ -9,9 +9,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-from fedtune.config import Config, load_config  # noqa: E402
+from fedtune.config import Config, load_config
 
 
 @pytest.fixture

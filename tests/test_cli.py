@@ -24,7 +24,9 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def _alpaca(path: Path, n: int = 12) -> Path:
-    rows = [{"instruction": f"say {i}", "input": "", "output": f"{i}", "category": f"c{i % 3}"} for i in range(n)]
+    rows = [
+        {"instruction": f"say {i}", "input": "", "output": f"{i}", "category": f"c{i % 3}"} for i in range(n)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -32,7 +34,13 @@ def _alpaca(path: Path, n: int = 12) -> Path:
 def _run(capsys, tmp_path: Path, *overrides: str) -> tuple[int, str]:
     out = tmp_path / "runs"
     code, _, err = cli(
-        capsys, "run", "--config", "configs/tiny.toml", "--set", f"run.output_dir='{out}'", "--no-progress",
+        capsys,
+        "run",
+        "--config",
+        "configs/tiny.toml",
+        "--set",
+        f"run.output_dir='{out}'",
+        "--no-progress",
         *[x for o in overrides for x in ("--set", o)],
     )
     assert not out.exists() or not any(out.iterdir()), "a run directory was left behind"
@@ -83,8 +91,13 @@ def test_bad_settings(capsys, tmp_path: Path, override: str, message: str) -> No
 def test_empty_client_partition(capsys, tmp_path: Path) -> None:
     data = _alpaca(tmp_path / "d.jsonl", n=12)
     code, err = _run(
-        capsys, tmp_path, f"data.source='{data}'", "data.format='alpaca'", "partition.name='shards'",
-        "partition.num_partitions=3", "partition.shards_per_client=5",
+        capsys,
+        tmp_path,
+        f"data.source='{data}'",
+        "data.format='alpaca'",
+        "partition.name='shards'",
+        "partition.num_partitions=3",
+        "partition.shards_per_client=5",
     )
     assert code == 2
     assert "partition" in err

@@ -20,7 +20,15 @@ def test_shipped_configs_exist() -> None:
 
 
 def test_overrides_are_parsed_as_toml_values() -> None:
-    tree = apply_overrides({}, ["fed.rounds=5", "model.lora.target_modules=['q_proj']", "data.source=x.jsonl", "fed.evaluate_before=false"])
+    tree = apply_overrides(
+        {},
+        [
+            "fed.rounds=5",
+            "model.lora.target_modules=['q_proj']",
+            "data.source=x.jsonl",
+            "fed.evaluate_before=false",
+        ],
+    )
     assert tree == {
         "fed": {"rounds": 5, "evaluate_before": False},
         "model": {"lora": {"target_modules": ["q_proj"]}},
@@ -52,7 +60,7 @@ def test_bad_values_name_their_key(override: str, key: str) -> None:
 
 
 def test_steps_xor_epochs() -> None:
-    with pytest.raises(FedtuneError, match="only one of train.max_steps and train.epochs"):
+    with pytest.raises(FedtuneError, match=r"only one of train\.max_steps and train\.epochs"):
         load_config(None, ["train.epochs=1", "train.max_steps=3"])
     assert load_config(None, ["train.epochs=1"]).train.max_steps is None
     assert load_config(None, []).train.max_steps == 10
@@ -66,7 +74,7 @@ def test_bad_override_syntax() -> None:
 def test_invalid_toml_names_file(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text("[fed\nrounds = 2\n")
-    with pytest.raises(FedtuneError, match="bad.toml: invalid TOML"):
+    with pytest.raises(FedtuneError, match=r"bad\.toml: invalid TOML"):
         load_config(path)
 
 
@@ -77,7 +85,9 @@ def test_missing_config_file(tmp_path: Path) -> None:
 
 def test_flower_run_config_is_file_plus_dotted_overrides(tmp_path: Path) -> None:
     (tmp_path / "c.toml").write_text("seed = 3\n[fed]\nrounds = 2\n")
-    cfg = config_from_run_config({"config-file": "c.toml", "fed.rounds": 4, "model.lora.r": 2}, app_dir=tmp_path)
+    cfg = config_from_run_config(
+        {"config-file": "c.toml", "fed.rounds": 4, "model.lora.r": 2}, app_dir=tmp_path
+    )
     assert (cfg.seed, cfg.fed.rounds, cfg.model.lora.r) == (3, 4, 2)
 
 

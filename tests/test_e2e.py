@@ -26,7 +26,9 @@ def fedtune(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs")
-    proc = fedtune("run", "--config", "configs/tiny.toml", "--set", f"run.output_dir='{out}'", "--no-progress")
+    proc = fedtune(
+        "run", "--config", "configs/tiny.toml", "--set", f"run.output_dir='{out}'", "--no-progress"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "held-out loss per client" in proc.stdout
     (run,) = out.iterdir()

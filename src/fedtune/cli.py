@@ -33,8 +33,12 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")  # Ray workers too
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
+    os.environ.setdefault(
+        "PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning"
+    )  # Ray workers too
+    logging.basicConfig(
+        level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)]
+    )
     logging.getLogger("fedtune").setLevel(logging.INFO)
     import flwr  # noqa: F401  (configures its logger on import; quieten it after)
 
@@ -72,12 +76,16 @@ def run(
     started = time.time()
     cfg = None if resume is not None else _config(config, set_)
     run_dir = launch(cfg, resume=resume, progress=progress)
-    firsts = [r["first_step_at"] for r in run_dir.metrics() if r["phase"] == "train" and r.get("first_step_at")]
+    firsts = [
+        r["first_step_at"] for r in run_dir.metrics() if r["phase"] == "train" and r.get("first_step_at")
+    ]
     table = Table(title="held-out loss per client (round 0 -> last round)")
     for col in ("client", "before", "after", "change"):
         table.add_column(col, justify="right")
     for row in loss_table(read_metrics(run_dir.path)):
-        table.add_row(str(row.client), f"{row.before:.4f}", f"{row.after:.4f}", f"{row.after - row.before:+.4f}")
+        table.add_row(
+            str(row.client), f"{row.before:.4f}", f"{row.after:.4f}", f"{row.after - row.before:+.4f}"
+        )
     out.print(table)
     if firsts:
         out.print(f"first training step finished {min(firsts) - started:.1f} s after start")
@@ -131,7 +139,9 @@ def eval_(run_dir: RunDirArg) -> None:
 @app.command()
 def chat(
     run_dir: RunDirArg,
-    prompt: Annotated[list[str] | None, typer.Option(help="user turn(s) to send instead of reading stdin")] = None,
+    prompt: Annotated[
+        list[str] | None, typer.Option(help="user turn(s) to send instead of reading stdin")
+    ] = None,
     system: Annotated[str | None, typer.Option(help="system message")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
 ) -> None:

@@ -51,7 +51,7 @@ class RopeScalingConfig(_Section):
 
 class LoraConfig(_Section):
     r: int = Field(8, gt=0)
-    alpha: float = Field(16, gt=0)
+    alpha: int = Field(16, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 

@@ -17,7 +17,9 @@ from fedtune.models.adapters import (
 )
 from fedtune.models.load import load_model, load_model_config, resolve_model_path
 
-TINY = ModelConfig(name="tiny-llama", lora=LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+TINY = ModelConfig(
+    name="tiny-llama", lora=LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+)
 
 
 def test_rope_scaling_is_set_from_one_key() -> None:
@@ -34,7 +36,7 @@ def test_rope_scaling_is_set_from_one_key() -> None:
 
 
 def test_missing_model_path_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(FedtuneError, match="model.name: .*not a model folder"):
+    with pytest.raises(FedtuneError, match=r"model\.name: .*not a model folder"):
         resolve_model_path(str(tmp_path / "no-such-model"))
 
 

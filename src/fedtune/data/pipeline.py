@@ -8,8 +8,8 @@ partitions the corpus once.
 from __future__ import annotations
 
 import json
-from typing import Any
 from functools import lru_cache
+from typing import Any
 
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase

@@ -22,7 +22,9 @@ def check_compatible(states: Sequence[Arrays]) -> None:
             raise FedtuneError(f"update {i}: keys differ from update 0 (e.g. {diff})")
         for key, value in state.items():
             if value.shape != ref[key].shape:
-                raise FedtuneError(f"update {i}: {key} has shape {value.shape}, update 0 has {ref[key].shape}")
+                raise FedtuneError(
+                    f"update {i}: {key} has shape {value.shape}, update 0 has {ref[key].shape}"
+                )
 
 
 def fedavg(states: Sequence[Arrays], weights: Sequence[float]) -> dict[str, np.ndarray]:

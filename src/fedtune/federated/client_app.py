@@ -98,7 +98,9 @@ def query(msg: Message, context: Context) -> Message:
     """Tell the server who this client is and how much data it holds."""
     _, text, _, partition_id, data_path = _setup(msg, context)
     train_ds, test_ds = _data(text, partition_id, data_path)
-    metrics = MetricRecord({"partition-id": partition_id, "num-train": len(train_ds), "num-test": len(test_ds)})
+    metrics = MetricRecord(
+        {"partition-id": partition_id, "num-train": len(train_ds), "num-test": len(test_ds)}
+    )
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
@@ -108,7 +110,13 @@ def train_handler(msg: Message, context: Context) -> Message:
     cfg, text, runtime, partition_id, data_path = _setup(msg, context)
     server_round = int(msg.content["config"]["server-round"])  # type: ignore[index, arg-type]
     train_ds, _ = _data(text, partition_id, data_path)
-    result = train(runtime.model, train_ds, runtime.tokenizer, cfg.train, seed=client_seed(cfg.seed, server_round, partition_id))
+    result = train(
+        runtime.model,
+        train_ds,
+        runtime.tokenizer,
+        cfg.train,
+        seed=client_seed(cfg.seed, server_round, partition_id),
+    )
     arrays: ArrayRecord = to_record(adapter_state(runtime.model), cfg.fed.wire_dtype)
     metrics = MetricRecord(
         {

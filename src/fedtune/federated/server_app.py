@@ -19,7 +19,7 @@ import shlex
 import time
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.config import flatten_dict, get_project_dir
 from flwr.serverapp import Grid, ServerApp
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -50,7 +50,9 @@ def discover(grid: Grid, cfg: Config, *, poll: float = 0.5) -> dict[int, int]:
     clients: dict[int, int] = {}
     for reply in grid.send_and_receive(messages, timeout=cfg.fed.timeout):
         if reply.has_error():
-            raise FedtuneError(f"client on node {reply.metadata.src_node_id} failed to start: {reply.error.reason}")
+            raise FedtuneError(
+                f"client on node {reply.metadata.src_node_id} failed to start: {reply.error.reason}"
+            )
         pid = int(reply.content["metrics"]["partition-id"])  # type: ignore[index, arg-type]
         if pid in clients.values():
             raise FedtuneError(f"two nodes claim partition-id {pid}")
@@ -59,7 +61,9 @@ def discover(grid: Grid, cfg: Config, *, poll: float = 0.5) -> dict[int, int]:
     return clients
 
 
-def _server_line(server_round: int, entries: list[dict[str, Any]], train: Any, evaluate: Any, seconds: float) -> dict:
+def _server_line(
+    server_round: int, entries: list[dict[str, Any]], train: Any, evaluate: Any, seconds: float
+) -> dict:
     line: dict[str, Any] = {
         "round": server_round,
         "phase": "server",
@@ -89,32 +93,55 @@ def run_federation(grid: Grid, cfg: Config, run: RunDir, *, progress: bool = Tru
         if cfg.fed.evaluate_before:
             t0 = time.perf_counter()
             evaluated = strategy.aggregate_evaluate(
-                0, grid.send_and_receive(strategy.configure_evaluate(0, arrays, ConfigRecord(), grid), timeout=cfg.fed.timeout)
+                0,
+                grid.send_and_receive(
+                    strategy.configure_evaluate(0, arrays, ConfigRecord(), grid), timeout=cfg.fed.timeout
+                ),
             )
-            run.append_metrics([*strategy.round_log, _server_line(0, strategy.round_log, None, evaluated, time.perf_counter() - t0)])
+            run.append_metrics(
+                [
+                    *strategy.round_log,
+                    _server_line(0, strategy.round_log, None, evaluated, time.perf_counter() - t0),
+                ]
+            )
             strategy.round_log.clear()
         run.mark_complete(0)
         last = 0
-    bar = Progress(TextColumn("[bold]federated rounds"), BarColumn(), TextColumn("{task.completed}/{task.total} {task.description}"), TimeElapsedColumn(), disable=not progress)
+    bar = Progress(
+        TextColumn("[bold]federated rounds"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} {task.description}"),
+        TimeElapsedColumn(),
+        disable=not progress,
+    )
     with bar:
         task = bar.add_task("", total=cfg.fed.rounds, completed=last)
         for server_round in range(last + 1, cfg.fed.rounds + 1):
             t0 = time.perf_counter()
-            replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord(), grid), timeout=cfg.fed.timeout)
+            replies = grid.send_and_receive(
+                strategy.configure_train(server_round, arrays, ConfigRecord(), grid), timeout=cfg.fed.timeout
+            )
             new_arrays, trained = strategy.aggregate_train(server_round, replies)
             if new_arrays is None:
                 raise FedtuneError(f"round {server_round}: no client returned an update (see the log)")
             arrays = new_arrays
             evaluated = strategy.aggregate_evaluate(
                 server_round,
-                grid.send_and_receive(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), timeout=cfg.fed.timeout),
+                grid.send_and_receive(
+                    strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
+                    timeout=cfg.fed.timeout,
+                ),
             )
-            line = _server_line(server_round, strategy.round_log, trained, evaluated, time.perf_counter() - t0)
+            line = _server_line(
+                server_round, strategy.round_log, trained, evaluated, time.perf_counter() - t0
+            )
             run.save_round(server_round, to_torch(from_record(arrays)), cfg)
             run.append_metrics([*strategy.round_log, line])
             run.mark_complete(server_round)
             strategy.round_log.clear()
-            loss = f"eval {line['eval_loss']:.3f}" if "eval_loss" in line else f"train {line['train_loss']:.3f}"
+            loss = (
+                f"eval {line['eval_loss']:.3f}" if "eval_loss" in line else f"train {line['train_loss']:.3f}"
+            )
             bar.update(task, completed=server_round, description=loss)
     run.save_final(to_torch(from_record(arrays)), cfg)
 

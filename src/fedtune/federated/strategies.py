@@ -37,7 +37,9 @@ def payload_bytes(content: RecordDict) -> int:
     return sum(record.count_bytes() for record in content.values())
 
 
-def sample_clients(partition_ids: Iterable[int], fraction: float, minimum: int, seed: int, server_round: int) -> list[int]:
+def sample_clients(
+    partition_ids: Iterable[int], fraction: float, minimum: int, seed: int, server_round: int
+) -> list[int]:
     """A reproducible sample: ``max(minimum, floor(fraction * n))`` ids, drawn per (seed, round)."""
     ids = sorted(partition_ids)
     size = min(len(ids), max(minimum, math.floor(fraction * len(ids))))
@@ -89,7 +91,9 @@ class AdapterFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return self._messages(server_round, arrays, MessageType.TRAIN, self.fraction_train, self.min_train_nodes)
+        return self._messages(
+            server_round, arrays, MessageType.TRAIN, self.fraction_train, self.min_train_nodes
+        )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -140,7 +144,9 @@ class AdapterFedAvg(FedAvg):
         )
         return to_record(merged, "float32"), metrics
 
-    def aggregate_states(self, states: list[dict[str, np.ndarray]], weights: list[int]) -> dict[str, np.ndarray]:
+    def aggregate_states(
+        self, states: list[dict[str, np.ndarray]], weights: list[int]
+    ) -> dict[str, np.ndarray]:
         """The aggregation rule; subclasses replace this (robust, stacking, ...)."""
         return fedavg(states, weights)
 

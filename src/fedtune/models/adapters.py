@@ -56,7 +56,9 @@ def load_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> N
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise FedtuneError(f"adapter keys do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise FedtuneError(
+            f"adapter keys do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     for key, value in state.items():
         if tuple(value.shape) != tuple(expected[key].shape):
             raise FedtuneError(
@@ -75,7 +77,7 @@ def save_adapter_folder(
     try:
         config = peft_lora_config(lora)
         config.base_model_name_or_path = model.name
-        config.save_pretrained(tmp)
+        config.save_pretrained(str(tmp))
         save_file({k: v.contiguous() for k, v in state.items()}, tmp / ADAPTER_WEIGHTS)
         if out.exists():
             shutil.rmtree(out)

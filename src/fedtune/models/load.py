@@ -104,7 +104,11 @@ def _tokenizer_only(out: Path) -> None:
 
 def _build_tiny_llama(out: Path) -> None:
     base = cache_dir() / "models" / "smollm2-135m-instruct"
-    tok_dir = base if base.is_dir() else _build_atomically(cache_dir() / "models" / "smollm2-tokenizer", _tokenizer_only)
+    tok_dir = (
+        base
+        if base.is_dir()
+        else _build_atomically(cache_dir() / "models" / "smollm2-tokenizer", _tokenizer_only)
+    )
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     config = LlamaConfig(
         vocab_size=len(tokenizer),

@@ -84,7 +84,9 @@ def train(
     steps = planned_steps(cfg, len(ds))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps)
+    scheduler = get_scheduler(
+        cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps
+    )
     batches = _cycle(make_loader(ds, tokenizer, cfg.batch_size, shuffle=True, seed=seed))
     device = next(model.parameters()).device
     model.train()
