@@ -12,9 +12,13 @@ Both sides run the same config (demo.toml with the overrides below: 2 clients, 1
   their clients at the same time, sharing the cores.
 
 Round times are the server lines' ``seconds`` of round 1 (train, aggregate, evaluate and
-checkpoint). ``*_handler_s`` is time inside the ClientApp handlers, summed over clients
-and phases; in deployment it includes the model load and data preparation that the
-simulation did once in round 0. ``cold_*`` are measured in a fresh interpreter.
+checkpoint). ``*_train_s`` / ``*_evaluate_s`` are the mean time inside the ClientApp's
+handlers; in deployment they include the model load and data preparation that the
+simulation did once, in round 0. ``*_outside_handlers_s`` is the rest of the round: in
+simulation the round minus all handlers (clients take turns), in deployment the round
+minus the slowest client of each phase (clients run at once); that is process start,
+imports, transport, aggregation and the checkpoint. ``cold_*`` are one fresh
+interpreter's import of the ClientApp module, model load and one client's data.
 
 Usage: python bench/deployment.py [--model smollm2] [--steps 3]
 Last line: ``deployment_round_overhead_s: X`` (deployment round - simulation round).
@@ -27,6 +31,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,10 +53,13 @@ t1 = time.perf_counter()
 from fedtune.config import load_config
 from fedtune.models.adapters import attach_lora
 from fedtune.models.load import load_model, load_tokenizer
+from fedtune.data.pipeline import client_tokenized
 cfg = load_config({config!r}, {overrides!r})
-load_tokenizer(cfg.model)
+tokenizer = load_tokenizer(cfg.model)
 attach_lora(load_model(cfg.model), cfg.model.lora)
-print(t1 - t0, time.perf_counter() - t1)
+t2 = time.perf_counter()
+client_tokenized(cfg, tokenizer, 0)
+print(t1 - t0, t2 - t1, time.perf_counter() - t2)
 """
 
 
@@ -144,11 +152,14 @@ def _metrics(out_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _round(metrics: list[dict[str, Any]], server_round: int = 1) -> tuple[float, float]:
-    """(server-line seconds, handler seconds summed over clients and phases) of a round."""
+def _round(metrics: list[dict[str, Any]], server_round: int = 1) -> dict[str, Any]:
+    """Server-line seconds and per-phase handler seconds (one per client) of a round."""
     lines = [m for m in metrics if m["round"] == server_round]
-    server = next(m["seconds"] for m in lines if m["phase"] == "server")
-    return server, sum(m["seconds"] for m in lines if m["phase"] != "server")
+    return {
+        "round": next(m["seconds"] for m in lines if m["phase"] == "server"),
+        "train": [m["seconds"] for m in lines if m["phase"] == "train"],
+        "evaluate": [m["seconds"] for m in lines if m["phase"] == "evaluate"],
+    }
 
 
 def _run(cmd: list[str], env: dict[str, str], timeout: float) -> float:
@@ -186,7 +197,7 @@ def main() -> None:
         sim_wall = _run(
             [str(BIN / "fedtune"), "run", "--config", CONFIG, *sets, "--no-progress"], env, args.timeout
         )
-        sim_round, sim_handlers = _round(_metrics(sim_out))
+        sim = _round(_metrics(sim_out))
 
         dep_out = root / "deployment"
         with local_deployment(root, clients) as port:
@@ -202,7 +213,7 @@ def main() -> None:
                 env,
                 args.timeout,
             )
-        dep_round, dep_handlers = _round(_metrics(dep_out))
+        dep = _round(_metrics(dep_out))
 
         cold = subprocess.run(
             [sys.executable, "-c", COLD_START.format(config=CONFIG, overrides=overrides)],
@@ -212,22 +223,27 @@ def main() -> None:
             text=True,
             check=True,
         )
-        cold_import, cold_load = map(float, cold.stdout.split()[-2:])
+        cold_import, cold_load, cold_data = map(float, cold.stdout.split()[-3:])
 
-    messages = 2 * clients  # a train and an evaluate message per client per round
+    sim_outside = sim["round"] - sum(sim["train"]) - sum(sim["evaluate"])  # clients in turn
+    dep_outside = dep["round"] - max(dep["train"]) - max(dep["evaluate"])  # clients at once
     print(f"model: {args.model}")
     print(f"clients: {clients}")
     print(f"train_steps: {args.steps}")
     print(f"simulation_wall_s: {sim_wall:.2f}")
     print(f"deployment_wall_s: {dep_wall:.2f}")
-    print(f"simulation_round_s: {sim_round:.2f}")
-    print(f"deployment_round_s: {dep_round:.2f}")
-    print(f"simulation_handler_s: {sim_handlers:.2f}")
-    print(f"deployment_handler_s: {dep_handlers:.2f}")
-    print(f"deployment_setup_per_message_s: {(dep_handlers - sim_handlers) / messages:.2f}")
+    print(f"simulation_round_s: {sim['round']:.2f}")
+    print(f"deployment_round_s: {dep['round']:.2f}")
+    print(f"simulation_train_s: {statistics.mean(sim['train']):.2f}")
+    print(f"deployment_train_s: {statistics.mean(dep['train']):.2f}")
+    print(f"simulation_evaluate_s: {statistics.mean(sim['evaluate']):.2f}")
+    print(f"deployment_evaluate_s: {statistics.mean(dep['evaluate']):.2f}")
+    print(f"simulation_outside_handlers_s: {sim_outside:.2f}")
+    print(f"deployment_outside_handlers_s: {dep_outside:.2f}")
     print(f"cold_import_s: {cold_import:.2f}")
     print(f"cold_model_load_s: {cold_load:.2f}")
-    print(f"deployment_round_overhead_s: {dep_round - sim_round:.2f}")
+    print(f"cold_client_data_s: {cold_data:.2f}")
+    print(f"deployment_round_overhead_s: {dep['round'] - sim['round']:.2f}")
 
 
 if __name__ == "__main__":

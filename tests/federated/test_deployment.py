@@ -166,7 +166,8 @@ def test_flwr_run_trains_one_round_across_two_supernodes(deployment: Deployment)
     )
 
     # Assert: one complete round and the final adapter in the run directory
-    context = f"flwr run exited {cli.returncode}\n{cli.stdout[-3000:]}\n{cli.stderr[-3000:]}\n{deployment.diagnostics()}"
+    context = f"flwr run exited {cli.returncode}\n{cli.stdout[-3000:]}\n{cli.stderr[-3000:]}\n"
+    context += deployment.diagnostics()
     runs = list(out_dir.glob("*/state.json"))
     assert len(runs) == 1, context
     run_dir = runs[0].parent

@@ -1,0 +1,80 @@
+"""chat and eval use the run's adapter, template and RoPE scaling."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from unittest.mock import patch
+
+import pytest
+import torch
+
+from fedtune.cli import main
+from fedtune.config import Config, load_config
+from fedtune.inference import load_run, reply
+from fedtune.models.adapters import initial_adapter_state
+from fedtune.rundir import RunDir
+
+
+def _run_dir(tmp_path: Path, *overrides: str) -> tuple[RunDir, Config]:
+    cfg = load_config("configs/tiny.toml", [f"run.output_dir='{tmp_path}'", *overrides])
+    run = RunDir.create(cfg)
+    state = initial_adapter_state(cfg.model, seed=0)
+    state = {k: v if "lora_A" in k else torch.full_like(v, 0.05) for k, v in state.items()}  # non-zero B
+    run.save_round(1, state, cfg)
+    run.mark_complete(1)
+    run.save_final(state, cfg)
+    return run, cfg
+
+
+def test_chat_model_has_the_runs_rope_scaling_and_adapter(tmp_path: Path) -> None:
+    run, _ = _run_dir(tmp_path, "model.rope_scaling={type='dynamic', factor=2.0}")
+    loaded = load_run(run.path)
+    assert loaded.model.config.rope_parameters["rope_type"] == "dynamic"
+    assert loaded.model.config.rope_parameters["factor"] == 2.0
+    assert loaded.adapter == run.path / "final"
+    base = load_run(run.path, base_only=True)
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert not torch.allclose(loaded.model(ids).logits, base.model(ids).logits)  # adapter is active
+
+
+def test_reply_needs_a_user_turn_last(tmp_path: Path) -> None:
+    run, _ = _run_dir(tmp_path)
+    loaded = load_run(run.path)
+    answer = reply(loaded, [{"role": "user", "content": "hello"}], max_new_tokens=4)
+    assert isinstance(answer, str)
+    from fedtune.errors import FedtuneError
+
+    with pytest.raises(FedtuneError, match="end with a user message"):
+        reply(loaded, [{"role": "assistant", "content": "hi"}])
+
+
+def _cli(capsys, *args: str) -> tuple[int, str]:
+    with patch.object(sys, "argv", ["fedtune", *args]):
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+    return code, capsys.readouterr().out
+
+
+def test_chat_command_is_multi_turn(capsys, tmp_path: Path) -> None:
+    run, _ = _run_dir(tmp_path)
+    code, out = _cli(capsys, "chat", str(run.path), "--prompt", "hi", "--prompt", "and again", "--max-new-tokens", "3")
+    assert code == 0
+    assert out.count("model>") == 2 and "and again" in out
+
+
+def test_eval_command_compares_base_and_adapter(capsys, tmp_path: Path) -> None:
+    run, _ = _run_dir(tmp_path)
+    code, out = _cli(capsys, "eval", str(run.path))
+    assert code == 0
+    assert "base" in out and "adapter" in out
+    assert out.count("│") > 3 * 4  # three client rows
+
+
+def test_chat_on_a_directory_that_is_not_a_run(capsys, tmp_path: Path) -> None:
+    code, _ = _cli(capsys, "chat", str(tmp_path))
+    assert code == 2
