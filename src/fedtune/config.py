@@ -7,7 +7,6 @@ Flower's flat ``run_config`` is parsed here too (:func:`config_from_run_config`)
 
 from __future__ import annotations
 
-import hashlib
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -124,10 +123,6 @@ class Config(_Section):
     def to_toml(self) -> str:
         return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
 
-    def fingerprint(self, *sections: str) -> str:
-        """A short hash of some sections, for caches keyed on what they depend on."""
-        dump = self.model_dump(mode="json", include=set(sections) if sections else None)
-        return hashlib.sha256(repr(sorted(dump.items())).encode()).hexdigest()[:16]
 
 
 def _parse_value(text: str) -> Any:

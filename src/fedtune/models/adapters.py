@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -94,10 +93,6 @@ def read_adapter_folder(folder: str | Path) -> StateDict:
     if not weights.is_file() or not (folder / ADAPTER_CONFIG).is_file():
         raise FedtuneError(f"{folder}: not a peft adapter folder ({ADAPTER_WEIGHTS} + {ADAPTER_CONFIG})")
     return {k: v.to(torch.float32) for k, v in load_file(weights).items()}
-
-
-def read_adapter_config(folder: str | Path) -> dict[str, object]:
-    return dict(json.loads((Path(folder) / ADAPTER_CONFIG).read_text()))
 
 
 def adapter_num_bytes(state: Mapping[str, torch.Tensor], bytes_per_value: int = 4) -> int:
