@@ -23,8 +23,7 @@ TINY = ModelConfig(
 
 
 def test_rope_scaling_is_set_from_one_key() -> None:
-    cfg = TINY.model_copy(update={"rope_scaling": {"type": "linear", "factor": 4.0}})
-    cfg = ModelConfig.model_validate(cfg.model_dump())
+    cfg = ModelConfig.model_validate({**TINY.model_dump(), "rope_scaling": {"type": "linear", "factor": 4.0}})
     params = load_model_config(cfg).rope_parameters
     assert params["rope_type"] == "linear" and params["factor"] == 4.0
     model = load_model(cfg)

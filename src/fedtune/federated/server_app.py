@@ -37,10 +37,19 @@ log = logging.getLogger(__name__)
 def discover(grid: Grid, cfg: Config, *, poll: float = 0.5) -> dict[int, int]:
     """Wait for the clients and ask each for its partition id: node id -> partition id."""
     expected = cfg.fed.min_available_clients or cfg.partition.num_partitions
-    deadline = time.monotonic() + cfg.fed.timeout
+    start = time.monotonic()
+    next_note = start + 30
     while len(nodes := list(grid.get_node_ids())) < expected:
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > start + cfg.fed.timeout:
             raise FedtuneError(f"only {len(nodes)} of {expected} clients connected within fed.timeout")
+        if now > next_note:  # a mismatch with the number of SuperNodes looks like a hang otherwise
+            logging.getLogger("flwr").warning(
+                "waiting for clients: %s of %s connected (partition.num_partitions / fed.min_available_clients)",
+                len(nodes),
+                expected,
+            )
+            next_note = now + 30
         time.sleep(poll)
     config = ConfigRecord({"server-round": 0, "fedtune-config": cfg.to_toml()})
     messages = [
