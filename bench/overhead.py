@@ -31,11 +31,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--clients", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
-
-    import torch
 
     from fedtune.config import load_config
     from fedtune.data.pipeline import client_tokenized
@@ -65,24 +63,28 @@ def main() -> None:
     model = attach_lora(load_model(cfg.model), cfg.model.lora)
     start_state = initial_adapter_state(cfg.model, seed=cfg.seed)
     data = [client_tokenized(cfg, tokenizer, pid)[0] for pid in range(args.clients)]
-    plain_rounds = []
-    for rnd in range(1, args.rounds + 1):
-        t0 = time.perf_counter()
-        for pid, ds in enumerate(data):
-            load_adapter_state(model, start_state)
-            train(model, ds, tokenizer, cfg.train, seed=rnd * 100 + pid)
-        plain_rounds.append(time.perf_counter() - t0)
-    del model
-    torch.set_num_threads(os.cpu_count() or 1)
 
+    def plain_rounds() -> list[float]:
+        times = []
+        for rnd in range(1, args.rounds + 1):
+            t0 = time.perf_counter()
+            for pid, ds in enumerate(data):
+                load_adapter_state(model, start_state)
+                train(model, ds, tokenizer, cfg.train, seed=rnd * 100 + pid)
+            times.append(time.perf_counter() - t0)
+        return times
+
+    # plain before and after the federated run, so drift in machine load cancels out
+    plain = plain_rounds()[1:]
     run_dir = run(cfg, progress=False)
     fed_rounds = [r["seconds"] for r in run_dir.metrics() if r["phase"] == "server" and r["round"] >= 1]
     client_secs = [r["seconds"] for r in run_dir.metrics() if r["phase"] == "train"]
 
+    plain += plain_rounds()[1:]
     steady_fed = statistics.mean(fed_rounds[1:])
-    steady_plain = statistics.mean(plain_rounds[1:])
+    steady_plain = statistics.mean(plain)
     print(f"model: {args.model}  clients: {args.clients}  steps/client/round: {args.steps}")
-    print(f"plain_round_s: {[round(x, 2) for x in plain_rounds]}")
+    print(f"plain_round_s (before and after, first round of each dropped): {[round(x, 2) for x in plain]}")
     print(f"federated_round_s: {[round(x, 2) for x in fed_rounds]}")
     print(f"client_handler_s (inside ClientApp): {[round(x, 2) for x in client_secs]}")
     print(f"steady_plain_round_s: {steady_plain:.3f}")
