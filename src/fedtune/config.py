@@ -94,6 +94,20 @@ class FedConfig(_Section):
     min_evaluate_clients: int = Field(1, ge=0)
     min_available_clients: int | None = Field(None, gt=0, description="default: partition.num_partitions")
     wire_dtype: Literal["float16", "float32"] = "float16"
+    # server optimisers (fedavgm, fedadam, fedyogi, fedadagrad) and FedProx
+    server_lr: float | None = Field(None, gt=0, description="server step size (default: Flower's)")
+    server_momentum: float = Field(0.0, ge=0, lt=1, description="fedavgm momentum")
+    beta_1: float | None = Field(None, ge=0, lt=1)
+    beta_2: float | None = Field(None, ge=0, lt=1)
+    tau: float | None = Field(None, gt=0, description="adaptivity (epsilon) of fedadam/yogi/adagrad")
+    proximal_mu: float = Field(0.0, ge=0, description="fedprox proximal term weight")
+    # update checks and robust aggregation
+    outlier_norm_factor: float | None = Field(
+        None, gt=0, description="reject updates whose norm exceeds this x the median of the others"
+    )
+    clip_norm: float | None = Field(None, gt=0, description="clip each update's norm (distance to global)")
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5, description="trimmed-mean cut per side")
+    krum_malicious: int = Field(0, ge=0, description="Krum: assumed number of malicious clients")
     evaluate_before: bool = Field(True, description="evaluate the starting adapter as round 0")
     timeout: float = Field(3600, gt=0, description="seconds to wait for client replies")
 
@@ -122,7 +136,6 @@ class Config(_Section):
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
-
 
 
 def _parse_value(text: str) -> Any:

@@ -26,7 +26,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
 
 from fedtune.config import Config, config_from_toml_text
 from fedtune.errors import FedtuneError
@@ -35,6 +38,7 @@ from fedtune.models.adapters import read_adapter_folder, save_adapter_folder
 CONFIG = "config.toml"
 METRICS = "metrics.jsonl"
 STATE = "state.json"
+SERVER_STATE = "server_state.safetensors"  # optimiser moments of fedadam & co., for resume
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -88,8 +92,25 @@ class RunDir:
     def round_dir(self, server_round: int) -> Path:
         return self.path / "rounds" / f"{server_round:04d}"
 
-    def save_round(self, server_round: int, state: Mapping[str, torch.Tensor], cfg: Config) -> Path:
-        return save_adapter_folder(state, cfg.model.lora, cfg.model, self.round_dir(server_round))
+    def save_round(
+        self,
+        server_round: int,
+        state: Mapping[str, torch.Tensor],
+        cfg: Config,
+        *,
+        server_state: Mapping[str, np.ndarray] | None = None,
+    ) -> Path:
+        """The global adapter after a round (+ the server optimiser's state, if any)."""
+        folder = save_adapter_folder(state, cfg.model.lora, cfg.model, self.round_dir(server_round))
+        if server_state:
+            tmp = folder / f".{SERVER_STATE}"
+            save_numpy({k: np.ascontiguousarray(v) for k, v in server_state.items()}, str(tmp))
+            os.replace(tmp, folder / SERVER_STATE)
+        return folder
+
+    def load_server_state(self, server_round: int) -> dict[str, np.ndarray]:
+        path = self.round_dir(server_round) / SERVER_STATE
+        return load_numpy(str(path)) if path.is_file() else {}
 
     def load_round(self, server_round: int) -> dict[str, torch.Tensor]:
         return read_adapter_folder(self.round_dir(server_round))

@@ -108,7 +108,9 @@ def query(msg: Message, context: Context) -> Message:
 def train_handler(msg: Message, context: Context) -> Message:
     start = time.perf_counter()
     cfg, text, runtime, partition_id, data_path = _setup(msg, context)
-    server_round = int(msg.content["config"]["server-round"])  # type: ignore[index, arg-type]
+    config: ConfigRecord = msg.content["config"]  # type: ignore[assignment]
+    server_round = int(config["server-round"])  # type: ignore[arg-type]
+    proximal_mu = float(config.get("proximal-mu", 0.0))  # type: ignore[arg-type]  # set by FedProx
     train_ds, _ = _data(text, partition_id, data_path)
     result = train(
         runtime.model,
@@ -116,6 +118,7 @@ def train_handler(msg: Message, context: Context) -> Message:
         runtime.tokenizer,
         cfg.train,
         seed=client_seed(cfg.seed, server_round, partition_id),
+        proximal_mu=proximal_mu,
     )
     arrays: ArrayRecord = to_record(adapter_state(runtime.model), cfg.fed.wire_dtype)
     metrics = MetricRecord(

@@ -27,7 +27,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from fedtune.config import Config, apply_overrides, config_from_run_config
 from fedtune.errors import FedtuneError
 from fedtune.federated.records import from_record, to_record, to_torch
-from fedtune.federated.strategies import STRATEGIES, AdapterFedAvg
+from fedtune.federated.strategies import AdapterStrategy, build_strategy
 from fedtune.models.adapters import initial_adapter_state
 from fedtune.rundir import RunDir
 
@@ -45,7 +45,8 @@ def discover(grid: Grid, cfg: Config, *, poll: float = 0.5) -> dict[int, int]:
             raise FedtuneError(f"only {len(nodes)} of {expected} clients connected within fed.timeout")
         if now > next_note:  # a mismatch with the number of SuperNodes looks like a hang otherwise
             logging.getLogger("flwr").warning(
-                "waiting for clients: %s of %s connected (partition.num_partitions / fed.min_available_clients)",
+                "waiting for clients: %s of %s connected "
+                "(partition.num_partitions / fed.min_available_clients)",
                 len(nodes),
                 expected,
             )
@@ -92,12 +93,16 @@ def _server_line(
 def run_federation(grid: Grid, cfg: Config, run: RunDir, *, progress: bool = True) -> None:
     """Run (or continue) the federation described by ``cfg`` into ``run``."""
     clients = discover(grid, cfg)
-    strategy: AdapterFedAvg = STRATEGIES.get(cfg.fed.strategy, where="fed.strategy")(cfg, clients)
+    strategy: AdapterStrategy = build_strategy(cfg, clients)
     last = run.last_round()
     if last < 0:  # fresh run: seeded starting adapter, evaluated as round 0
         run.save_round(0, initial_adapter_state(cfg.model, seed=cfg.seed), cfg)
     run.rollback_to(max(last, 0))
-    arrays = to_record(run.load_round(max(last, 0)), "float32")
+    current = run.load_round(max(last, 0))
+    strategy.load_server_state(
+        run.load_server_state(max(last, 0)), {k: v.numpy() for k, v in current.items()}
+    )
+    arrays = to_record(current, "float32")
     if last < 0:
         if cfg.fed.evaluate_before:
             t0 = time.perf_counter()
@@ -144,7 +149,9 @@ def run_federation(grid: Grid, cfg: Config, run: RunDir, *, progress: bool = Tru
             line = _server_line(
                 server_round, strategy.round_log, trained, evaluated, time.perf_counter() - t0
             )
-            run.save_round(server_round, to_torch(from_record(arrays)), cfg)
+            run.save_round(
+                server_round, to_torch(from_record(arrays)), cfg, server_state=strategy.server_state()
+            )
             run.append_metrics([*strategy.round_log, line])
             run.mark_complete(server_round)
             strategy.round_log.clear()

@@ -1,12 +1,23 @@
-"""Flower strategies over LoRA adapters: thin subclasses that call the pure maths.
+"""Flower strategies over LoRA adapters: Flower's own, with fedtune's plumbing mixed in.
 
-``AdapterFedAvg`` is Flower's FedAvg with three changes an LLM run needs:
-clients are sampled by partition id from a seeded RNG (node ids are random per
-run, so Flower's own sampling could not be resumed exactly); replies are
-aggregated in partition order by :func:`fedtune.federated.aggregate.fedavg`
-(float64, reply-order independent); and the adapter is cast to the wire dtype on
-the way down while the server keeps float32. Per-client metrics and payload
-bytes of every message are collected in ``round_log`` for ``metrics.jsonl``.
+:class:`AdapterStrategy` is Flower's FedAvg with what an LLM run needs:
+
+- clients are sampled by partition id from an RNG seeded per (seed, round) (node ids
+  are random per run, so Flower's sampling could not be resumed exactly);
+- the adapter is cast to the wire dtype on the way down; the server keeps float32;
+- every incoming update is checked (keys, shapes, dtype, NaN/Inf) and, optionally,
+  rejected as a huge-norm outlier or norm-clipped; a bad update is logged and left
+  out, the round goes on;
+- replies are aggregated in partition order by a pure function
+  (:meth:`aggregate_states`), so results do not depend on reply order;
+- per-client metrics and payload bytes go to ``round_log`` for ``metrics.jsonl``.
+
+Flower's server optimisers (FedAvgM, FedAdam, FedYogi, FedAdagrad) and FedProx are used
+as they are, by putting them before :class:`AdapterStrategy` in the class bases: their
+``aggregate_train`` applies the server step to what ours aggregated, their
+``configure_train`` records the current global adapter (and FedProx adds
+``proximal-mu`` to the config) before ours sends it. Their state (moments, momentum)
+is saved with every round's checkpoint, so resume stays exact.
 """
 
 from __future__ import annotations
@@ -19,17 +30,22 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.server.strategy.aggregate import aggregate_krum, aggregate_median, aggregate_trimmed_avg
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
 from fedtune.config import Config
 from fedtune.federated.aggregate import fedavg, weighted_mean
 from fedtune.federated.records import from_record, to_record
+from fedtune.federated.validate import clip_update, filter_updates
 from fedtune.registry import Registry
 
 log = logging.getLogger(__name__)
 
-STRATEGIES: Registry[Callable[..., AdapterFedAvg]] = Registry("strategy")
+STRATEGIES: Registry[Callable[[Config], dict[str, Any]]] = Registry("strategy")
+_CLASSES: dict[str, type[AdapterStrategy]] = {}
+
+Arrays = dict[str, np.ndarray]
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -49,36 +65,40 @@ def sample_clients(
     return sorted(rng.sample(ids, size))
 
 
-@STRATEGIES.register("fedavg")
-class AdapterFedAvg(FedAvg):
+class AdapterStrategy(FedAvg):
     """FedAvg over adapter state dicts, weighted by each client's training examples."""
 
-    def __init__(self, cfg: Config, clients: dict[int, int]) -> None:
-        super().__init__(
-            fraction_train=cfg.fed.fraction_train,
-            fraction_evaluate=cfg.fed.fraction_evaluate,
-            min_train_nodes=cfg.fed.min_train_clients,
-            min_evaluate_nodes=cfg.fed.min_evaluate_clients,
-            min_available_nodes=len(clients),
-        )
+    cfg: Config
+
+    def bind(self, cfg: Config, clients: dict[int, int]) -> AdapterStrategy:
+        """Attach the run config and the node id -> partition id map (after ``__init__``)."""
         self.cfg = cfg
         self.config_text = cfg.to_toml()
         self.node_of = {pid: node for node, pid in clients.items()}  # partition id -> node id
         self.round_log: list[dict[str, Any]] = []
         self._sent: dict[int, int] = {}  # node id -> bytes sent this phase
+        self._reference: Arrays = {}  # the global adapter sent for training this round
+        return self
 
     # -- sending ------------------------------------------------------------------
     def _messages(
-        self, server_round: int, arrays: ArrayRecord | None, message_type: str, fraction: float, minimum: int
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        message_type: str,
+        fraction: float,
+        minimum: int,
     ) -> list[Message]:
         if fraction == 0.0:
             return []
         chosen = sample_clients(self.node_of, fraction, minimum, self.cfg.seed, server_round)
-        config = ConfigRecord({"server-round": server_round, "fedtune-config": self.config_text})
-        content: dict[str, Any] = {"config": config}
-        if arrays is not None:
-            content["arrays"] = to_record(from_record(arrays), self.cfg.fed.wire_dtype)
-        record = RecordDict(content)
+        merged = ConfigRecord(
+            {**dict(config), "server-round": server_round, "fedtune-config": self.config_text}
+        )
+        record = RecordDict(
+            {"config": merged, "arrays": to_record(from_record(arrays), self.cfg.fed.wire_dtype)}
+        )
         size = payload_bytes(record)
         messages = []
         for pid in chosen:
@@ -91,20 +111,26 @@ class AdapterFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self._reference = from_record(arrays)
         return self._messages(
-            server_round, arrays, MessageType.TRAIN, self.fraction_train, self.min_train_nodes
+            server_round, arrays, config, MessageType.TRAIN, self.fraction_train, self.min_train_nodes
         )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         return self._messages(
-            server_round, arrays, MessageType.EVALUATE, self.fraction_evaluate, self.min_evaluate_nodes
+            server_round,
+            arrays,
+            config,
+            MessageType.EVALUATE,
+            self.fraction_evaluate,
+            self.min_evaluate_nodes,
         )
 
     # -- receiving ----------------------------------------------------------------
     def _valid_sorted(self, replies: Iterable[Message], is_train: bool) -> list[Message]:
-        valid, errors = self._check_and_log_replies(replies, is_train=is_train)
+        valid, errors = self._check_and_log_replies(replies, is_train=is_train, validate=False)
         for msg in errors:
             log.warning("client on node %s failed: %s", msg.metadata.src_node_id, msg.error.reason)
         return sorted(valid, key=lambda m: int(m.content["metrics"]["partition-id"]))  # type: ignore[arg-type, index]
@@ -121,7 +147,8 @@ class AdapterFedAvg(FedAvg):
             "seconds": float(metrics["seconds"]),  # type: ignore[arg-type]
         }
         for out_key, in_key in fields.items():
-            entry[out_key] = float(metrics[in_key])  # type: ignore[arg-type]
+            if in_key in metrics:
+                entry[out_key] = float(metrics[in_key])  # type: ignore[arg-type]
         self.round_log.append(entry)
         return entry
 
@@ -129,25 +156,37 @@ class AdapterFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         valid = self._valid_sorted(replies, is_train=True)
-        if not valid:
-            return None, None
         fields = {"train_loss": "train-loss", "first_step_at": "first-step-at"}
         entries = [self._log(server_round, "train", m, fields) for m in valid]
-        weights = [e["num_examples"] for e in entries]
-        states = [from_record(m.content["arrays"]) for m in valid]  # type: ignore[arg-type]
+        states = [from_record(m.content["arrays"], check_finite=False) for m in valid]  # type: ignore[arg-type]
+        fed = self.cfg.fed
+        kept, reasons = filter_updates(
+            states,
+            self._reference,
+            where=[f"client {e['client']}" for e in entries],
+            max_norm=None,
+            norm_factor=fed.outlier_norm_factor,
+        )
+        for i, reason in zip(sorted(set(range(len(states))) - set(kept)), reasons, strict=True):
+            entries[i]["rejected"] = reason
+            log.warning("round %s: update rejected: %s", server_round, reason)
+        if not kept:
+            return None, None
+        states = [states[i] for i in kept]
+        if fed.clip_norm is not None:
+            states = [clip_update(s, self._reference, fed.clip_norm) for s in states]
+        weights = [entries[i]["num_examples"] for i in kept]
         merged = self.aggregate_states(states, weights)
         metrics = MetricRecord(
             {
-                "train-loss": weighted_mean([e["train_loss"] for e in entries], weights),
-                "num-clients": len(valid),
+                "train-loss": weighted_mean([entries[i]["train_loss"] for i in kept], weights),
+                "num-clients": len(kept),
             }
         )
         return to_record(merged, "float32"), metrics
 
-    def aggregate_states(
-        self, states: list[dict[str, np.ndarray]], weights: list[int]
-    ) -> dict[str, np.ndarray]:
-        """The aggregation rule; subclasses replace this (robust, stacking, ...)."""
+    def aggregate_states(self, states: list[Arrays], weights: list[int]) -> Arrays:
+        """The aggregation rule over accepted updates; robust strategies replace it."""
         return fedavg(states, weights)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -163,3 +202,123 @@ class AdapterFedAvg(FedAvg):
                 "num-clients": len(valid),
             }
         )
+
+    # -- server state (for exact resume) -------------------------------------------
+    def server_state(self) -> Arrays:
+        """Optimiser state to checkpoint with the round ({} for stateless strategies)."""
+        out: Arrays = {}
+        for name in ("m_t", "v_t"):
+            for key, value in (getattr(self, name, None) or {}).items():
+                out[f"{name}/{key}"] = np.asarray(value)
+        momentum = getattr(self, "momentum_vector", None)
+        if momentum is not None:
+            keys = list(self._reference)
+            out.update({f"momentum/{k}": np.asarray(v) for k, v in zip(keys, momentum, strict=True)})
+        return out
+
+    def load_server_state(self, state: Arrays, current: Arrays) -> None:
+        """Restore :meth:`server_state` output; ``current`` is the global adapter it goes with."""
+        for name in ("m_t", "v_t"):
+            part = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(f"{name}/")}
+            if part:
+                setattr(self, name, part)
+        momentum = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith("momentum/")}
+        if momentum:
+            self.momentum_vector = [momentum[k] for k in current]
+
+
+def _register(name: str, cls: type[AdapterStrategy], kwargs: Callable[[Config], dict[str, Any]]) -> None:
+    STRATEGIES.add(name, kwargs)
+    _CLASSES[name] = cls
+
+
+def _opt(cfg: Config, *names: str) -> dict[str, Any]:
+    """Server-optimiser settings ``names``: the config's value where set, else Flower's default."""
+    fed = cfg.fed
+    given = {"eta": fed.server_lr, "beta_1": fed.beta_1, "beta_2": fed.beta_2, "tau": fed.tau}
+    return {k: v for k, v in given.items() if k in names and v is not None}
+
+
+class AdapterFedAvg(AdapterStrategy):
+    """Plain FedAvg (McMahan et al.)."""
+
+
+class AdapterFedProx(FedProx, AdapterStrategy):
+    """FedAvg + a proximal term ``mu/2 ||w - w_global||^2`` in every client's loss."""
+
+
+class AdapterFedAvgM(FedAvgM, AdapterStrategy):  # type: ignore[misc]
+    """FedAvg with server learning rate and momentum on the pseudo-gradient."""
+
+
+class AdapterFedAdam(FedAdam, AdapterStrategy):
+    """Adaptive server optimiser (Reddi et al.): Adam on the pseudo-gradient."""
+
+
+class AdapterFedYogi(FedYogi, AdapterStrategy):
+    """Adaptive server optimiser: Yogi on the pseudo-gradient."""
+
+
+class AdapterFedAdagrad(FedAdagrad, AdapterStrategy):
+    """Adaptive server optimiser: Adagrad on the pseudo-gradient."""
+
+
+class AdapterMedian(AdapterStrategy):
+    """Coordinate-wise median of the accepted updates (Flower's ``aggregate_median``)."""
+
+    def aggregate_states(self, states: list[Arrays], weights: list[int]) -> Arrays:
+        keys = list(states[0])
+        out = aggregate_median([([s[k] for k in keys], w) for s, w in zip(states, weights, strict=True)])
+        return {k: np.asarray(v, dtype=np.float32) for k, v in zip(keys, out, strict=True)}
+
+
+class AdapterTrimmedMean(AdapterStrategy):
+    """Coordinate-wise trimmed mean (Flower's ``aggregate_trimmed_avg``); ``fed.trim_fraction`` per side."""
+
+    def aggregate_states(self, states: list[Arrays], weights: list[int]) -> Arrays:
+        keys = list(states[0])
+        results = [([s[k] for k in keys], w) for s, w in zip(states, weights, strict=True)]
+        out = aggregate_trimmed_avg(results, self.cfg.fed.trim_fraction)
+        return {k: np.asarray(v, dtype=np.float32) for k, v in zip(keys, out, strict=True)}
+
+
+class AdapterKrum(AdapterStrategy):
+    """Krum (Flower's ``aggregate_krum``): the update closest to its n - f - 2 neighbours."""
+
+    def aggregate_states(self, states: list[Arrays], weights: list[int]) -> Arrays:
+        keys = list(states[0])
+        results = [([s[k] for k in keys], w) for s, w in zip(states, weights, strict=True)]
+        out = aggregate_krum(results, num_malicious=self.cfg.fed.krum_malicious, to_keep=0)
+        return {k: np.asarray(v, dtype=np.float32) for k, v in zip(keys, out, strict=True)}
+
+
+_register("fedavg", AdapterFedAvg, lambda cfg: {})
+_register("fedprox", AdapterFedProx, lambda cfg: {"proximal_mu": cfg.fed.proximal_mu})
+_register(
+    "fedavgm",
+    AdapterFedAvgM,
+    lambda cfg: {
+        "server_learning_rate": cfg.fed.server_lr or 1.0,
+        "server_momentum": cfg.fed.server_momentum,
+    },
+)
+_register("fedadam", AdapterFedAdam, lambda cfg: _opt(cfg, "eta", "beta_1", "beta_2", "tau"))
+_register("fedyogi", AdapterFedYogi, lambda cfg: _opt(cfg, "eta", "beta_1", "beta_2", "tau"))
+_register("fedadagrad", AdapterFedAdagrad, lambda cfg: _opt(cfg, "eta", "tau"))
+_register("median", AdapterMedian, lambda cfg: {})
+_register("trimmed-mean", AdapterTrimmedMean, lambda cfg: {})
+_register("krum", AdapterKrum, lambda cfg: {})
+
+
+def build_strategy(cfg: Config, clients: dict[int, int]) -> AdapterStrategy:
+    """The strategy named by ``fed.strategy``, with the run's sampling settings."""
+    extra = STRATEGIES.get(cfg.fed.strategy, where="fed.strategy")(cfg)
+    strategy = _CLASSES[cfg.fed.strategy](
+        fraction_train=cfg.fed.fraction_train,
+        fraction_evaluate=cfg.fed.fraction_evaluate,
+        min_train_nodes=cfg.fed.min_train_clients,
+        min_evaluate_nodes=cfg.fed.min_evaluate_clients,
+        min_available_nodes=len(clients),
+        **extra,
+    )
+    return strategy.bind(cfg, clients)

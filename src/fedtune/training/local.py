@@ -77,8 +77,13 @@ def train(
     cfg: TrainConfig,
     *,
     seed: int,
+    proximal_mu: float = 0.0,
 ) -> TrainResult:
-    """Run the configured number of optimizer steps on ``ds`` from the model's current weights."""
+    """Run the configured number of optimizer steps on ``ds`` from the model's current weights.
+
+    ``proximal_mu > 0`` adds FedProx's ``mu/2 * ||w - w_start||^2`` over the trainable
+    (adapter) weights, keeping the client near the global adapter it started from.
+    """
     start = time.perf_counter()
     torch.manual_seed(seed)  # LoRA dropout
     steps = planned_steps(cfg, len(ds))
@@ -89,6 +94,7 @@ def train(
     )
     batches = _cycle(make_loader(ds, tokenizer, cfg.batch_size, shuffle=True, seed=seed))
     device = next(model.parameters()).device
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     model.train()
     losses: list[float] = []
     first_step_at = 0.0
@@ -96,7 +102,12 @@ def train(
         step_loss = 0.0
         for _ in range(cfg.grad_accum):
             batch = {k: v.to(device) for k, v in next(batches).items()}
-            loss = model(**batch).loss / cfg.grad_accum
+            loss = model(**batch).loss
+            if anchor:
+                loss = loss + proximal_mu / 2 * sum(
+                    ((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True)
+                )
+            loss = loss / cfg.grad_accum
             loss.backward()
             step_loss += loss.item()
         if cfg.max_grad_norm is not None:
