@@ -78,3 +78,23 @@ def test_resume_after_round_one_gives_the_same_final_adapter(finished_run: Path,
     assert all(torch.equal(a[k], b[k]) for k in a)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in lines if r["round"] == 2].count("train") == 3  # round 2 redone once
+
+
+def test_server_optimiser_state_survives_resume(tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    proc = fedtune(
+        "run", "--config", "configs/tiny.toml", "--no-progress",
+        "--set", f"run.output_dir='{out}'", "--set", "fed.strategy='fedadam'", "--set", "fed.server_lr=0.01",
+        "--set", "run.report=false",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = out.iterdir()
+    assert (run / "rounds" / "0001" / "server_state.safetensors").is_file()
+    copy = tmp_path / "interrupted"
+    shutil.copytree(run, copy)
+    (copy / "state.json").write_text(json.dumps({"last_round": 1}))
+    proc = fedtune("run", "--resume", str(copy), "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = load_file(run / "final" / "adapter_model.safetensors")
+    b = load_file(copy / "final" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

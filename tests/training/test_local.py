@@ -67,3 +67,16 @@ def test_planned_steps_from_epochs() -> None:
     # 10 examples, batch 4 -> 3 batches per epoch; 2 epochs / accumulation 2 -> 3 steps
     assert planned_steps(TrainConfig(epochs=2, batch_size=4, grad_accum=2), 10) == 3
     assert planned_steps(TrainConfig(max_steps=7), 10) == 7
+
+
+def test_fedprox_term_keeps_the_adapter_near_its_start(tokenizer) -> None:
+    cfg = TrainConfig(max_steps=6, batch_size=4, lr=1e-2)
+
+    def moved(mu: float) -> float:
+        model = _fresh()
+        start = adapter_state(model)
+        train(model, _data(), tokenizer, cfg, seed=1, proximal_mu=mu)
+        end = adapter_state(model)
+        return float(sum(((end[k] - start[k]) ** 2).sum() for k in start) ** 0.5)
+
+    assert moved(100.0) < 0.8 * moved(0.0)

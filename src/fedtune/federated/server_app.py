@@ -138,7 +138,9 @@ def run_federation(grid: Grid, cfg: Config, run: RunDir, *, progress: bool = Tru
             new_arrays, trained = strategy.aggregate_train(server_round, replies)
             if new_arrays is None:
                 raise FedtuneError(f"round {server_round}: no client returned an update (see the log)")
-            arrays = new_arrays
+            # float32 as checkpointed: Flower's optimisers can return float64 (numpy scalar
+            # promotion), and a resumed run must continue from exactly what is on disk
+            arrays = to_record(from_record(new_arrays), "float32")
             evaluated = strategy.aggregate_evaluate(
                 server_round,
                 grid.send_and_receive(
