@@ -62,7 +62,9 @@ def _cli(capsys, *args: str) -> tuple[int, str]:
 
 def test_chat_command_is_multi_turn(capsys, tmp_path: Path) -> None:
     run, _ = _run_dir(tmp_path)
-    code, out = _cli(capsys, "chat", str(run.path), "--prompt", "hi", "--prompt", "and again", "--max-new-tokens", "3")
+    code, out = _cli(
+        capsys, "chat", str(run.path), "--prompt", "hi", "--prompt", "and again", "--max-new-tokens", "3"
+    )
     assert code == 0
     assert out.count("model>") == 2 and "and again" in out
 

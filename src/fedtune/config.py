@@ -53,6 +53,9 @@ class LoraConfig(_Section):
     alpha: int = Field(16, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    ranks: list[int] | str | None = Field(
+        None, description="per-client ranks: a list, 'flora' (64,32,16,16,8,8,4,4,4,4) or 'uniform:R'"
+    )
 
 
 class ModelConfig(_Section):
@@ -94,6 +97,9 @@ class FedConfig(_Section):
     min_evaluate_clients: int = Field(1, ge=0)
     min_available_clients: int | None = Field(None, gt=0, description="default: partition.num_partitions")
     wire_dtype: Literal["float16", "float32"] = "float16"
+    stack_mode: Literal["merge", "svd"] = Field(
+        "merge", description="stack: merge into base + fresh adapters (FLoRA), or SVD back to each rank"
+    )
     # server optimisers (fedavgm, fedadam, fedyogi, fedadagrad) and FedProx
     server_lr: float | None = Field(None, gt=0, description="server step size (default: Flower's)")
     server_momentum: float = Field(0.0, ge=0, lt=1, description="fedavgm momentum")

@@ -15,7 +15,7 @@ from fedtune.config import Config
 from fedtune.data.pipeline import client_conversations, partitions
 from fedtune.data.tokenize import tokenize_conversation
 from fedtune.errors import FedtuneError
-from fedtune.federated.strategies import STRATEGIES
+from fedtune.federated.strategies import strategy_class
 from fedtune.models.adapters import initial_adapter_state
 from fedtune.models.load import load_tokenizer
 from fedtune.rundir import RunDir
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 def preflight(cfg: Config) -> None:
     """Raise FedtuneError for anything in ``cfg`` that would fail later in the run."""
-    STRATEGIES.get(cfg.fed.strategy, where="fed.strategy")
+    strategy_class(cfg)
     tokenizer = load_tokenizer(cfg.model)
     initial_adapter_state(cfg.model, seed=cfg.seed)  # model config + LoRA targets, no weights
     parts = partitions(cfg)

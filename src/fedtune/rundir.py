@@ -31,7 +31,7 @@ import torch
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 
-from fedtune.config import Config, config_from_toml_text
+from fedtune.config import Config, LoraConfig, config_from_toml_text
 from fedtune.errors import FedtuneError
 from fedtune.models.adapters import read_adapter_folder, save_adapter_folder
 
@@ -98,10 +98,15 @@ class RunDir:
         state: Mapping[str, torch.Tensor],
         cfg: Config,
         *,
+        lora: LoraConfig | None = None,
         server_state: Mapping[str, np.ndarray] | None = None,
     ) -> Path:
-        """The global adapter after a round (+ the server optimiser's state, if any)."""
-        folder = save_adapter_folder(state, cfg.model.lora, cfg.model, self.round_dir(server_round))
+        """The global adapter after a round (+ the server optimiser's state, if any).
+
+        ``lora`` overrides ``model.lora`` where the global adapter has its own rank
+        (heterogeneous-rank strategies keep it at scaling 1).
+        """
+        folder = save_adapter_folder(state, lora or cfg.model.lora, cfg.model, self.round_dir(server_round))
         if server_state:
             tmp = folder / f".{SERVER_STATE}"
             save_numpy({k: np.ascontiguousarray(v) for k, v in server_state.items()}, str(tmp))
@@ -125,8 +130,10 @@ class RunDir:
     def mark_complete(self, server_round: int) -> None:
         write_text_atomic(self.path / STATE, json.dumps({"last_round": server_round}) + "\n")
 
-    def save_final(self, state: Mapping[str, torch.Tensor], cfg: Config) -> Path:
-        return save_adapter_folder(state, cfg.model.lora, cfg.model, self.path / "final")
+    def save_final(
+        self, state: Mapping[str, torch.Tensor], cfg: Config, *, lora: LoraConfig | None = None
+    ) -> Path:
+        return save_adapter_folder(state, lora or cfg.model.lora, cfg.model, self.path / "final")
 
     def final_dir(self) -> Path:
         final = self.path / "final"

@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 from fedtune.config import Config, ModelConfig, config_from_toml_text
 from fedtune.data.pipeline import client_tokenized
 from fedtune.federated.records import from_record, to_record, to_torch
-from fedtune.models.adapters import adapter_state, attach_lora, load_adapter_state
+from fedtune.models.adapters import activate, adapter_state, attach_lora, ensure_adapter, load_adapter_state
 from fedtune.models.load import load_model, load_tokenizer
 from fedtune.training.local import evaluate, train
 
@@ -83,9 +83,41 @@ def _setup(msg: Message, context: Context) -> tuple[Config, str, Runtime, int, s
         torch.set_num_threads(cfg.train.num_threads)
     partition_id, data_path = _node(context)
     runtime = _runtime(cfg.model.model_dump_json())
-    if "arrays" in msg.content:
-        load_adapter_state(runtime.model, to_torch(from_record(msg.content["arrays"])))  # type: ignore[arg-type]
     return cfg, text, runtime, partition_id, data_path
+
+
+def _install(model: PeftModel, msg: Message, cfg: Config) -> str:
+    """Load the message's adapter(s) into the model; returns the adapter that trains.
+
+    Plain strategies send the global adapter ("default"). Heterogeneous-rank ones send
+    the client's own rank-``rank`` adapter, optionally on top of a frozen global update
+    (``frozen``, rank ``frozen-rank``, scaling 1), and for evaluation the global
+    adapter alone (``global-rank``, scaling 1).
+    """
+    config: ConfigRecord = msg.content["config"]  # type: ignore[assignment]
+    lora = cfg.model.lora
+
+    def put(name: str, key: str, rank: int | None, alpha: float | None = None) -> str:
+        if rank is not None:  # scaling 1 for the global (alpha = r); the client's own alpha otherwise
+            spec = lora.model_copy(update={"r": rank, "alpha": alpha or rank, "ranks": None})
+            ensure_adapter(model, name, spec if alpha else spec.model_copy(update={"dropout": 0.0}))
+        state = to_torch(from_record(msg.content[key]))  # type: ignore[arg-type]
+        load_adapter_state(model, state, name)
+        return name
+
+    if "global-rank" in config:
+        activate(model, [put("global", "arrays", int(config["global-rank"]))], trainable=None)  # type: ignore[arg-type]
+        return "global"
+    if "rank" in config:
+        rank = int(config["rank"])  # type: ignore[arg-type]
+        own = put(f"r{rank}", "arrays", rank, lora.alpha)
+        names = [own]
+        if "frozen" in msg.content:
+            names.insert(0, put("global", "frozen", int(config["frozen-rank"])))  # type: ignore[arg-type]
+        activate(model, names, trainable=own)
+        return own
+    activate(model, [put("default", "arrays", None)], trainable="default")
+    return "default"
 
 
 def client_seed(seed: int, server_round: int, partition_id: int) -> int:
@@ -111,6 +143,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     config: ConfigRecord = msg.content["config"]  # type: ignore[assignment]
     server_round = int(config["server-round"])  # type: ignore[arg-type]
     proximal_mu = float(config.get("proximal-mu", 0.0))  # type: ignore[arg-type]  # set by FedProx
+    adapter = _install(runtime.model, msg, cfg)
     train_ds, _ = _data(text, partition_id, data_path)
     result = train(
         runtime.model,
@@ -120,7 +153,7 @@ def train_handler(msg: Message, context: Context) -> Message:
         seed=client_seed(cfg.seed, server_round, partition_id),
         proximal_mu=proximal_mu,
     )
-    arrays: ArrayRecord = to_record(adapter_state(runtime.model), cfg.fed.wire_dtype)
+    arrays: ArrayRecord = to_record(adapter_state(runtime.model, adapter), cfg.fed.wire_dtype)
     metrics = MetricRecord(
         {
             "num-examples": result.num_examples,
@@ -138,6 +171,7 @@ def train_handler(msg: Message, context: Context) -> Message:
 def evaluate_handler(msg: Message, context: Context) -> Message:
     start = time.perf_counter()
     cfg, text, runtime, partition_id, data_path = _setup(msg, context)
+    _install(runtime.model, msg, cfg)
     _, test_ds = _data(text, partition_id, data_path)
     result = evaluate(runtime.model, test_ds, runtime.tokenizer, cfg.train.eval_batch_size)
     metrics = MetricRecord(

@@ -351,3 +351,17 @@ def rank_rule(name_or_list: str | Sequence[int], num_clients: int) -> list[int]:
         if isinstance(r, bool) or not isinstance(r, int | np.integer) or r <= 0:
             raise FedtuneError(f"model.lora.ranks: client {k} has rank {r!r}, expected an integer > 0")
     return ranks
+
+
+def fresh_like(state: Arrays, rank: int, seed: int) -> dict[str, np.ndarray]:
+    """A new rank-``rank`` adapter for the modules of ``state``: A as peft initialises it
+    (Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))), B zero. Seeded."""
+    if rank <= 0:
+        raise ValueError(f"rank must be positive, got {rank}")
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    for prefix, (a, b) in sorted(lora_modules(state).items()):
+        bound = 1.0 / np.sqrt(a.shape[1])
+        out[prefix + _A] = rng.uniform(-bound, bound, size=(rank, a.shape[1])).astype(np.float32)
+        out[prefix + _B] = np.zeros((b.shape[0], rank), dtype=np.float32)
+    return out

@@ -161,7 +161,8 @@ def run_federation(grid: Grid, cfg: Config, run: RunDir, *, progress: bool = Tru
                 f"eval {line['eval_loss']:.3f}" if "eval_loss" in line else f"train {line['train_loss']:.3f}"
             )
             bar.update(task, completed=server_round, description=loss)
-    run.save_final(to_torch(from_record(arrays)), cfg)
+    state = from_record(arrays)
+    run.save_final(to_torch(state), cfg, lora=strategy.global_lora(state))
 
 
 def make_server_app(cfg: Config, run: RunDir, *, progress: bool = True) -> ServerApp:

@@ -34,8 +34,10 @@ from flwr.server.strategy.aggregate import aggregate_krum, aggregate_median, agg
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
-from fedtune.config import Config
+from fedtune.config import Config, LoraConfig
+from fedtune.errors import FedtuneError
 from fedtune.federated.aggregate import fedavg, weighted_mean
+from fedtune.federated.hetero import rank_rule
 from fedtune.federated.records import from_record, to_record
 from fedtune.federated.validate import clip_update, filter_updates
 from fedtune.registry import Registry
@@ -77,10 +79,26 @@ class AdapterStrategy(FedAvg):
         self.node_of = {pid: node for node, pid in clients.items()}  # partition id -> node id
         self.round_log: list[dict[str, Any]] = []
         self._sent: dict[int, int] = {}  # node id -> bytes sent this phase
-        self._reference: Arrays = {}  # the global adapter sent for training this round
+        self._references: dict[int, Arrays] = {}  # partition id -> start state sent this round
+        self._wire_global: ArrayRecord | None = None
+        self._global: Arrays = {}  # the global adapter at the start of this round
         return self
 
+    def global_lora(self, state: Arrays) -> LoraConfig:
+        """The LoRA config under which the global adapter ``state`` is saved and served."""
+        return self.cfg.model.lora
+
     # -- sending ------------------------------------------------------------------
+    def client_payload(
+        self, pid: int, global_state: Arrays, message_type: str, server_round: int
+    ) -> tuple[dict[str, ArrayRecord], dict[str, Any], Arrays]:
+        """What one client is sent: (array records, extra config, the start state its update is
+        checked against). Every client gets the global adapter here; strategies whose clients
+        differ (heterogeneous ranks) override this."""
+        if self._wire_global is None:
+            self._wire_global = to_record(global_state, self.cfg.fed.wire_dtype)
+        return {"arrays": self._wire_global}, {}, global_state
+
     def _messages(
         self,
         server_round: int,
@@ -93,17 +111,19 @@ class AdapterStrategy(FedAvg):
         if fraction == 0.0:
             return []
         chosen = sample_clients(self.node_of, fraction, minimum, self.cfg.seed, server_round)
-        merged = ConfigRecord(
-            {**dict(config), "server-round": server_round, "fedtune-config": self.config_text}
-        )
-        record = RecordDict(
-            {"config": merged, "arrays": to_record(from_record(arrays), self.cfg.fed.wire_dtype)}
-        )
-        size = payload_bytes(record)
+        global_state = from_record(arrays)
+        self._wire_global = None
         messages = []
         for pid in chosen:
+            records, extra, reference = self.client_payload(pid, global_state, message_type, server_round)
+            merged = ConfigRecord(
+                {**dict(config), **extra, "server-round": server_round, "fedtune-config": self.config_text}
+            )
+            record = RecordDict({"config": merged, **records})
             node = self.node_of[pid]
-            self._sent[node] = size
+            self._sent[node] = payload_bytes(record)
+            if message_type == MessageType.TRAIN:
+                self._references[pid] = reference
             messages.append(Message(content=record, message_type=message_type, dst_node_id=node))
         log.debug("round %s %s: clients %s", server_round, message_type, chosen)
         return messages
@@ -111,7 +131,8 @@ class AdapterStrategy(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._reference = from_record(arrays)
+        self._references = {}
+        self._global = from_record(arrays)
         return self._messages(
             server_round, arrays, config, MessageType.TRAIN, self.fraction_train, self.min_train_nodes
         )
@@ -160,9 +181,10 @@ class AdapterStrategy(FedAvg):
         entries = [self._log(server_round, "train", m, fields) for m in valid]
         states = [from_record(m.content["arrays"], check_finite=False) for m in valid]  # type: ignore[arg-type]
         fed = self.cfg.fed
+        pids = [int(e["client"]) for e in entries]
         kept, reasons = filter_updates(
             states,
-            self._reference,
+            [self._references[p] for p in pids],
             where=[f"client {e['client']}" for e in entries],
             max_norm=None,
             norm_factor=fed.outlier_norm_factor,
@@ -174,9 +196,10 @@ class AdapterStrategy(FedAvg):
             return None, None
         states = [states[i] for i in kept]
         if fed.clip_norm is not None:
-            states = [clip_update(s, self._reference, fed.clip_norm) for s in states]
+            refs = [self._references[pids[i]] for i in kept]
+            states = [clip_update(s, r, fed.clip_norm) for s, r in zip(states, refs, strict=True)]
         weights = [entries[i]["num_examples"] for i in kept]
-        merged = self.aggregate_states(states, weights)
+        merged = self.aggregate_states(states, weights, [pids[i] for i in kept])
         metrics = MetricRecord(
             {
                 "train-loss": weighted_mean([entries[i]["train_loss"] for i in kept], weights),
@@ -185,8 +208,8 @@ class AdapterStrategy(FedAvg):
         )
         return to_record(merged, "float32"), metrics
 
-    def aggregate_states(self, states: list[Arrays], weights: list[int]) -> Arrays:
-        """The aggregation rule over accepted updates; robust strategies replace it."""
+    def aggregate_states(self, states: list[Arrays], weights: list[int], clients: list[int]) -> Arrays:
+        """The aggregation rule over accepted updates (of partitions ``clients``)."""
         return fedavg(states, weights)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -212,7 +235,7 @@ class AdapterStrategy(FedAvg):
                 out[f"{name}/{key}"] = np.asarray(value)
         momentum = getattr(self, "momentum_vector", None)
         if momentum is not None:
-            keys = list(self._reference)
+            keys = list(next(iter(self._references.values()), {}))
             out.update({f"momentum/{k}": np.asarray(v) for k, v in zip(keys, momentum, strict=True)})
         return out
 
@@ -266,7 +289,7 @@ class AdapterFedAdagrad(FedAdagrad, AdapterStrategy):
 class AdapterMedian(AdapterStrategy):
     """Coordinate-wise median of the accepted updates (Flower's ``aggregate_median``)."""
 
-    def aggregate_states(self, states: list[Arrays], weights: list[int]) -> Arrays:
+    def aggregate_states(self, states: list[Arrays], weights: list[int], clients: list[int]) -> Arrays:
         keys = list(states[0])
         out = aggregate_median([([s[k] for k in keys], w) for s, w in zip(states, weights, strict=True)])
         return {k: np.asarray(v, dtype=np.float32) for k, v in zip(keys, out, strict=True)}
@@ -275,7 +298,7 @@ class AdapterMedian(AdapterStrategy):
 class AdapterTrimmedMean(AdapterStrategy):
     """Coordinate-wise trimmed mean (Flower's ``aggregate_trimmed_avg``); ``fed.trim_fraction`` per side."""
 
-    def aggregate_states(self, states: list[Arrays], weights: list[int]) -> Arrays:
+    def aggregate_states(self, states: list[Arrays], weights: list[int], clients: list[int]) -> Arrays:
         keys = list(states[0])
         results = [([s[k] for k in keys], w) for s, w in zip(states, weights, strict=True)]
         out = aggregate_trimmed_avg(results, self.cfg.fed.trim_fraction)
@@ -285,7 +308,7 @@ class AdapterTrimmedMean(AdapterStrategy):
 class AdapterKrum(AdapterStrategy):
     """Krum (Flower's ``aggregate_krum``): the update closest to its n - f - 2 neighbours."""
 
-    def aggregate_states(self, states: list[Arrays], weights: list[int]) -> Arrays:
+    def aggregate_states(self, states: list[Arrays], weights: list[int], clients: list[int]) -> Arrays:
         keys = list(states[0])
         results = [([s[k] for k in keys], w) for s, w in zip(states, weights, strict=True)]
         out = aggregate_krum(results, num_malicious=self.cfg.fed.krum_malicious, to_keep=0)
@@ -310,10 +333,28 @@ _register("trimmed-mean", AdapterTrimmedMean, lambda cfg: {})
 _register("krum", AdapterKrum, lambda cfg: {})
 
 
+def strategy_class(cfg: Config) -> type[AdapterStrategy]:
+    """The class named by ``fed.strategy``; checks that it fits ``model.lora.ranks``."""
+    from fedtune.federated.hetero_strategies import HeteroStrategy
+
+    STRATEGIES.get(cfg.fed.strategy, where="fed.strategy")
+    cls = _CLASSES[cfg.fed.strategy]
+    if issubclass(cls, HeteroStrategy):
+        rank_rule(cfg.model.lora.ranks or [cfg.model.lora.r] * cfg.partition.num_partitions,
+                  cfg.partition.num_partitions)  # fmt: skip
+    elif cfg.model.lora.ranks is not None:
+        raise FedtuneError(
+            "model.lora.ranks: per-client ranks need fed.strategy 'stack' or 'zero-pad', "
+            f"not {cfg.fed.strategy!r}"
+        )
+    return cls
+
+
 def build_strategy(cfg: Config, clients: dict[int, int]) -> AdapterStrategy:
     """The strategy named by ``fed.strategy``, with the run's sampling settings."""
-    extra = STRATEGIES.get(cfg.fed.strategy, where="fed.strategy")(cfg)
-    strategy = _CLASSES[cfg.fed.strategy](
+    cls = strategy_class(cfg)
+    extra = STRATEGIES.get(cfg.fed.strategy)(cfg)
+    strategy = cls(
         fraction_train=cfg.fed.fraction_train,
         fraction_evaluate=cfg.fed.fraction_evaluate,
         min_train_nodes=cfg.fed.min_train_clients,
@@ -322,3 +363,8 @@ def build_strategy(cfg: Config, clients: dict[int, int]) -> AdapterStrategy:
         **extra,
     )
     return strategy.bind(cfg, clients)
+
+
+# The heterogeneous-rank strategies register themselves on import; keep them in the registry
+# wherever this module is used (placed last: that module imports from this one).
+from fedtune.federated import hetero_strategies as _hetero  # noqa: E402, F401

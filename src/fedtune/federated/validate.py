@@ -81,7 +81,7 @@ def clip_update(update: Arrays, reference: Arrays, max_norm: float) -> dict[str,
 
 def filter_updates(
     updates: Sequence[Arrays],
-    reference: Arrays,
+    reference: Arrays | Sequence[Arrays],
     *,
     where: Sequence[str],
     max_norm: float | None,
@@ -101,7 +101,8 @@ def filter_updates(
     updates
         Client state dicts.
     reference
-        The global state the clients started from.
+        The global state the clients started from, or one start state per update
+        (clients with different adapter ranks start from different states).
     where
         A label per update for the reasons, e.g. ``"client 3"``.
     max_norm
@@ -122,15 +123,18 @@ def filter_updates(
         raise ValueError(f"max_norm must be positive, got {max_norm}")
     if norm_factor is not None and not norm_factor > 0:
         raise ValueError(f"norm_factor must be positive, got {norm_factor}")
+    references = [reference] * len(updates) if isinstance(reference, Mapping) else list(reference)
+    if len(references) != len(updates):
+        raise ValueError(f"{len(updates)} updates but {len(references)} references")
     rejected: dict[int, str] = {}
     norms: dict[int, float] = {}
     for i, update in enumerate(updates):
         try:
-            check_update(update, reference, where=where[i])
+            check_update(update, references[i], where=where[i])
         except FedtuneError as err:
             rejected[i] = f"invalid: {err}"
             continue
-        norms[i] = update_norm(update, reference)
+        norms[i] = update_norm(update, references[i])
     for i, norm in norms.items():
         others = [n for j, n in norms.items() if j != i]
         median = float(np.median(others)) if others else float("inf")

@@ -43,15 +43,15 @@ def attach_lora(model: PreTrainedModel, cfg: LoraConfig, *, seed: int = 0) -> Pe
     return peft_model  # type: ignore[return-value]
 
 
-def adapter_state(model: PeftModel) -> StateDict:
+def adapter_state(model: PeftModel, name: str = "default") -> StateDict:
     """The adapter's weights (peft names, fp32 copies detached from the model)."""
-    state = get_peft_model_state_dict(model)
+    state = get_peft_model_state_dict(model, adapter_name=name)
     return {k: v.detach().to(torch.float32).clone() for k, v in state.items()}
 
 
-def load_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> None:
+def load_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor], name: str = "default") -> None:
     """Overwrite the adapter's weights; every key must match the model's adapter."""
-    expected = get_peft_model_state_dict(model)
+    expected = get_peft_model_state_dict(model, adapter_name=name)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -63,7 +63,9 @@ def load_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> N
             raise FedtuneError(
                 f"adapter weight {key}: shape {tuple(value.shape)} != model's {tuple(expected[key].shape)}"
             )
-    set_peft_model_state_dict(model, {k: v.to(expected[k].dtype) for k, v in state.items()})
+    set_peft_model_state_dict(
+        model, {k: v.to(expected[k].dtype) for k, v in state.items()}, adapter_name=name
+    )
 
 
 def save_adapter_folder(
@@ -125,3 +127,22 @@ def initial_adapter_state(model: ModelConfig, *, seed: int) -> StateDict:
             module.lora_B.to_empty(device="cpu")
             module.reset_lora_parameters("default", True)
     return adapter_state(peft_model)  # type: ignore[arg-type]
+
+
+def ensure_adapter(model: PeftModel, name: str, lora: LoraConfig) -> None:
+    """Make sure ``model`` has an adapter ``name`` of ``lora``'s rank and alpha."""
+    existing = model.peft_config.get(name)
+    if existing is not None and (existing.r, existing.lora_alpha) != (lora.r, lora.alpha):  # type: ignore[attr-defined]
+        model.base_model.set_adapter("default")  # type: ignore[operator]  # peft keeps one adapter active
+        model.delete_adapter(name)
+        existing = None
+    if existing is None:
+        model.add_adapter(name, peft_lora_config(lora))
+
+
+def activate(model: PeftModel, names: list[str], *, trainable: str | None) -> None:
+    """Sum the adapters ``names`` in the forward pass; only ``trainable`` gets gradients."""
+    model.base_model.set_adapter(names)  # type: ignore[operator]
+    marker = f".{trainable}." if trainable else None
+    for param_name, param in model.named_parameters():
+        param.requires_grad = marker is not None and "lora_" in param_name and marker in param_name

@@ -1,0 +1,373 @@
+"""FedIT quality table: held-out loss of every method at the same optimiser-step budget.
+
+Every method starts from the same model and the same seeded adapter
+(``initial_adapter_state(cfg.model, seed=cfg.seed)``, B = 0), sees the same client
+split, and takes the same total number of optimiser steps at the same batch size:
+
+- N clients x R rounds x S steps = N*R*S steps for a federated method (every client
+  trains in every round: ``fed.fraction_train = 1``);
+- ``local``: each of the N clients trains its own adapter for R*S steps: N*R*S in all;
+- ``centralised``: one adapter, N*R*S steps on the pooled train splits;
+- ``base``: 0 steps (the base model), for reference.
+
+Federated methods run through ``fedtune.launch.run`` (Flower's simulation runtime)
+without in-run evaluation; their final adapter is then evaluated here, in the same
+process and on the same model as the in-process methods. A method whose strategy is not
+registered (``fflora`` until it lands) is listed as "not available" and picked up
+without edits once ``fed.strategy`` knows it.
+
+Metrics: held-out loss (token-weighted within a split) on each client's own test split,
+averaged over clients ("own"), and on the union of all test splits, token-weighted
+("union"). Per-client models (``local``, ``fflora`` personal) report the mean over
+clients of each model's own-test and union loss.
+
+Usage: python bench/quality.py [--rounds 3] [--steps 4] [--clients 8] [--methods base,fedavg]
+Last line: ``fedavg_share_of_centralised_gain: X`` (goal >= 0.95).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+
+import numpy as np
+import torch
+from datasets import Dataset, concatenate_datasets
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from fedtune.config import Config, LoraConfig, apply_overrides, read_toml, set_dotted, validate
+from fedtune.data.pipeline import client_tokenized, partitions
+from fedtune.federated.strategies import STRATEGIES
+from fedtune.launch import run
+from fedtune.models.adapters import (
+    ADAPTER_CONFIG,
+    StateDict,
+    attach_lora,
+    initial_adapter_state,
+    load_adapter_state,
+    read_adapter_folder,
+    save_adapter_folder,
+)
+from fedtune.models.load import load_model, load_tokenizer
+from fedtune.training.local import EvalResult, evaluate, train
+
+log = logging.getLogger("quality")
+
+IN_PROCESS = ("base", "local", "centralised")
+FEDERATED = ("fedavg", "fedprox", "fedadam", "stack", "zero-pad", "fflora")
+METHODS = IN_PROCESS + FEDERATED
+PROXIMAL_MU = 0.01  # FedProx's weight: small next to the LM loss (~2-4), as in the FedProx paper's range
+
+
+@dataclass
+class Row:
+    method: str
+    own: float | None = None  # mean over clients of the own-test loss
+    union: float | None = None  # token-weighted loss on the union of test splits
+    steps: int | None = None  # optimiser steps taken in total
+    seconds: float = 0.0
+    note: str = ""
+
+
+def own_and_union(per_client: Sequence[EvalResult]) -> tuple[float, float]:
+    """(mean of the clients' own-test losses, token-weighted loss over all their tokens)."""
+    own = statistics.fmean(r.loss for r in per_client)
+    tokens = sum(r.num_tokens for r in per_client)
+    union = sum(r.loss * r.num_tokens for r in per_client) / max(tokens, 1)
+    return own, union
+
+
+class Bench:
+    """The model (loaded once), tokenizer, every client's data, and evaluation helpers."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(cfg.model)
+        self.model: PeftModel = attach_lora(load_model(cfg.model), cfg.model.lora)
+        self.start: StateDict = initial_adapter_state(cfg.model, seed=cfg.seed)
+        data = [client_tokenized(cfg, self.tokenizer, pid) for pid in range(len(partitions(cfg)))]
+        self.trains: list[Dataset] = [tr for tr, _ in data]
+        self.tests: list[Dataset] = [te for _, te in data]
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.tests)
+
+    def losses(self) -> list[EvalResult]:
+        """The active adapter's held-out loss on every client's test split."""
+        batch = self.cfg.train.eval_batch_size
+        return [evaluate(self.model, ds, self.tokenizer, batch) for ds in self.tests]
+
+    def train_from_start(self, ds: Dataset, steps: int, seed: int) -> None:
+        load_adapter_state(self.model, self.start)
+        train_cfg = self.cfg.train.model_copy(update={"max_steps": steps, "epochs": None})
+        train(self.model, ds, self.tokenizer, train_cfg, seed=seed)
+
+    def folder_losses(self, folder: Path) -> list[EvalResult]:
+        """Evaluate a peft adapter folder; one of another rank/alpha is loaded beside ours."""
+        lora = self.cfg.model.lora
+        meta = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        same = (
+            meta.get("r") == lora.r
+            and meta.get("lora_alpha") == lora.alpha
+            and set(meta.get("target_modules") or []) == set(lora.target_modules)
+            and not meta.get("rank_pattern")
+            and not meta.get("alpha_pattern")
+        )
+        if same:
+            load_adapter_state(self.model, read_adapter_folder(folder))
+            return self.losses()
+        # e.g. a stacked (rank sum r_k, scaling 1) or fused adapter: peft builds its layers
+        self.model.load_adapter(str(folder), adapter_name="probe")
+        self.model.set_adapter("probe")
+        try:
+            return self.losses()
+        finally:
+            self.model.set_adapter("default")  # also makes "default" trainable again
+            self.model.delete_adapter("probe")
+
+
+# -- config --------------------------------------------------------------------------
+def base_tree(args: argparse.Namespace) -> dict[str, Any]:
+    """The config file plus this bench's settings (no method-specific keys yet)."""
+    tree = read_toml(args.config)
+    tree.get("train", {}).pop("epochs", None)  # the step budget needs max_steps
+    settings: dict[str, Any] = {
+        "fed.rounds": args.rounds,
+        "train.max_steps": args.steps,
+        "partition.num_partitions": args.clients,
+        "data.max_test_examples": args.max_test,
+        "fed.fraction_train": 1.0,  # every client every round: the N*R*S budget
+    }
+    if args.data:
+        settings["data.source"] = args.data
+    if args.format:
+        settings["data.format"] = args.format
+    if args.column:
+        settings |= {"partition.name": "category", "partition.column": args.column}
+    for key, value in settings.items():
+        set_dotted(tree, key, value)
+    return tree
+
+
+def method_config(tree: dict[str, Any], settings: dict[str, Any], user: Sequence[str]) -> Config:
+    """``tree`` + a method's settings + the user's ``--set`` overrides (which win)."""
+    tree = copy.deepcopy(tree)
+    for key, value in settings.items():
+        set_dotted(tree, key, value)
+    apply_overrides(tree, user)
+    return validate(tree, source="bench/quality.py config")
+
+
+def federated_settings(method: str, cfg: Config, out: str) -> dict[str, Any]:
+    settings: dict[str, Any] = {
+        "fed.strategy": method,
+        "fed.evaluate_before": False,
+        "fed.fraction_evaluate": 0.0,  # evaluated afterwards, here, on the same model
+        "run.report": False,
+        "run.output_dir": out,
+        "run.name": f"quality-{method}",
+    }
+    if method == "fedprox":
+        settings["fed.proximal_mu"] = PROXIMAL_MU
+    if method == "fedadam":
+        # Flower's FedAdam moves a coordinate by ~eta * m / (sqrt(v) + tau), i.e. ~eta per
+        # round once tau << |update|. A client's AdamW moves a LoRA coordinate by at most
+        # lr per step, S * lr per round (4 * 5e-4 = 2e-3 in the demo), and averaging
+        # non-IID clients roughly halves that: eta = S * lr / 2 (1e-3 in the demo) keeps
+        # the server at the clients' pace. Flower's default eta = 0.1 would move every
+        # coordinate ~50x further per round than the clients do. Its default tau = 1e-3
+        # is as large as the updates (~1e-3), and in round 1 sqrt(v) = 0.1 |update|, so
+        # the step would shrink to < 0.1 x FedAvg's: hence tau = eta / 100.
+        eta = cfg.train.max_steps * cfg.train.lr / 2 if cfg.train.max_steps else 1e-3
+        settings |= {"fed.server_lr": eta, "fed.tau": eta / 100}
+    return settings
+
+
+# -- methods -------------------------------------------------------------------------
+def run_base(bench: Bench) -> Row:
+    load_adapter_state(bench.model, bench.start)
+    own, union = own_and_union(bench.losses())
+    return Row("base", own, union, steps=0)
+
+
+def run_local(bench: Bench, rounds: int, steps: int) -> Row:
+    owns, unions = [], []
+    for pid, ds in enumerate(bench.trains):
+        # R*S steps per client, N clients: N*R*S steps, as a federation of R rounds of S
+        bench.train_from_start(ds, rounds * steps, seed=bench.cfg.seed * 1000 + pid)
+        results = bench.losses()
+        owns.append(results[pid].loss)
+        unions.append(own_and_union(results)[1])
+        log.info("local %s: own %.4f union %.4f", pid, owns[-1], unions[-1])
+    n = bench.num_clients
+    return Row("local", statistics.fmean(owns), statistics.fmean(unions), steps=n * rounds * steps)
+
+
+def run_centralised(bench: Bench, rounds: int, steps: int) -> Row:
+    total = bench.num_clients * rounds * steps  # N*R*S steps on the pooled data
+    bench.train_from_start(concatenate_datasets(bench.trains), total, seed=bench.cfg.seed)
+    own, union = own_and_union(bench.losses())
+    return Row("centralised", own, union, steps=total)
+
+
+def fused_personal(global_dir: Path, personal_dir: Path, cfg: Config, scratch: Path) -> Path:
+    """A folder holding global + personal as one adapter (FF-LoRA's fused model).
+
+    If ``personal_dir`` already holds the fusion (its leading B columns are the global
+    B, as :func:`fedtune.federated.hetero.fuse` lays them out) it is used as is.
+    """
+    from fedtune.federated.hetero import fuse, module_ranks
+
+    g = {k: v.numpy() for k, v in read_adapter_folder(global_dir).items()}
+    p = {k: v.numpy() for k, v in read_adapter_folder(personal_dir).items()}
+    b_keys = [k for k in g if k.endswith(".lora_B.weight")]
+    if set(g) == set(p) and all(
+        p[k].shape[1] > g[k].shape[1] and np.allclose(p[k][:, : g[k].shape[1]], g[k]) for k in b_keys
+    ):
+        return personal_dir
+
+    def scaling(folder: Path) -> float:
+        meta = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        return float(meta["lora_alpha"]) / float(meta["r"])
+
+    fused = fuse(g, scaling(global_dir), p, scaling(personal_dir))
+    rank = next(iter(module_ranks(fused).values()))
+    lora = LoraConfig(r=rank, alpha=rank, dropout=0.0, target_modules=cfg.model.lora.target_modules)
+    state = {k: torch.from_numpy(v) for k, v in fused.items()}
+    return save_adapter_folder(state, lora, cfg.model, scratch / personal_dir.parent.name)
+
+
+def run_federated(bench: Bench, method: str, cfg: Config) -> list[Row]:
+    """Run the federation, then evaluate its final (and any personal) adapters here."""
+    run_dir = run(cfg, progress=False)
+    trained = [m for m in run_dir.metrics() if m.get("phase") == "train"]
+    assert cfg.train.max_steps is not None
+    steps = len(trained) * cfg.train.max_steps  # client-rounds x S
+    rejected = sum("rejected" in m for m in trained)
+    note = f"run {run_dir.path.name}" + (f"; {rejected} updates rejected" if rejected else "")
+    if method == "fedadam":
+        note = f"eta={cfg.fed.server_lr:g} tau={cfg.fed.tau:g}; {note}"
+    own, union = own_and_union(bench.folder_losses(run_dir.final_dir()))
+    name = "fflora-global" if method == "fflora" else method
+    rows = [Row(name, own, union, steps=steps, note=note)]
+    if method != "fflora":
+        return rows
+    personal = [run_dir.path / "clients" / str(pid) / "personal" for pid in range(bench.num_clients)]
+    if not all(p.is_dir() for p in personal):
+        return [*rows, Row("fflora", note="skipped: no clients/<pid>/personal/ adapters in the run")]
+    scratch = Path(tempfile.mkdtemp(prefix="fused-", dir=run_dir.path))
+    owns, unions = [], []
+    for pid, folder in enumerate(personal):
+        results = bench.folder_losses(fused_personal(run_dir.final_dir(), folder, cfg, scratch))
+        owns.append(results[pid].loss)
+        unions.append(own_and_union(results)[1])
+    fflora = Row("fflora", statistics.fmean(owns), statistics.fmean(unions), steps, note="fused personal")
+    return [*rows, fflora]
+
+
+# -- report --------------------------------------------------------------------------
+def fmt(x: float | None, spec: str = ".4f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def print_table(rows: Sequence[Row]) -> None:
+    header = ("method", "own-test", "union", "opt steps", "seconds", "note")
+    body = [(r.method, fmt(r.own), fmt(r.union), fmt(r.steps, "d"), f"{r.seconds:.0f}", r.note) for r in rows]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(5)]
+    for line in [header, *body]:
+        cells = [line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:5], widths[1:], strict=True)]
+        print("  ".join([*cells, line[5]]).rstrip())
+
+
+def goal_lines(rows: Sequence[Row]) -> list[str]:
+    union = {r.method: r.union for r in rows if r.union is not None}
+    own = {r.method: r.own for r in rows if r.own is not None}
+    beats_local = str(union["fedavg"] < union["local"]) if {"fedavg", "local"} <= union.keys() else "n/a"
+    fflora = str(own["fflora"] < own["fedavg"]) if {"fflora", "fedavg"} <= own.keys() else "n/a"
+    share = "n/a"
+    if {"base", "fedavg", "centralised"} <= union.keys():
+        gain = union["base"] - union["centralised"]
+        if gain > 0:  # else centralised training did not help and the share is meaningless
+            share = f"{(union['base'] - union['fedavg']) / gain:.3f}"
+    return [
+        f"fedavg_beats_local_on_union: {beats_local}",
+        f"fflora_beats_fedavg_on_own: {fflora}",
+        "# goal: fedavg_share_of_centralised_gain >= 0.95 (union: base->fedavg / base->centralised gain)",
+        f"fedavg_share_of_centralised_gain: {share}",
+    ]
+
+
+def parse_methods(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS and m not in STRATEGIES]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; known: {', '.join(METHODS)} or any strategy")
+    return names
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/demo.toml")
+    parser.add_argument("--rounds", type=int, default=3, help="R: federated rounds")
+    parser.add_argument("--steps", type=int, default=4, help="S: optimiser steps per client per round")
+    parser.add_argument("--clients", type=int, default=8, help="N: partition.num_partitions")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, in table order")
+    parser.add_argument("--data", help="data.source: a local file or datasets name")
+    parser.add_argument("--format", help="data.format of --data (e.g. dolly)")
+    parser.add_argument("--column", help="category column: one client per largest category")
+    parser.add_argument("--max-test", type=int, default=12, help="held-out examples per client")
+    parser.add_argument("--output-dir", help="where federated runs go (default: a temp dir)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    methods = parse_methods(args.methods)
+    out = args.output_dir or tempfile.mkdtemp(prefix="fedtune-quality-")
+
+    tree = base_tree(args)
+    cfg = method_config(tree, {}, args.set)
+    bench = Bench(cfg)
+    n, r, s = bench.num_clients, args.rounds, args.steps
+    log.info("%s clients x %s rounds x %s steps = %s optimiser steps per method", n, r, s, n * r * s)
+    in_process: dict[str, Callable[[], Row]] = {
+        "base": lambda: run_base(bench),
+        "local": lambda: run_local(bench, r, s),
+        "centralised": lambda: run_centralised(bench, r, s),
+    }
+    rows: list[Row] = []
+    for method in methods:
+        t0 = time.perf_counter()
+        log.info("method %s", method)
+        if method in in_process:
+            rows.append(in_process[method]())
+        elif method not in STRATEGIES:
+            rows.append(Row(method, note=f"not available: fed.strategy {method!r} is not registered"))
+        else:
+            settings = federated_settings(method, cfg, out)
+            rows.extend(run_federated(bench, method, method_config(tree, settings, args.set)))
+        rows[-1].seconds = time.perf_counter() - t0  # fflora: on its last row, the whole run
+
+    print(f"\nmodel {cfg.model.name}, {n} clients x {r} rounds x {s} steps = {n * r * s} steps per method")
+    print(f"federated runs in {out}")
+    print_table(rows)
+    for line in goal_lines(rows):
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
