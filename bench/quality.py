@@ -358,8 +358,12 @@ def main() -> None:
         elif method not in STRATEGIES:
             rows.append(Row(method, note=f"not available: fed.strategy {method!r} is not registered"))
         else:
-            settings = federated_settings(method, cfg, out)
-            rows.extend(run_federated(bench, method, method_config(tree, settings, args.set)))
+            method_cfg = method_config(tree, federated_settings(method, cfg, out), args.set)
+            try:
+                rows.extend(run_federated(bench, method, method_cfg))
+            except Exception as err:  # one broken strategy must not cost the other rows
+                log.exception("method %s failed", method)
+                rows.append(Row(method, note=f"failed: {type(err).__name__}: {err}".splitlines()[0]))
         rows[-1].seconds = time.perf_counter() - t0  # fflora: on its last row, the whole run
 
     print(f"\nmodel {cfg.model.name}, {n} clients x {r} rounds x {s} steps = {n * r * s} steps per method")

@@ -98,3 +98,25 @@ def test_server_optimiser_state_survives_resume(tmp_path: Path) -> None:
     a = load_file(run / "final" / "adapter_model.safetensors")
     b = load_file(copy / "final" / "adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_heterogeneous_ranks_stack_merge_end_to_end_and_resume(tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    proc = fedtune(
+        "run", "--config", "configs/tiny.toml", "--no-progress", "--set", f"run.output_dir='{out}'",
+        "--set", "model.lora.ranks=[2, 4, 8]", "--set", "fed.strategy='stack'", "--set", "run.report=false",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = out.iterdir()
+    config = json.loads((run / "final" / "adapter_config.json").read_text())
+    assert config["r"] == config["lora_alpha"] == 2 * (2 + 4 + 8)  # cumulative stack of two rounds
+    copy = tmp_path / "interrupted"
+    shutil.copytree(run, copy)
+    (copy / "state.json").write_text(json.dumps({"last_round": 1}))
+    proc = fedtune("run", "--resume", str(copy), "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = load_file(run / "final" / "adapter_model.safetensors")
+    b = load_file(copy / "final" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    cfg = load_config(run / "config.toml")
+    PeftModel.from_pretrained(load_model(cfg.model), run / "final")  # servable as saved

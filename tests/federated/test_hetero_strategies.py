@@ -109,7 +109,7 @@ def test_stack_svd_warm_start_projects_to_each_rank() -> None:
     np.testing.assert_allclose(_dw(g1), delta, atol=1e-5)
     _, starts = _round(strategy, 2, g1, ups, sizes)
     u, s, vt = np.linalg.svd(delta)
-    for pid, (start, config, content) in starts.items():
+    for pid, (start, _config, content) in starts.items():
         r = ranks[pid]
         best = (u[:, :r] * s[:r]) @ vt[:r]
         np.testing.assert_allclose((16.0 / r) * _dw(start), best, atol=1e-4)
