@@ -10,9 +10,12 @@ CONFIGS = sorted(Path("configs").glob("*.toml"))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_loads(path: Path) -> None:
+    from fedtune.federated.strategies import strategy_class
+
     cfg = load_config(path)
     assert isinstance(cfg, Config)
     assert load_config(path, []).to_toml() == cfg.to_toml()
+    strategy_class(cfg)  # the strategy exists and fits the LoRA ranks
 
 
 def test_shipped_configs_exist() -> None:
@@ -98,3 +101,19 @@ def test_toml_round_trip() -> None:
 
     again = Config.model_validate(tomllib.loads(cfg.to_toml()))
     assert again == cfg
+
+
+def test_extends_reads_the_base_first(tmp_path: Path) -> None:
+    (tmp_path / "base.toml").write_text("seed = 1\n[fed]\nrounds = 2\nstrategy = 'fedavg'\n")
+    (tmp_path / "child.toml").write_text("extends = 'base.toml'\n[fed]\nrounds = 5\n")
+    cfg = load_config(tmp_path / "child.toml")
+    assert (cfg.seed, cfg.fed.rounds, cfg.fed.strategy) == (1, 5, "fedavg")
+    assert load_config("configs/flexlora.toml").fed.stack_mode == "svd"
+    assert load_config("configs/flexlora.toml").model.lora.ranks == "flora"  # two levels up
+
+
+def test_extends_cycle_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "a.toml").write_text("extends = 'b.toml'\n")
+    (tmp_path / "b.toml").write_text("extends = 'a.toml'\n")
+    with pytest.raises(FedtuneError, match="cycle"):
+        load_config(tmp_path / "a.toml")

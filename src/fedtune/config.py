@@ -188,14 +188,31 @@ def validate(tree: Mapping[str, Any], *, source: str) -> Config:
         raise FedtuneError("\n".join(lines)) from None
 
 
-def read_toml(path: str | Path) -> dict[str, Any]:
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_toml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a config file; ``extends = "other.toml"`` (relative to it) is read first, then overridden."""
     path = Path(path)
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        tree = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FedtuneError(f"{path}: config file not found") from None
     except tomllib.TOMLDecodeError as err:
         raise FedtuneError(f"{path}: invalid TOML: {err}") from None
+    parent = tree.pop("extends", None)
+    if parent is None:
+        return tree
+    if not isinstance(parent, str):
+        raise FedtuneError(f"{path}: extends: expected a file name")
+    base_path = (path.parent / parent).resolve()
+    if base_path in _seen:
+        raise FedtuneError(f"{path}: extends: {parent} forms a cycle")
+    return _merge(read_toml(base_path, (*_seen, base_path)), tree)
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
