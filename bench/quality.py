@@ -337,7 +337,6 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     methods = parse_methods(args.methods)
-    out = args.output_dir or tempfile.mkdtemp(prefix="fedtune-quality-")
 
     tree = base_tree(args)
     cfg = method_config(tree, {}, args.set)
@@ -349,6 +348,8 @@ def main() -> None:
         "local": lambda: run_local(bench, r, s),
         "centralised": lambda: run_centralised(bench, r, s),
     }
+    federated = [m for m in methods if m not in in_process and m in STRATEGIES]
+    out = args.output_dir or (tempfile.mkdtemp(prefix="fedtune-quality-") if federated else "")
     rows: list[Row] = []
     for method in methods:
         t0 = time.perf_counter()
@@ -367,7 +368,8 @@ def main() -> None:
         rows[-1].seconds = time.perf_counter() - t0  # fflora: on its last row, the whole run
 
     print(f"\nmodel {cfg.model.name}, {n} clients x {r} rounds x {s} steps = {n * r * s} steps per method")
-    print(f"federated runs in {out}")
+    if federated:
+        print(f"federated runs in {out}")
     print_table(rows)
     for line in goal_lines(rows):
         print(line)

@@ -53,6 +53,7 @@ class LoraConfig(_Section):
     alpha: int = Field(16, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    personal_r: int | None = Field(None, gt=0, description="fflora: rank of the personal adapter (default r)")
     ranks: list[int] | str | None = Field(
         None, description="per-client ranks: a list, 'flora' (64,32,16,16,8,8,4,4,4,4) or 'uniform:R'"
     )
@@ -191,7 +192,8 @@ def validate(tree: Mapping[str, Any], *, source: str) -> Config:
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) else value
+        nested = isinstance(value, Mapping) and isinstance(out.get(key), dict)
+        out[key] = _merge(out[key], value) if nested else value
     return out
 
 

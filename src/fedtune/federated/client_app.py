@@ -17,6 +17,7 @@ import logging
 import time
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import datasets
 import torch
@@ -29,8 +30,16 @@ from transformers import PreTrainedTokenizerBase
 
 from fedtune.config import Config, ModelConfig, config_from_toml_text
 from fedtune.data.pipeline import client_tokenized
+from fedtune.federated.personal import load_personal, save_personal, state_root
 from fedtune.federated.records import from_record, to_record, to_torch
-from fedtune.models.adapters import activate, adapter_state, attach_lora, ensure_adapter, load_adapter_state
+from fedtune.models.adapters import (
+    activate,
+    adapter_state,
+    attach_lora,
+    ensure_adapter,
+    load_adapter_state,
+    reset_adapter,
+)
 from fedtune.models.load import load_model, load_tokenizer
 from fedtune.training.local import evaluate, train
 
@@ -105,6 +114,12 @@ def _install(model: PeftModel, msg: Message, cfg: Config) -> str:
         load_adapter_state(model, state, name)
         return name
 
+    if "personal-rank" in config:  # FF-LoRA: global ("default") + personal, fused
+        put("default", "arrays", None)
+        personal = lora.model_copy(update={"r": int(config["personal-rank"]), "ranks": None})  # type: ignore[arg-type]
+        ensure_adapter(model, "personal", personal)
+        activate(model, ["default", "personal"], trainable=["default", "personal"])
+        return "default"
     if "global-rank" in config:
         activate(model, [put("global", "arrays", int(config["global-rank"]))], trainable=None)  # type: ignore[arg-type]
         return "global"
@@ -136,6 +151,26 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
+def _personal(
+    runtime: Runtime, cfg: Config, config: ConfigRecord, context: Context, pid: int, *, trained: bool
+) -> Path | None:
+    """FF-LoRA: load this client's personal adapter from its own disk (fresh if none yet).
+
+    Training in round N starts from the one saved after round N-1; evaluating round N
+    (``trained``) uses the one saved after round N itself.
+    """
+    if "personal-rank" not in config:
+        return None
+    root = state_root(context.node_config.get("state-dir"), str(config["run-dir"]))  # type: ignore[arg-type]
+    server_round = int(config["server-round"])  # type: ignore[arg-type]
+    state = load_personal(root, pid, before_round=server_round + int(trained))
+    if state is None:  # seeded A, zero B: the fused model starts as the global one
+        reset_adapter(runtime.model, "personal", seed=client_seed(cfg.seed, 0, pid))
+    else:
+        load_adapter_state(runtime.model, state, "personal")
+    return root
+
+
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
     start = time.perf_counter()
@@ -144,6 +179,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     server_round = int(config["server-round"])  # type: ignore[arg-type]
     proximal_mu = float(config.get("proximal-mu", 0.0))  # type: ignore[arg-type]  # set by FedProx
     adapter = _install(runtime.model, msg, cfg)
+    personal = _personal(runtime, cfg, config, context, partition_id, trained=False)
     train_ds, _ = _data(text, partition_id, data_path)
     result = train(
         runtime.model,
@@ -154,6 +190,10 @@ def train_handler(msg: Message, context: Context) -> Message:
         proximal_mu=proximal_mu,
     )
     arrays: ArrayRecord = to_record(adapter_state(runtime.model, adapter), cfg.fed.wire_dtype)
+    if personal is not None:  # stays on this client
+        lora = cfg.model.lora.model_copy(update={"r": int(config["personal-rank"]), "ranks": None})  # type: ignore[arg-type]
+        state = adapter_state(runtime.model, "personal")
+        save_personal(state, lora, cfg.model, personal, partition_id, server_round)
     metrics = MetricRecord(
         {
             "num-examples": result.num_examples,
@@ -172,10 +212,20 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     start = time.perf_counter()
     cfg, text, runtime, partition_id, data_path = _setup(msg, context)
     _install(runtime.model, msg, cfg)
+    config: ConfigRecord = msg.content["config"]  # type: ignore[assignment]
     _, test_ds = _data(text, partition_id, data_path)
+    extra: dict[str, float] = {}
+    if _personal(runtime, cfg, config, context, partition_id, trained=True) is not None:
+        # the personal adapter after the round just trained: evaluate it alone and the global alone
+        for name in ("default", "personal"):
+            activate(runtime.model, [name], trainable=None)
+            loss = evaluate(runtime.model, test_ds, runtime.tokenizer, cfg.train.eval_batch_size).loss
+            extra["eval-loss-global" if name == "default" else "eval-loss-personal"] = loss
+        activate(runtime.model, ["default", "personal"], trainable=None)
     result = evaluate(runtime.model, test_ds, runtime.tokenizer, cfg.train.eval_batch_size)
     metrics = MetricRecord(
         {
+            **extra,
             "num-examples": result.num_examples,
             "eval-loss": result.loss,
             "perplexity": result.perplexity,

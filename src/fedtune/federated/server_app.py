@@ -94,6 +94,7 @@ def run_federation(grid: Grid, cfg: Config, run: RunDir, *, progress: bool = Tru
     """Run (or continue) the federation described by ``cfg`` into ``run``."""
     clients = discover(grid, cfg)
     strategy: AdapterStrategy = build_strategy(cfg, clients)
+    strategy.run_dir = str(run.path.resolve())  # where simulated clients may keep personal state
     last = run.last_round()
     if last < 0:  # fresh run: seeded starting adapter, evaluated as round 0
         run.save_round(0, initial_adapter_state(cfg.model, seed=cfg.seed), cfg)

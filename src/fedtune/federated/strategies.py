@@ -71,6 +71,7 @@ class AdapterStrategy(FedAvg):
     """FedAvg over adapter state dicts, weighted by each client's training examples."""
 
     cfg: Config
+    run_dir: str = ""
 
     def bind(self, cfg: Config, clients: dict[int, int]) -> AdapterStrategy:
         """Attach the run config and the node id -> partition id map (after ``__init__``)."""
@@ -216,7 +217,12 @@ class AdapterStrategy(FedAvg):
         valid = self._valid_sorted(replies, is_train=False)
         if not valid:
             return None
-        fields = {"eval_loss": "eval-loss", "perplexity": "perplexity"}
+        fields = {
+            "eval_loss": "eval-loss",
+            "perplexity": "perplexity",
+            "eval_loss_global": "eval-loss-global",
+            "eval_loss_personal": "eval-loss-personal",
+        }
         entries = [self._log(server_round, "evaluate", m, fields) for m in valid]
         weights = [e["num_examples"] for e in entries]
         return MetricRecord(
@@ -363,6 +369,29 @@ def build_strategy(cfg: Config, clients: dict[int, int]) -> AdapterStrategy:
         **extra,
     )
     return strategy.bind(cfg, clients)
+
+
+class FFLoraStrategy(AdapterStrategy):
+    """FF-LoRA: FedAvg over a global adapter; every client also trains a personal adapter
+    that never leaves it, and uses the two fused (summed) for training and inference.
+
+    Clients report held-out loss for the fused model (``eval_loss``) and for the global
+    and personal adapters alone (``eval_loss_global``, ``eval_loss_personal``).
+    """
+
+    def client_payload(
+        self, pid: int, global_state: Arrays, message_type: str, server_round: int
+    ) -> tuple[dict[str, ArrayRecord], dict[str, Any], Arrays]:
+        records, extra, reference = super().client_payload(pid, global_state, message_type, server_round)
+        lora = self.cfg.model.lora
+        return (
+            records,
+            {**extra, "personal-rank": lora.personal_r or lora.r, "run-dir": self.run_dir},
+            reference,
+        )
+
+
+_register("fflora", FFLoraStrategy, lambda cfg: {})
 
 
 # The heterogeneous-rank strategies register themselves on import; keep them in the registry

@@ -120,13 +120,22 @@ def initial_adapter_state(model: ModelConfig, *, seed: int) -> StateDict:
         peft_model = get_peft_model(base, peft_lora_config(model.lora))
     except ValueError as err:
         raise FedtuneError(f"model.lora.target_modules: {err}") from None
-    torch.manual_seed(seed)
     for module in peft_model.modules():
         if isinstance(module, LoraLayer):
             module.lora_A.to_empty(device="cpu")
             module.lora_B.to_empty(device="cpu")
-            module.reset_lora_parameters("default", True)
+    reset_adapter(peft_model, "default", seed=seed)  # type: ignore[arg-type]
     return adapter_state(peft_model)  # type: ignore[arg-type]
+
+
+def reset_adapter(model: PeftModel, name: str, *, seed: int) -> None:
+    """Re-initialise adapter ``name`` as peft does (A random from ``seed``, B zero)."""
+    from peft.tuners.lora import LoraLayer
+
+    torch.manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and name in module.lora_A:
+            module.reset_lora_parameters(name, True)
 
 
 def ensure_adapter(model: PeftModel, name: str, lora: LoraConfig) -> None:
@@ -140,9 +149,10 @@ def ensure_adapter(model: PeftModel, name: str, lora: LoraConfig) -> None:
         model.add_adapter(name, peft_lora_config(lora))
 
 
-def activate(model: PeftModel, names: list[str], *, trainable: str | None) -> None:
-    """Sum the adapters ``names`` in the forward pass; only ``trainable`` gets gradients."""
+def activate(model: PeftModel, names: list[str], *, trainable: str | list[str] | None) -> None:
+    """Sum the adapters ``names`` in the forward pass; only ``trainable`` get gradients."""
     model.base_model.set_adapter(names)  # type: ignore[operator]
-    marker = f".{trainable}." if trainable else None
+    chosen = [trainable] if isinstance(trainable, str) else (trainable or [])
+    markers = [f".{name}." for name in chosen]
     for param_name, param in model.named_parameters():
-        param.requires_grad = marker is not None and "lora_" in param_name and marker in param_name
+        param.requires_grad = "lora_" in param_name and any(m in param_name for m in markers)
