@@ -73,6 +73,7 @@ class TrainConfig(_Section):
     batch_size: int = Field(4, gt=0)
     grad_accum: int = Field(1, gt=0)
     eval_batch_size: int = Field(8, gt=0)
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="sgd for SCAFFOLD's assumptions")
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     scheduler: Literal["constant", "linear", "cosine"] = "constant"

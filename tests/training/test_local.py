@@ -80,3 +80,17 @@ def test_fedprox_term_keeps_the_adapter_near_its_start(tokenizer) -> None:
         return float(sum(((end[k] - start[k]) ** 2).sum() for k in start) ** 0.5)
 
     assert moved(100.0) < 0.8 * moved(0.0)
+
+
+def test_gradient_correction_shifts_an_sgd_step_by_lr_times_correction(tokenizer) -> None:
+    from fedtune.models.adapters import parameter_names
+
+    cfg = TrainConfig(max_steps=1, batch_size=4, lr=0.1, optimizer="sgd", max_grad_norm=None)
+    plain, shifted = _fresh(), _fresh()
+    start = adapter_state(plain)
+    key = next(k for k in start if "lora_B" in k)
+    correction = {parameter_names(start)[key]: torch.full_like(start[key], 0.5)}
+    train(plain, _data(), tokenizer, cfg, seed=1)
+    train(shifted, _data(), tokenizer, cfg, seed=1, correction=correction)
+    diff = adapter_state(shifted)[key] - adapter_state(plain)[key]
+    torch.testing.assert_close(diff, torch.full_like(diff, -0.1 * 0.5))  # one step: -lr * correction

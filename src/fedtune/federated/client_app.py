@@ -38,6 +38,7 @@ from fedtune.models.adapters import (
     attach_lora,
     ensure_adapter,
     load_adapter_state,
+    parameter_names,
     reset_adapter,
 )
 from fedtune.models.load import load_model, load_tokenizer
@@ -180,6 +181,10 @@ def train_handler(msg: Message, context: Context) -> Message:
     proximal_mu = float(config.get("proximal-mu", 0.0))  # type: ignore[arg-type]  # set by FedProx
     adapter = _install(runtime.model, msg, cfg)
     personal = _personal(runtime, cfg, config, context, partition_id, trained=False)
+    correction = None
+    if "correction" in msg.content:  # SCAFFOLD: c - c_i, added to the adapter's gradients
+        values = to_torch(from_record(msg.content["correction"]))  # type: ignore[arg-type]
+        correction = {parameter_names(values, adapter)[k]: v for k, v in values.items()}
     train_ds, _ = _data(text, partition_id, data_path)
     result = train(
         runtime.model,
@@ -188,6 +193,7 @@ def train_handler(msg: Message, context: Context) -> Message:
         cfg.train,
         seed=client_seed(cfg.seed, server_round, partition_id),
         proximal_mu=proximal_mu,
+        correction=correction,
     )
     arrays: ArrayRecord = to_record(adapter_state(runtime.model, adapter), cfg.fed.wire_dtype)
     if personal is not None:  # stays on this client

@@ -394,6 +394,7 @@ class FFLoraStrategy(AdapterStrategy):
 _register("fflora", FFLoraStrategy, lambda cfg: {})
 
 
-# The heterogeneous-rank strategies register themselves on import; keep them in the registry
+# The heterogeneous-rank strategies and SCAFFOLD register themselves on import; keep them in the registry
 # wherever this module is used (placed last: that module imports from this one).
 from fedtune.federated import hetero_strategies as _hetero  # noqa: E402, F401
+from fedtune.federated import scaffold as _scaffold  # noqa: E402, F401

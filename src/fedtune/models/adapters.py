@@ -156,3 +156,13 @@ def activate(model: PeftModel, names: list[str], *, trainable: str | list[str] |
     markers = [f".{name}." for name in chosen]
     for param_name, param in model.named_parameters():
         param.requires_grad = "lora_" in param_name and any(m in param_name for m in markers)
+
+
+def parameter_names(state: Mapping[str, torch.Tensor], name: str = "default") -> dict[str, str]:
+    """peft state-dict key -> the model parameter it is (``.lora_A.weight`` -> ``.lora_A.<name>.weight``)."""
+    out = {}
+    for key in state:
+        for part in (".lora_A.", ".lora_B."):
+            if part in key:
+                out[key] = key.replace(part, f"{part}{name}.")
+    return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -78,17 +78,25 @@ def train(
     *,
     seed: int,
     proximal_mu: float = 0.0,
+    correction: Mapping[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Run the configured number of optimizer steps on ``ds`` from the model's current weights.
 
     ``proximal_mu > 0`` adds FedProx's ``mu/2 * ||w - w_start||^2`` over the trainable
     (adapter) weights, keeping the client near the global adapter it started from.
+    ``correction`` (parameter name -> tensor) is added to those parameters' gradients
+    before every step: SCAFFOLD's ``c - c_i``.
     """
     start = time.perf_counter()
     torch.manual_seed(seed)  # LoRA dropout
     steps = planned_steps(cfg, len(ds))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    if cfg.optimizer == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    corrected = [(p, correction[n]) for n, p in named if correction and n in correction]
     scheduler = get_scheduler(
         cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps
     )
@@ -110,6 +118,8 @@ def train(
             loss = loss / cfg.grad_accum
             loss.backward()
             step_loss += loss.item()
+        for param, extra in corrected:
+            param.grad.add_(extra)  # type: ignore[union-attr]
         if cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
