@@ -80,3 +80,23 @@ def test_eval_command_compares_base_and_adapter(capsys, tmp_path: Path) -> None:
 def test_chat_on_a_directory_that_is_not_a_run(capsys, tmp_path: Path) -> None:
     code, _ = _cli(capsys, "chat", str(tmp_path))
     assert code == 2
+
+
+def test_chat_with_a_clients_personal_adapter_fused(capsys, tmp_path: Path) -> None:
+    from fedtune.models.adapters import save_adapter_folder
+
+    run, cfg = _run_dir(tmp_path)
+    personal = initial_adapter_state(cfg.model, seed=3)
+    personal = {k: v if "lora_A" in k else torch.full_like(v, 0.2) for k, v in personal.items()}
+    save_adapter_folder(personal, cfg.model.lora, cfg.model, run.path / "clients" / "1" / "personal-0001")
+    fused = load_run(run.path, client=1)
+    plain = load_run(run.path)
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert not torch.allclose(fused.model(ids).logits, plain.model(ids).logits)
+    code, out = _cli(
+        capsys, "chat", str(run.path), "--client", "1", "--prompt", "hi", "--max-new-tokens", "2"
+    )
+    assert code == 0 and out.count("model>") == 1
+    code, _ = _cli(capsys, "chat", str(run.path), "--client", "7", "--prompt", "hi")
+    assert code == 2

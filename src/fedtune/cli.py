@@ -144,12 +144,13 @@ def chat(
     ] = None,
     system: Annotated[str | None, typer.Option(help="system message")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
+    client: Annotated[int | None, typer.Option(help="FF-LoRA: fuse this client's personal adapter")] = None,
 ) -> None:
     """Multi-turn chat with the run's adapter, template and RoPE scaling. Empty line or /exit ends it."""
     from fedtune.data.types import Conversation
     from fedtune.inference import load_run, reply
 
-    loaded = load_run(run_dir)
+    loaded = load_run(run_dir, client=client)
     history: Conversation = [{"role": "system", "content": system}] if system else []
     turns = iter(prompt) if prompt else None
     while True:

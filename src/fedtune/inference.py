@@ -31,8 +31,18 @@ class Loaded:
     adapter: Path | None
 
 
-def load_run(run_dir: str | Path, *, adapter: str | Path | None = None, base_only: bool = False) -> Loaded:
-    """The run's base model with its final adapter (or ``adapter``, or none)."""
+def load_run(
+    run_dir: str | Path,
+    *,
+    adapter: str | Path | None = None,
+    base_only: bool = False,
+    client: int | None = None,
+) -> Loaded:
+    """The run's base model with its final adapter (or ``adapter``, or none).
+
+    ``client`` (FF-LoRA runs) fuses in that client's latest personal adapter, as the
+    client itself uses it; it must be on this host (``RUN_DIR/clients/<id>/`` in simulation).
+    """
     run = RunDir.open(run_dir)
     cfg = run.config()
     tokenizer = load_tokenizer(cfg.model)
@@ -40,7 +50,14 @@ def load_run(run_dir: str | Path, *, adapter: str | Path | None = None, base_onl
     folder = None
     if not base_only:
         folder = Path(adapter) if adapter else run.final_dir()
-        model = PeftModel.from_pretrained(model, folder)
+        peft_model = PeftModel.from_pretrained(model, folder)
+        if client is not None:
+            personal = sorted((run.path / "clients" / str(client)).glob("personal-*"))
+            if not personal:
+                raise FedtuneError(f"{run.path}: no personal adapter of client {client} on this host")
+            peft_model.load_adapter(str(personal[-1]), adapter_name="personal")
+            peft_model.base_model.set_adapter(["default", "personal"])  # type: ignore[operator]
+        model = peft_model
     model.eval()
     return Loaded(cfg=cfg, model=model, tokenizer=tokenizer, adapter=folder)
 
