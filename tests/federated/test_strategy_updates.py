@@ -19,7 +19,9 @@ def _state(rng: np.random.Generator, scale: float = 0.01) -> dict[str, np.ndarra
 
 
 def _strategy(*overrides: str, clients: int = 7):
-    cfg = load_config("configs/tiny.toml", [f"partition.num_partitions={clients}", *overrides])
+    cfg = load_config(
+        "configs/tiny.toml", [f"partition.num_partitions={clients}", "model.lora.r=2", *overrides]
+    )  # rank 2, as SHAPES
     return build_strategy(cfg, {1000 + i: i for i in range(clients)})
 
 

@@ -162,7 +162,8 @@ def _personal(
     """
     if "personal-rank" not in config:
         return None
-    root = state_root(context.node_config.get("state-dir"), str(config["run-dir"]))  # type: ignore[arg-type]
+    node_dir = context.node_config.get("state-dir")
+    root = state_root(str(node_dir) if node_dir else None, str(config.get("run-dir", "")))
     server_round = int(config["server-round"])  # type: ignore[arg-type]
     state = load_personal(root, pid, before_round=server_round + int(trained))
     if state is None:  # seeded A, zero B: the fused model starts as the global one

@@ -22,9 +22,11 @@ from fedtune.models.load import cache_dir
 KEEP_ROUNDS = 2  # older personal folders are pruned; resume needs only the last complete round
 
 
-def state_root(node_state_dir: str | None, run_dir: str) -> Path:
+def state_root(node_state_dir: str | None, run_dir: str | None) -> Path:
     if node_state_dir:
         return Path(node_state_dir)
+    if not run_dir:
+        return cache_dir() / "clients" / "unnamed-run"
     run = Path(run_dir)
     if run.is_dir():
         return run / "clients"

@@ -384,11 +384,10 @@ class FFLoraStrategy(AdapterStrategy):
     ) -> tuple[dict[str, ArrayRecord], dict[str, Any], Arrays]:
         records, extra, reference = super().client_payload(pid, global_state, message_type, server_round)
         lora = self.cfg.model.lora
-        return (
-            records,
-            {**extra, "personal-rank": lora.personal_r or lora.r, "run-dir": self.run_dir},
-            reference,
-        )
+        extra = {**extra, "personal-rank": lora.personal_r or lora.r}
+        if self.run_dir:  # (Flower cannot count an empty string's bytes)
+            extra["run-dir"] = self.run_dir
+        return records, extra, reference
 
 
 _register("fflora", FFLoraStrategy, lambda cfg: {})
