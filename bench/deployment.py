@@ -30,18 +30,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from fedtune.federated.loopback import LoopbackDeployment, flwr_env
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -62,90 +59,6 @@ t2 = time.perf_counter()
 client_tokenized(cfg, tokenizer, 0)
 print(t1 - t0, t2 - t1, time.perf_counter() - t2)
 """
-
-
-def _env(flwr_home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        FLWR_HOME=str(flwr_home),
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",  # else uv syncs CUDA torch
-        FLWR_TELEMETRY_ENABLED="0",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-    )
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _healthy(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
-
-
-@contextmanager
-def local_deployment(root: Path, num_nodes: int) -> Iterator[int]:
-    """A SuperLink and ``num_nodes`` SuperNodes on loopback; yields the SuperLink port."""
-    port = _free_port()
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(name: str, *args: str) -> subprocess.Popen[bytes]:
-        with (root / f"{name}.log").open("wb") as log:
-            proc = subprocess.Popen(
-                [str(BIN / args[0]), *args[1:]],
-                cwd=root,
-                env=_env(root / name),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        procs.append(proc)
-        return proc
-
-    try:
-        link = start(
-            "superlink",
-            "flower-superlink",
-            "--insecure",
-            "--host=127.0.0.1",
-            f"--port={port}",
-            "--disable-runtime-dependency-installation",
-        )
-        deadline = time.monotonic() + 30
-        while not _healthy(port):
-            if link.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"SuperLink did not come up; see {root / 'superlink.log'}")
-            time.sleep(0.2)
-        for pid in range(num_nodes):
-            start(
-                f"supernode-{pid}",
-                "flower-supernode",
-                "--insecure",
-                f"--superlink=127.0.0.1:{port}",
-                f"--port={_free_port()}",
-                f"--node-config=partition-id={pid} num-partitions={num_nodes}",
-            )
-        yield port
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 def _metrics(out_dir: Path) -> list[dict[str, Any]]:
@@ -201,7 +114,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="fedtune-bench-deploy-") as tmp:
         root = Path(tmp)
-        env = _env(root / "cli")
+        env = flwr_env(root / "cli")
 
         sim_out = root / "simulation"
         sets = [a for o in [*overrides, f"run.output_dir={sim_out}"] for a in ("--set", o)]
@@ -211,11 +124,8 @@ def main() -> None:
         sim = _round(_metrics(sim_out))
 
         dep_out = root / "deployment"
-        with local_deployment(root, clients) as port:
-            (root / "cli").mkdir(exist_ok=True)
-            (root / "cli" / "config.toml").write_text(
-                f'[superlink.bench]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
-            )
+        with LoopbackDeployment(root, clients) as deployment:
+            env = deployment.connect("bench")  # FLWR_HOME <root>/cli, as for the simulation
             run_config = (
                 f"config-file='{CONFIG}' overrides='{' '.join([*overrides, f'run.output_dir={dep_out}'])}'"
             )

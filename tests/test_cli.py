@@ -3,24 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
-from unittest.mock import patch
 
 import pytest
 
-from fedtune.cli import main
+from helpers import run_cli
 
-
-def cli(capsys, *args: str) -> tuple[int, str, str]:
-    with patch.object(sys, "argv", ["fedtune", *args]):
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, " ".join(captured.err.split())
+cli = run_cli
 
 
 def _alpaca(path: Path, n: int = 12) -> Path:

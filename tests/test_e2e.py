@@ -23,6 +23,31 @@ def fedtune(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def tiny_run(out: Path, *overrides: str) -> Path:
+    """``fedtune run`` of configs/tiny.toml (3 clients x 2 rounds) with overrides; the run dir."""
+    sets = [x for o in (f"run.output_dir='{out}'", *overrides) for x in ("--set", o)]
+    proc = fedtune("run", "--config", "configs/tiny.toml", "--no-progress", *sets)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = out.iterdir()
+    return run
+
+
+def resume_after_round_1(run: Path, copy: Path, *, drop: tuple[str, ...] = ()) -> Path:
+    """Copy ``run`` as a crash during round 2 leaves it (``drop`` lost too), then resume it."""
+    shutil.copytree(run, copy)
+    (copy / "state.json").write_text(json.dumps({"last_round": 1}))
+    for sub in drop:
+        shutil.rmtree(copy / sub)
+    proc = fedtune("run", "--resume", str(copy), "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return copy
+
+
+def same_adapter(a: Path, b: Path) -> bool:
+    x, y = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs")
@@ -65,72 +90,40 @@ def test_final_adapter_is_a_peft_folder_equal_to_the_last_round(finished_run: Pa
 
 
 def test_resume_after_round_one_gives_the_same_final_adapter(finished_run: Path, tmp_path: Path) -> None:
-    # The state a crash during round 2 leaves: round 1 complete, remains of round 2 on disk.
-    run = tmp_path / "interrupted"
-    shutil.copytree(finished_run, run)
-    (run / "state.json").write_text(json.dumps({"last_round": 1}))
-    shutil.rmtree(run / "final")
-    shutil.rmtree(run / "report")
-    proc = fedtune("run", "--resume", str(run), "--no-progress")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a = load_file(finished_run / "final" / "adapter_model.safetensors")
-    b = load_file(run / "final" / "adapter_model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    # the remains of round 2 (its adapter, metrics) are still on disk; final and report are not
+    copy = resume_after_round_1(finished_run, tmp_path / "interrupted", drop=("final", "report"))
+    assert same_adapter(finished_run / "final", copy / "final")
+    lines = [json.loads(x) for x in (copy / "metrics.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in lines if r["round"] == 2].count("train") == 3  # round 2 redone once
 
 
 def test_server_optimiser_state_survives_resume(tmp_path: Path) -> None:
-    out = tmp_path / "runs"
-    proc = fedtune(
-        "run", "--config", "configs/tiny.toml", "--no-progress",
-        "--set", f"run.output_dir='{out}'", "--set", "fed.strategy='fedadam'", "--set", "fed.server_lr=0.01",
-        "--set", "run.report=false",
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (run,) = out.iterdir()
+    run = tiny_run(tmp_path / "runs", "fed.strategy='fedadam'", "fed.server_lr=0.01", "run.report=false")
     assert (run / "rounds" / "0001" / "server_state.safetensors").is_file()
-    copy = tmp_path / "interrupted"
-    shutil.copytree(run, copy)
-    (copy / "state.json").write_text(json.dumps({"last_round": 1}))
-    proc = fedtune("run", "--resume", str(copy), "--no-progress")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a = load_file(run / "final" / "adapter_model.safetensors")
-    b = load_file(copy / "final" / "adapter_model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    copy = resume_after_round_1(run, tmp_path / "interrupted")
+    assert same_adapter(run / "final", copy / "final")
 
 
 def test_heterogeneous_ranks_stack_merge_end_to_end_and_resume(tmp_path: Path) -> None:
-    out = tmp_path / "runs"
-    proc = fedtune(
-        "run", "--config", "configs/tiny.toml", "--no-progress", "--set", f"run.output_dir='{out}'",
-        "--set", "model.lora.ranks=[2, 4, 8]", "--set", "fed.strategy='stack'", "--set", "run.report=false",
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (run,) = out.iterdir()
+    run = tiny_run(
+        tmp_path / "runs", "model.lora.ranks=[2, 4, 8]", "fed.strategy='stack'", "run.report=false"
+    )
     config = json.loads((run / "final" / "adapter_config.json").read_text())
     assert config["r"] == config["lora_alpha"] == 2 * (2 + 4 + 8)  # cumulative stack of two rounds
-    copy = tmp_path / "interrupted"
-    shutil.copytree(run, copy)
-    (copy / "state.json").write_text(json.dumps({"last_round": 1}))
-    proc = fedtune("run", "--resume", str(copy), "--no-progress")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a = load_file(run / "final" / "adapter_model.safetensors")
-    b = load_file(copy / "final" / "adapter_model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    copy = resume_after_round_1(run, tmp_path / "interrupted")
+    assert same_adapter(run / "final", copy / "final")
     cfg = load_config(run / "config.toml")
     PeftModel.from_pretrained(load_model(cfg.model), run / "final")  # servable as saved
 
 
 def test_fflora_keeps_personal_adapters_on_clients_and_resumes_exactly(tmp_path: Path) -> None:
-    out = tmp_path / "runs"
-    proc = fedtune(
-        "run", "--config", "configs/tiny.toml", "--no-progress", "--set", f"run.output_dir='{out}'",
-        "--set", "fed.strategy='fflora'", "--set", "model.lora.personal_r=2", "--set", "run.report=false",
-        "--set", "train.lr=0.01",
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (run,) = out.iterdir()
+    run = tiny_run(
+        tmp_path / "runs",
+        "fed.strategy='fflora'",
+        "model.lora.personal_r=2",
+        "run.report=false",
+        "train.lr=0.01",
+    )
     for pid in range(3):
         assert (run / "clients" / str(pid) / "personal-0002" / "adapter_model.safetensors").is_file()
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -140,14 +133,8 @@ def test_fflora_keeps_personal_adapters_on_clients_and_resumes_exactly(tmp_path:
     )
     # trained together, the fused model fits each client's own data better than the global part alone
     assert sum(r["eval_loss"] for r in last) < sum(r["eval_loss_global"] for r in last)
-    copy = tmp_path / "interrupted"
-    shutil.copytree(run, copy)
-    (copy / "state.json").write_text(json.dumps({"last_round": 1}))
-    for pid in range(3):  # round 2's personal adapters are to be made again
-        shutil.rmtree(copy / "clients" / str(pid) / "personal-0002")
-    proc = fedtune("run", "--resume", str(copy), "--no-progress")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for sub in ("final", "clients/0/personal-0002"):
-        a = load_file(run / sub / "adapter_model.safetensors")
-        b = load_file(copy / sub / "adapter_model.safetensors")
-        assert all(torch.equal(a[k], b[k]) for k in a), sub
+    # round 2's personal adapters are to be made again by the resumed run
+    drop = tuple(f"clients/{pid}/personal-0002" for pid in range(3))
+    copy = resume_after_round_1(run, tmp_path / "interrupted", drop=drop)
+    assert same_adapter(run / "final", copy / "final")
+    assert same_adapter(run / "clients/0/personal-0002", copy / "clients/0/personal-0002")

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-from unittest.mock import patch
 
 import pytest
 import torch
 
-from fedtune.cli import main
 from fedtune.config import Config, load_config
 from fedtune.inference import load_run, reply
 from fedtune.models.adapters import initial_adapter_state
 from fedtune.rundir import RunDir
+from helpers import run_cli
 
 
 def _run_dir(tmp_path: Path, *overrides: str) -> tuple[RunDir, Config]:
@@ -51,13 +49,8 @@ def test_reply_needs_a_user_turn_last(tmp_path: Path) -> None:
 
 
 def _cli(capsys, *args: str) -> tuple[int, str]:
-    with patch.object(sys, "argv", ["fedtune", *args]):
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-    return code, capsys.readouterr().out
+    code, out, _ = run_cli(capsys, *args)
+    return code, out
 
 
 def test_chat_command_is_multi_turn(capsys, tmp_path: Path) -> None:
