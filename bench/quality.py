@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import json
 import logging
 import os
@@ -268,16 +269,21 @@ def run_federated(bench: Bench, method: str, cfg: Config) -> list[Row]:
     rows = [Row(name, own, union, steps=steps, note=note)]
     if method != "fflora":
         return rows
-    personal = [run_dir.path / "clients" / str(pid) / "personal" for pid in range(bench.num_clients)]
-    if not all(p.is_dir() for p in personal):
-        return [*rows, Row("fflora", note="skipped: no clients/<pid>/personal/ adapters in the run")]
+    # a client keeps its personal adapter as clients/<pid>/personal-NNNN/ (one per round)
+    found = [
+        sorted((run_dir.path / "clients" / str(pid)).glob("personal*")) for pid in range(bench.num_clients)
+    ]
+    if not all(found):
+        return [*rows, Row("fflora", note="skipped: no clients/<pid>/personal*/ adapters in the run")]
+    personal = [folders[-1] for folders in found]  # the newest: the one paired with final/
     scratch = Path(tempfile.mkdtemp(prefix="fused-", dir=run_dir.path))
     owns, unions = [], []
     for pid, folder in enumerate(personal):
         results = bench.folder_losses(fused_personal(run_dir.final_dir(), folder, cfg, scratch))
         owns.append(results[pid].loss)
         unions.append(own_and_union(results)[1])
-    fflora = Row("fflora", statistics.fmean(owns), statistics.fmean(unions), steps, note="fused personal")
+    note = f"global + own personal adapter, fused; run {run_dir.path.name}"
+    fflora = Row("fflora", statistics.fmean(owns), statistics.fmean(unions), steps, note=note)
     return [*rows, fflora]
 
 
@@ -337,6 +343,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     methods = parse_methods(args.methods)
+    # Import the whole federated stack now: the source tree may change during a long bench,
+    # and modules first imported an hour in would not match those imported at the start.
+    for module in ("fedtune.federated.client_app", "fedtune.federated.server_app", "fedtune.report"):
+        importlib.import_module(module)
 
     tree = base_tree(args)
     cfg = method_config(tree, {}, args.set)

@@ -1,0 +1,29 @@
+"""Split federated learning: the client holds head and tail, a server runs the trunk."""
+
+from fedtune.split.generate import split_generate
+from fedtune.split.partition_model import (
+    Head,
+    PartCache,
+    SplitParts,
+    Tail,
+    Trunk,
+    client_adapter_state_dict,
+    cut_model,
+    valid_counts,
+)
+from fedtune.split.step import Crossing, StepResult, split_step
+
+__all__ = [
+    "Crossing",
+    "Head",
+    "PartCache",
+    "SplitParts",
+    "StepResult",
+    "Tail",
+    "Trunk",
+    "client_adapter_state_dict",
+    "cut_model",
+    "split_generate",
+    "split_step",
+    "valid_counts",
+]

@@ -1,0 +1,85 @@
+"""Greedy generation across the split, with a KV cache in every part.
+
+Prefill runs the whole (right-padded) prompt through head, trunk and tail once; after that each
+step sends one token's hidden state per sample across each cut, plus the counts. Each part keeps
+its own :class:`~fedtune.split.partition_model.PartCache`: generated tokens are appended after the
+prompt's padding columns, which stay masked, and their positions continue from each sample's own
+prompt length, so a padded batch generates what each sample would generate alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fedtune.split.partition_model import Head, PartCache, Tail, Trunk
+
+
+def _forward(
+    parts: tuple[Head, Trunk, Tail], caches: tuple[PartCache, PartCache, PartCache], ids: Tensor, valid: Tensor
+) -> Tensor:
+    head, trunk, tail = parts
+    h1 = head(ids, valid, cache=caches[0])
+    h2 = trunk(h1, valid, cache=caches[1])
+    logits, _ = tail(h2, valid, cache=caches[2])
+    return logits
+
+
+@torch.no_grad()
+def split_generate(
+    head: Head,
+    trunk: Trunk,
+    tail: Tail,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    eos_token_id: int | Sequence[int] | None = None,
+    valid: Tensor | None = None,
+) -> list[list[int]]:
+    """Greedy decoding through head -> trunk -> tail; returns each sample's new tokens.
+
+    Parameters
+    ----------
+    head, trunk, tail
+        The parts from :func:`~fedtune.split.partition_model.cut_model`, in eval mode.
+    input_ids
+        Prompts (B, T), right-padded when of unequal length.
+    max_new_tokens
+        Most tokens generated per sample.
+    eos_token_id
+        Token id(s) that end a sample; the end token is included in its output, as in HF's ``generate``.
+    valid
+        Prompt lengths (B,); default: every prompt fills all T columns.
+
+    Returns
+    -------
+    list[list[int]]
+        The generated tokens of each sample (prompt excluded).
+    """
+    batch, width = input_ids.shape
+    if valid is None:
+        valid = torch.full((batch,), width, dtype=torch.int64, device=input_ids.device)
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+    parts = (head, trunk, tail)
+    caches = (head.new_cache(), trunk.new_cache(), tail.new_cache())
+    rows = torch.arange(batch, device=input_ids.device)
+    logits = _forward(parts, caches, input_ids, valid)
+    last = logits[rows, valid - 1]  # each sample's last real token, not the padded last column
+    out: list[list[int]] = [[] for _ in range(batch)]
+    done = [False] * batch
+    for step in range(max_new_tokens):
+        token = last.argmax(dim=-1)
+        for i, tok in enumerate(token.tolist()):
+            if not done[i]:
+                out[i].append(tok)
+                done[i] = tok in eos
+        if all(done) or step == max_new_tokens - 1:
+            break
+        # finished samples keep decoding (their tokens are dropped) so the batch stays rectangular
+        valid = valid + 1
+        last = _forward(parts, caches, token.unsqueeze(1), valid)[:, -1]
+    return out
+
+
+__all__ = ["split_generate"]
