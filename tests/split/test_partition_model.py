@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from peft import get_peft_model_state_dict
@@ -19,14 +21,14 @@ from fedtune.split import client_adapter_state_dict, cut_model, split_step, vali
 )  # fmt: skip
 def test_bad_cut_sizes_name_the_key(lora_pair, n_head, n_tail, key):
     _, model = lora_pair("llama")  # 6 layers
-    with pytest.raises(FedtuneError, match=rf"^{key.replace('+', r'\+')}:"):
+    with pytest.raises(FedtuneError, match="^" + re.escape(key) + ":"):
         cut_model(model, n_head, n_tail)
 
 
 def test_unsupported_architecture_is_named():
     opt = OPTForCausalLM(OPTConfig(vocab_size=32, hidden_size=16, num_hidden_layers=4, ffn_dim=32,
                                    num_attention_heads=2, word_embed_proj_dim=16))  # fmt: skip
-    with pytest.raises(FedtuneError, match="model.name: .*'opt'"):
+    with pytest.raises(FedtuneError, match=r"model\.name: .*'opt'"):
         cut_model(opt, 1, 1)
 
 
@@ -43,7 +45,11 @@ def test_adapter_state_dicts_partition_peft_state_dict(lora_pair):
     head, trunk, tail = cut_model(model, 2, 1)
     whole = get_peft_model_state_dict(model)
     # Execute
-    head_sd, trunk_sd, tail_sd = head.adapter_state_dict(), trunk.adapter_state_dict(), tail.adapter_state_dict()
+    head_sd, trunk_sd, tail_sd = (
+        head.adapter_state_dict(),
+        trunk.adapter_state_dict(),
+        tail.adapter_state_dict(),
+    )
     client_sd = client_adapter_state_dict(head, tail)
     # Assert: disjoint, together the whole adapter, under peft's names
     assert len(head_sd) + len(trunk_sd) + len(tail_sd) == len(whole)

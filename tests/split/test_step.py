@@ -16,7 +16,9 @@ def test_split_step_matches_unsplit_loss_and_adapter_grads(lora_pair, batch, kin
     reference, to_cut = lora_pair(kind)
     head, trunk, tail = cut_model(to_cut, n_head, n_tail)
     # Execute
-    out = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    out = reference(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+    )
     out.loss.backward()
     result = split_step(head, trunk, tail, batch)
     # Assert

@@ -18,7 +18,10 @@ from fedtune.split.partition_model import Head, PartCache, Tail, Trunk
 
 
 def _forward(
-    parts: tuple[Head, Trunk, Tail], caches: tuple[PartCache, PartCache, PartCache], ids: Tensor, valid: Tensor
+    parts: tuple[Head, Trunk, Tail],
+    caches: tuple[PartCache, PartCache, PartCache],
+    ids: Tensor,
+    valid: Tensor,
 ) -> Tensor:
     head, trunk, tail = parts
     h1 = head(ids, valid, cache=caches[0])

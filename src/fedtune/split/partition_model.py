@@ -89,13 +89,17 @@ class _Part(nn.Module):
     def adapter_state_dict(self) -> dict[str, Tensor]:
         """This part's LoRA weights under peft's state-dict names, as detached fp32 copies."""
         params = dict(self.named_parameters())
-        return {key: params[local].detach().to(torch.float32).clone() for local, key in self._adapter_keys.items()}
+        return {
+            key: params[local].detach().to(torch.float32).clone() for local, key in self._adapter_keys.items()
+        }
 
     def load_adapter_state_dict(self, state: Mapping[str, Tensor]) -> None:
         """Copy LoRA weights in; ``state`` may hold other parts' keys too, but must hold all of ours."""
         missing = sorted(set(self._adapter_keys.values()) - set(state))
         if missing:
-            raise FedtuneError(f"adapter state lacks {len(missing)} keys of the {type(self).__name__}: {missing[:3]}")
+            raise FedtuneError(
+                f"adapter state lacks {len(missing)} keys of the {type(self).__name__}: {missing[:3]}"
+            )
         params = dict(self.named_parameters())
         with torch.no_grad():
             for local, key in self._adapter_keys.items():
@@ -111,7 +115,9 @@ class _Part(nn.Module):
 
     # -- attention set-up rebuilt from counts ---------------------------------------------------
 
-    def _positions_and_mask(self, valid: Tensor, q_len: int, cache: PartCache | None) -> tuple[Tensor, Tensor]:
+    def _positions_and_mask(
+        self, valid: Tensor, q_len: int, cache: PartCache | None
+    ) -> tuple[Tensor, Tensor]:
         """Position ids (B, q) and the 2-D padding mask (B, kv) for ``q_len`` new columns."""
         device = valid.device
         cols = torch.arange(q_len, device=device)
@@ -125,10 +131,13 @@ class _Part(nn.Module):
         expected = cache.prompt_valid + generated + q_len
         if not torch.equal(valid, expected):
             raise ValueError(
-                f"valid counts {valid.tolist()} do not continue the cached prompt (expected {expected.tolist()})"
+                f"valid counts {valid.tolist()} do not continue the cached prompt "
+                f"(expected {expected.tolist()})"
             )
         # Generated tokens sit after the prompt's padding; keys are masked there, positions run on.
-        prompt_mask = torch.arange(cache.prompt_len, device=device).unsqueeze(0) < cache.prompt_valid.unsqueeze(1)
+        prompt_mask = torch.arange(cache.prompt_len, device=device).unsqueeze(
+            0
+        ) < cache.prompt_valid.unsqueeze(1)
         new_mask = torch.ones(valid.shape[0], generated + q_len, dtype=torch.bool, device=device)
         positions = (valid - q_len).unsqueeze(1) + cols.unsqueeze(0)
         return positions, torch.cat([prompt_mask, new_mask], dim=1)
@@ -165,7 +174,9 @@ class _Part(nn.Module):
     def _check_activations(self, hidden: Tensor, valid: Tensor, cache: PartCache | None) -> None:
         """Reject a malformed incoming activation before it reaches a block."""
         if not (isinstance(hidden, Tensor) and hidden.is_floating_point() and hidden.ndim == 3):
-            raise ValueError(f"{type(self).__name__}: hidden states must be a float (batch, seq, hidden) tensor")
+            raise ValueError(
+                f"{type(self).__name__}: hidden states must be a float (batch, seq, hidden) tensor"
+            )
         if hidden.shape[-1] != self.hidden_size:
             raise ValueError(
                 f"{type(self).__name__}: hidden size {hidden.shape[-1]} != model's {self.hidden_size}"
@@ -174,11 +185,15 @@ class _Part(nn.Module):
 
 
 def _check_valid(valid: Tensor, batch: int, q_len: int, cache: PartCache | None, who: str) -> None:
-    if not isinstance(valid, Tensor) or valid.dtype not in (torch.int32, torch.int64) or valid.shape != (batch,):
+    if (
+        not isinstance(valid, Tensor)
+        or valid.dtype not in (torch.int32, torch.int64)
+        or valid.shape != (batch,)
+    ):
         raise ValueError(f"{who}: valid counts must be an int32/int64 tensor of shape ({batch},)")
-    if cache is None or cache.prompt_valid is None:  # decode steps are checked against the cache
-        if bool((valid < 1).any()) or bool((valid > q_len).any()):
-            raise ValueError(f"{who}: valid counts must lie in 1..{q_len}, got {valid.tolist()}")
+    prefill = cache is None or cache.prompt_valid is None  # decode steps are checked against the cache
+    if prefill and (bool((valid < 1).any()) or bool((valid > q_len).any())):
+        raise ValueError(f"{who}: valid counts must lie in 1..{q_len}, got {valid.tolist()}")
 
 
 class Head(_Part):
@@ -203,6 +218,7 @@ class Head(_Part):
         if input_ids.ndim != 2 or input_ids.is_floating_point():
             raise ValueError("Head: input_ids must be an integer (batch, seq) tensor")
         _check_valid(valid, input_ids.shape[0], input_ids.shape[1], cache, "Head")
+        valid = valid.to(input_ids.device)
         positions, mask = self._positions_and_mask(valid, input_ids.shape[1], cache)
         hidden = self.embed(input_ids)
         if self.wpe is not None:
@@ -218,6 +234,7 @@ class Trunk(_Part):
     def forward(self, hidden: Tensor, valid: Tensor, cache: PartCache | None = None) -> Tensor:
         """Run the trunk blocks on h1 (B, T, hidden): returns h2 of the same shape."""
         self._check_activations(hidden, valid, cache)
+        valid = valid.to(hidden.device)  # counts may arrive on the CPU from the transport
         positions, mask = self._positions_and_mask(valid, hidden.shape[1], cache)
         return self._run_blocks(hidden, positions, mask, cache)
 
@@ -249,6 +266,7 @@ class Tail(_Part):
         equals the unsplit model's ``loss`` for the same labels.
         """
         self._check_activations(hidden, valid, cache)
+        valid = valid.to(hidden.device)  # counts may arrive on the CPU from the transport
         positions, mask = self._positions_and_mask(valid, hidden.shape[1], cache)
         hidden = self.norm(self._run_blocks(hidden, positions, mask, cache))
         logits = self.lm_head(hidden)
