@@ -11,18 +11,26 @@ from fedtune.split.partition_model import (
     cut_model,
     valid_counts,
 )
+from fedtune.split.client import TrunkClient, remote_split_step
+from fedtune.split.protocol import ProtocolError
+from fedtune.split.server import TrunkService, serve
 from fedtune.split.step import Crossing, StepResult, split_step
 
 __all__ = [
     "Crossing",
     "Head",
     "PartCache",
+    "ProtocolError",
     "SplitParts",
     "StepResult",
     "Tail",
     "Trunk",
+    "TrunkClient",
+    "TrunkService",
     "client_adapter_state_dict",
     "cut_model",
+    "remote_split_step",
+    "serve",
     "split_generate",
     "split_step",
     "valid_counts",
