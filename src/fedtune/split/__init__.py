@@ -1,5 +1,6 @@
 """Split federated learning: the client holds head and tail, a server runs the trunk."""
 
+from fedtune.split.client import TrunkClient, remote_split_step
 from fedtune.split.generate import split_generate
 from fedtune.split.partition_model import (
     Head,
@@ -11,7 +12,6 @@ from fedtune.split.partition_model import (
     cut_model,
     valid_counts,
 )
-from fedtune.split.client import TrunkClient, remote_split_step
 from fedtune.split.protocol import ProtocolError
 from fedtune.split.server import TrunkService, serve
 from fedtune.split.step import Crossing, StepResult, split_step
