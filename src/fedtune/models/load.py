@@ -160,22 +160,23 @@ def _rope_kwargs(cfg: ModelConfig, config: Any) -> None:
     config.rope_parameters = params
 
 
-def load_model_config(cfg: ModelConfig) -> Any:
+def _from_pretrained(cfg: ModelConfig, what: str, loader: Callable[..., Any], **kwargs: Any) -> Any:
+    """``loader.from_pretrained`` on ``model.name``, with a load failure named by its key."""
     path = resolve_model_path(cfg.name)
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        return loader.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **kwargs)  # type: ignore[attr-defined]
     except (OSError, ValueError) as err:
-        raise FedtuneError(f"model.name: could not load {cfg.name!r}: {err}") from None
+        raise FedtuneError(f"model.name: could not load {what}{cfg.name!r}: {err}") from None
+
+
+def load_model_config(cfg: ModelConfig) -> Any:
+    config = _from_pretrained(cfg, "", AutoConfig)
     _rope_kwargs(cfg, config)
     return config
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    path = resolve_model_path(cfg.name)
-    try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise FedtuneError(f"model.name: could not load the tokenizer of {cfg.name!r}: {err}") from None
+    tok = _from_pretrained(cfg, "the tokenizer of ", AutoTokenizer)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -183,15 +184,8 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
 def load_model(cfg: ModelConfig) -> PreTrainedModel:
     """Load the base model in ``model.dtype`` with ``model.rope_scaling`` applied."""
-    path = resolve_model_path(cfg.name)
     config = load_model_config(cfg)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path,
-            config=config,
-            dtype=getattr(torch, cfg.dtype),
-            trust_remote_code=cfg.trust_remote_code,
-        )
-    except (OSError, ValueError) as err:
-        raise FedtuneError(f"model.name: could not load {cfg.name!r}: {err}") from None
+    model: PreTrainedModel = _from_pretrained(
+        cfg, "", AutoModelForCausalLM, config=config, dtype=getattr(torch, cfg.dtype)
+    )
     return model
