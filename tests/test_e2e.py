@@ -110,6 +110,9 @@ def test_heterogeneous_ranks_stack_merge_end_to_end_and_resume(tmp_path: Path) -
     )
     config = json.loads((run / "final" / "adapter_config.json").read_text())
     assert config["r"] == config["lora_alpha"] == 2 * (2 + 4 + 8)  # cumulative stack of two rounds
+    round1 = json.loads((run / "rounds" / "0001" / "adapter_config.json").read_text())
+    assert round1["r"] == round1["lora_alpha"] == 2 + 4 + 8  # every round's folder is servable too
+    PeftModel.from_pretrained(load_model(load_config(run / "config.toml").model), run / "rounds" / "0001")
     copy = resume_after_round_1(run, tmp_path / "interrupted")
     assert same_adapter(run / "final", copy / "final")
     cfg = load_config(run / "config.toml")

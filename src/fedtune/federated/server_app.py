@@ -152,8 +152,13 @@ def run_federation(grid: Grid, cfg: Config, run: RunDir, *, progress: bool = Tru
             line = _server_line(
                 server_round, strategy.round_log, trained, evaluated, time.perf_counter() - t0
             )
+            state = from_record(arrays)
             run.save_round(
-                server_round, to_torch(from_record(arrays)), cfg, server_state=strategy.server_state()
+                server_round,
+                to_torch(state),
+                cfg,
+                lora=strategy.global_lora(state),  # heterogeneous ranks: the global's own rank
+                server_state=strategy.server_state(),
             )
             run.append_metrics([*strategy.round_log, line])
             run.mark_complete(server_round)
