@@ -103,7 +103,7 @@ class AdapterStrategy(FedAvg):
     def _messages(
         self,
         server_round: int,
-        arrays: ArrayRecord,
+        global_state: Arrays,
         config: ConfigRecord,
         message_type: str,
         fraction: float,
@@ -112,7 +112,6 @@ class AdapterStrategy(FedAvg):
         if fraction == 0.0:
             return []
         chosen = sample_clients(self.node_of, fraction, minimum, self.cfg.seed, server_round)
-        global_state = from_record(arrays)
         self._wire_global = None
         messages = []
         for pid in chosen:
@@ -135,7 +134,7 @@ class AdapterStrategy(FedAvg):
         self._references = {}
         self._global = from_record(arrays)
         return self._messages(
-            server_round, arrays, config, MessageType.TRAIN, self.fraction_train, self.min_train_nodes
+            server_round, self._global, config, MessageType.TRAIN, self.fraction_train, self.min_train_nodes
         )
 
     def configure_evaluate(
@@ -143,7 +142,7 @@ class AdapterStrategy(FedAvg):
     ) -> Iterable[Message]:
         return self._messages(
             server_round,
-            arrays,
+            from_record(arrays),
             config,
             MessageType.EVALUATE,
             self.fraction_evaluate,
