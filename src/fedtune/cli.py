@@ -145,12 +145,37 @@ def chat(
     system: Annotated[str | None, typer.Option(help="system message")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
     client: Annotated[int | None, typer.Option(help="FF-LoRA: fuse this client's personal adapter")] = None,
+    trunk: Annotated[
+        str | None, typer.Option(help="split runs: HOST:PORT of a trunk service (default: start one here)")
+    ] = None,
+    unsplit: Annotated[bool, typer.Option(help="split runs: run the whole model in this process")] = False,
 ) -> None:
-    """Multi-turn chat with the run's adapter, template and RoPE scaling. Empty line or /exit ends it."""
-    from fedtune.data.types import Conversation
-    from fedtune.inference import load_run, reply
+    """Multi-turn chat with the run's adapter, template and RoPE scaling. Empty line or /exit ends it.
 
-    loaded = load_run(run_dir, client=client)
+    On a split run the chat generates across the split (head and tail here, the trunk on a
+    trunk service, KV caches in every part) unless --unsplit.
+    """
+    from fedtune.inference import load_run, load_split_run
+    from fedtune.rundir import RunDir
+
+    split_run = RunDir.open(run_dir).config().split.enabled
+    if trunk is not None and not split_run:
+        raise FedtuneError(f"--trunk: {run_dir} is not a split run")
+    if split_run and not unsplit and client is None:
+        loaded = load_split_run(run_dir, trunk=trunk)
+    else:
+        loaded = load_run(run_dir, client=client)
+    try:
+        _chat_loop(loaded, prompt, system, max_new_tokens)
+    finally:
+        if loaded.split is not None:
+            loaded.split.close()
+
+
+def _chat_loop(loaded, prompt: list[str] | None, system: str | None, max_new_tokens: int) -> None:  # type: ignore[no-untyped-def]
+    from fedtune.data.types import Conversation
+    from fedtune.inference import reply
+
     history: Conversation = [{"role": "system", "content": system}] if system else []
     turns = iter(prompt) if prompt else None
     while True:

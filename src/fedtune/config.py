@@ -126,6 +126,49 @@ class SimulationConfig(_Section):
     num_cpus: int | None = Field(None, gt=0, description="cores Ray may use (default: all)")
 
 
+class SplitProtectConfig(_Section):
+    activation_sigma: float = Field(0.0, ge=0, description="noise on outgoing h1, relative to sample RMS")
+    grad_clip_norm: float | None = Field(None, gt=0, description="per-sample L2 bound on dL/dh2 sent back")
+    grad_noise_multiplier: float = Field(0.0, ge=0, description="noise std on dL/dh2, times the bound")
+
+    @model_validator(mode="after")
+    def _noise_needs_clip(self) -> SplitProtectConfig:
+        if self.grad_noise_multiplier > 0 and self.grad_clip_norm is None:
+            raise ValueError("split.protect.grad_noise_multiplier needs split.protect.grad_clip_norm")
+        return self
+
+
+class SplitConfig(_Section):
+    enabled: bool = Field(False, description="split learning: clients hold head + tail, the server the trunk")
+    n_head: int = Field(2, ge=1, le=5, description="blocks the client runs before the trunk")
+    n_tail: int = Field(2, ge=1, le=5, description="blocks the client runs after the trunk")
+    mode: Literal["sequential", "client-batch", "hierarchical"] = "sequential"
+    groups: int = Field(1, ge=1, description="hierarchical: trunk replicas, each serving a group of clients")
+    batch_wait_s: float = Field(
+        1.0, gt=0, description="client-batch: longest wait for the other clients' activations"
+    )
+    trunk_lr: float | None = Field(None, gt=0, description="trunk optimiser lr (default train.lr)")
+    host: str = Field("127.0.0.1", description="address the ServerApp's trunk service binds")
+    port: int = Field(0, ge=0, le=65535, description="first port (replica g on port + g); 0: any free")
+    public_host: str | None = Field(None, description="host clients dial (default: host)")
+    tls_cert: str | None = Field(None, description="PEM certificate chain of the trunk service")
+    tls_key: str | None = Field(None, description="PEM private key of the trunk service")
+    tls_root_cert: str | None = Field(None, description="PEM root certificate clients trust")
+    max_message_mib: float = Field(256.0, gt=0)
+    timeout_s: float = Field(300.0, gt=0, description="longest wait for one trunk reply")
+    protect: SplitProtectConfig = Field(default_factory=SplitProtectConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SplitConfig:
+        if self.groups > 1 and self.mode != "hierarchical":
+            raise ValueError("split.groups > 1 needs split.mode = 'hierarchical'")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("split.tls_cert and split.tls_key go together")
+        if self.tls_cert is not None and self.tls_root_cert is None:
+            raise ValueError("split.tls_cert needs split.tls_root_cert (what clients trust)")
+        return self
+
+
 class RunSection(_Section):
     output_dir: str = "runs"
     name: str = "fedtune"
@@ -140,6 +183,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     fed: FedConfig = Field(default_factory=FedConfig)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
     run: RunSection = Field(default_factory=RunSection)
 
     def to_toml(self) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from peft import PeftModel
@@ -22,13 +23,34 @@ from fedtune.models.load import load_model, load_tokenizer
 from fedtune.rundir import RunDir
 from fedtune.training.local import evaluate
 
+if TYPE_CHECKING:
+    from fedtune.split.chat import SplitSession
+
 
 @dataclass
 class Loaded:
     cfg: Config
-    model: torch.nn.Module
+    model: torch.nn.Module | None  # None when generating across the split (``split``)
     tokenizer: PreTrainedTokenizerBase
     adapter: Path | None
+    split: SplitSession | None = None
+
+
+def load_split_run(
+    run_dir: str | Path, *, adapter: str | Path | None = None, trunk: str | None = None
+) -> Loaded:
+    """A split run's head + tail here and its trunk on a service (``trunk``: its address; default:
+    one started here on loopback); :func:`reply` then generates across the split.
+    Close with ``loaded.split.close()``."""
+    from fedtune.split.chat import open_split_session
+
+    run = RunDir.open(run_dir)
+    cfg = run.config()
+    if not cfg.split.enabled:
+        raise FedtuneError(f"{run.path}: not a split run (split.enabled is false)")
+    folder = Path(adapter) if adapter else run.final_dir()
+    session = open_split_session(cfg, folder, trunk)
+    return Loaded(cfg=cfg, model=None, tokenizer=load_tokenizer(cfg.model), adapter=folder, split=session)
 
 
 def load_run(
@@ -68,6 +90,7 @@ def evaluate_clients(loaded: Loaded) -> dict[int, float]:
     out = {}
     for pid in range(len(partitions(cfg))):
         _, test = client_tokenized(cfg, loaded.tokenizer, pid)
+        assert loaded.model is not None
         out[pid] = evaluate(loaded.model, test, loaded.tokenizer, cfg.train.eval_batch_size).loss
     return out
 
@@ -80,6 +103,10 @@ def reply(loaded: Loaded, history: Conversation, *, max_new_tokens: int = 128) -
     cfg = loaded.cfg
     ids = build_generation_input(history, loaded.tokenizer, cfg.data.template, cfg.data.max_source_length)
     input_ids = torch.tensor([ids])
+    if loaded.split is not None:
+        new = loaded.split.generate(input_ids, max_new_tokens, loaded.tokenizer.eos_token_id)
+        return str(loaded.tokenizer.decode(new, skip_special_tokens=True)).strip()
+    assert loaded.model is not None
     output = loaded.model.generate(  # type: ignore[operator]
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),

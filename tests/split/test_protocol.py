@@ -150,3 +150,49 @@ def test_oversized_message_is_refused_both_ways():
 def test_limits_are_checked():
     with pytest.raises(ValueError, match="hidden_size"):
         Limits(hidden_size=0)
+
+
+# -- the generation cache field -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["new", "append"])
+def test_cache_round_trip(mode):
+    out = wire.decode(
+        wire.encode(wire.forward(2, _h(), torch.tensor([5, 3]), train=False, cache=mode), LIMITS), LIMITS
+    )
+    assert (out.kind, out.train, out.cache) == (Kind.FORWARD, False, mode)
+
+
+def test_append_counts_are_total_lengths_not_bounded_by_t():
+    # Prepare: a decode step of one token per sample after prompts of 6 and 3 plus 4 generated
+    hidden, valid = _h(2, 1), torch.tensor([11, 8])
+    # Execute
+    out = wire.decode(
+        wire.encode(wire.forward(1, hidden, valid, train=False, cache="append"), LIMITS), LIMITS
+    )
+    # Assert: accepted with "append", the 1..T rule still holds without it and for "new"
+    assert torch.equal(out.tensors["valid"], valid)
+    for cache in (None, "new"):
+        with pytest.raises(ProtocolError, match=re.escape("valid: counts must lie in 1..1")):
+            wire.encode(wire.forward(1, hidden, valid, train=False, cache=cache), LIMITS)
+    with pytest.raises(ProtocolError, match=re.escape("valid: counts must be >= 1, got [11, 0]")):
+        wire.encode(wire.forward(1, hidden, torch.tensor([11, 0]), train=False, cache="append"), LIMITS)
+
+
+@pytest.mark.parametrize(("changes", "field"), [
+    ({"cache": "reset", "train": False}, "header.cache: must be one of ['new', 'append'], got 'reset'"),
+    ({"cache": True, "train": False}, "header.cache: must be one of ['new', 'append'], got True"),
+    ({"cache": None, "train": False}, "header.cache: must be one of ['new', 'append'], got None"),
+    ({"cache": "new", "train": True}, "header.cache: allowed on FORWARD with train=false only, not on"),
+    ({"cache": "new"}, "not on FORWARD with train=true"),  # train left out means a training FORWARD
+    ({"cache": "append", "kind": "ACTIVATION"}, "not on ACTIVATION"),
+])  # fmt: skip
+def test_decode_rejects_a_bad_cache_field(changes, field):
+    header = {**_forward_header([2, 5, H]), **changes}
+    with pytest.raises(ProtocolError, match=re.escape(field)):
+        wire.decode(_raw(header, bytes(2 * 5 * H * 4 + 16)), LIMITS)
+
+
+def test_encode_refuses_a_cache_on_a_training_forward():
+    with pytest.raises(ProtocolError, match=r"header\.cache: allowed on FORWARD with train=false only"):
+        wire.encode(wire.forward(1, _h(), torch.tensor([5, 3]), cache="new"), LIMITS)

@@ -42,7 +42,7 @@ from fedtune.models.adapters import (
     reset_adapter,
 )
 from fedtune.models.load import load_model, load_tokenizer
-from fedtune.training.local import evaluate, train
+from fedtune.training.local import EvalResult, evaluate, train
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -63,17 +63,22 @@ class Runtime:
 @lru_cache(maxsize=1)
 def _runtime(model_json: str) -> Runtime:
     cfg = ModelConfig.model_validate_json(model_json)
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = _tokenizer(model_json)
     model = attach_lora(load_model(cfg), cfg.lora)
     model.eval()
     log.info("Loaded base model %s in this process", cfg.name)
     return Runtime(model=model, tokenizer=tokenizer)
 
 
+@lru_cache(maxsize=1)
+def _tokenizer(model_json: str) -> PreTrainedTokenizerBase:
+    return load_tokenizer(ModelConfig.model_validate_json(model_json))
+
+
 @lru_cache(maxsize=32)
 def _data(config_text: str, partition_id: int, data_path: str | None) -> tuple[Dataset, Dataset]:
     cfg = config_from_toml_text(config_text, source="message config")
-    tokenizer = _runtime(cfg.model.model_dump_json()).tokenizer
+    tokenizer = _tokenizer(cfg.model.model_dump_json())
     return client_tokenized(cfg, tokenizer, partition_id, data_path=data_path)
 
 
@@ -85,12 +90,17 @@ def _node(context: Context) -> tuple[int, str | None]:
     return int(node["partition-id"]), (str(data_path) if data_path else None)
 
 
-def _setup(msg: Message, context: Context) -> tuple[Config, str, Runtime, int, str | None]:
+def _message_config(msg: Message) -> tuple[Config, str]:
     config: ConfigRecord = msg.content["config"]  # type: ignore[assignment]
     text = str(config[CONFIG_KEY])
     cfg = config_from_toml_text(text, source="message config")
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
+    return cfg, text
+
+
+def _setup(msg: Message, context: Context) -> tuple[Config, str, Runtime, int, str | None]:
+    cfg, text = _message_config(msg)
     partition_id, data_path = _node(context)
     runtime = _runtime(cfg.model.model_dump_json())
     return cfg, text, runtime, partition_id, data_path
@@ -144,7 +154,8 @@ def client_seed(seed: int, server_round: int, partition_id: int) -> int:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Tell the server who this client is and how much data it holds."""
-    _, text, _, partition_id, data_path = _setup(msg, context)
+    _, text = _message_config(msg)
+    partition_id, data_path = _node(context)
     train_ds, test_ds = _data(text, partition_id, data_path)
     metrics = MetricRecord(
         {"partition-id": partition_id, "num-train": len(train_ds), "num-test": len(test_ds)}
@@ -173,9 +184,67 @@ def _personal(
     return root
 
 
+def _train_split(msg: Message, context: Context, cfg: Config, text: str, start: float) -> Message:
+    from fedtune.federated.split_client import split_train
+
+    config: ConfigRecord = msg.content["config"]  # type: ignore[assignment]
+    partition_id, data_path = _node(context)
+    server_round = int(config["server-round"])  # type: ignore[arg-type]
+    tokenizer = _tokenizer(cfg.model.model_dump_json())
+    train_ds, _ = _data(text, partition_id, data_path)
+    seed = client_seed(cfg.seed, server_round, partition_id)
+    proximal_mu = float(config.get("proximal-mu", 0.0))  # type: ignore[arg-type]
+    result, arrays, traffic = split_train(
+        cfg, msg, partition_id, train_ds, tokenizer, seed=seed, proximal_mu=proximal_mu
+    )
+    metrics = MetricRecord(
+        {
+            "num-examples": result.num_examples,
+            "train-loss": result.loss,
+            "steps": result.steps,
+            "first-step-at": result.first_step_at,
+            "partition-id": partition_id,
+            "seconds": time.perf_counter() - start,
+            **traffic,
+        }
+    )
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+def _evaluate_split(msg: Message, context: Context, cfg: Config, text: str, start: float) -> Message:
+    from fedtune.federated.split_client import split_evaluate
+
+    partition_id, data_path = _node(context)
+    tokenizer = _tokenizer(cfg.model.model_dump_json())
+    _, test_ds = _data(text, partition_id, data_path)
+    config: ConfigRecord = msg.content["config"]  # type: ignore[assignment]
+    seed = client_seed(cfg.seed, int(config["server-round"]), partition_id) + 1  # type: ignore[arg-type]
+    result = split_evaluate(cfg, msg, partition_id, test_ds, tokenizer, seed=seed)
+    return Message(RecordDict({"metrics": _eval_metrics(result, partition_id, start, {})}), reply_to=msg)
+
+
+def _eval_metrics(
+    result: EvalResult, partition_id: int, start: float, extra: dict[str, float]
+) -> MetricRecord:
+    return MetricRecord(
+        {
+            **extra,
+            "num-examples": result.num_examples,
+            "eval-loss": result.loss,
+            "perplexity": result.perplexity,
+            "num-tokens": result.num_tokens,
+            "partition-id": partition_id,
+            "seconds": time.perf_counter() - start,
+        }
+    )
+
+
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
     start = time.perf_counter()
+    cfg, text = _message_config(msg)
+    if cfg.split.enabled:
+        return _train_split(msg, context, cfg, text, start)
     cfg, text, runtime, partition_id, data_path = _setup(msg, context)
     config: ConfigRecord = msg.content["config"]  # type: ignore[assignment]
     server_round = int(config["server-round"])  # type: ignore[arg-type]
@@ -217,6 +286,9 @@ def train_handler(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
     start = time.perf_counter()
+    cfg, text = _message_config(msg)
+    if cfg.split.enabled:
+        return _evaluate_split(msg, context, cfg, text, start)
     cfg, text, runtime, partition_id, data_path = _setup(msg, context)
     _install(runtime.model, msg, cfg)
     config: ConfigRecord = msg.content["config"]  # type: ignore[assignment]
@@ -230,15 +302,4 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
             extra["eval-loss-global" if name == "default" else "eval-loss-personal"] = loss
         activate(runtime.model, ["default", "personal"], trainable=None)
     result = evaluate(runtime.model, test_ds, runtime.tokenizer, cfg.train.eval_batch_size)
-    metrics = MetricRecord(
-        {
-            **extra,
-            "num-examples": result.num_examples,
-            "eval-loss": result.loss,
-            "perplexity": result.perplexity,
-            "num-tokens": result.num_tokens,
-            "partition-id": partition_id,
-            "seconds": time.perf_counter() - start,
-        }
-    )
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({"metrics": _eval_metrics(result, partition_id, start, extra)}), reply_to=msg)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import shlex
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.config import flatten_dict, get_project_dir
@@ -30,6 +30,9 @@ from fedtune.federated.records import from_record, to_record, to_torch
 from fedtune.federated.strategies import AdapterStrategy, build_strategy
 from fedtune.models.adapters import initial_adapter_state
 from fedtune.rundir import RunDir
+
+if TYPE_CHECKING:
+    from fedtune.split.host import TrunkHost
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +96,42 @@ def _server_line(
 def run_federation(grid: Grid, cfg: Config, run: RunDir, *, progress: bool = True) -> None:
     """Run (or continue) the federation described by ``cfg`` into ``run``."""
     clients = discover(grid, cfg)
-    strategy: AdapterStrategy = build_strategy(cfg, clients)
-    strategy.run_dir = str(run.path.resolve())  # where simulated clients may keep personal state
     last = run.last_round()
     if last < 0:  # fresh run: seeded starting adapter, evaluated as round 0
         run.save_round(0, initial_adapter_state(cfg.model, seed=cfg.seed), cfg)
     run.rollback_to(max(last, 0))
     current = run.load_round(max(last, 0))
+    trunk = start_trunk_host(cfg, current) if cfg.split.enabled else None
+    try:
+        _rounds(grid, cfg, run, clients, current, trunk, progress=progress)
+    finally:
+        if trunk is not None:
+            trunk.stop()
+
+
+def _rounds(
+    grid: Grid,
+    cfg: Config,
+    run: RunDir,
+    clients: dict[int, int],
+    current: dict[str, Any],
+    trunk: TrunkHost | None,
+    *,
+    progress: bool,
+) -> None:
+    """The round loop. In a split run Flower carries only the client-side (head + tail) adapter;
+    the trunk's lives in ``trunk`` and joins it in every checkpoint."""
+    strategy: AdapterStrategy = build_strategy(cfg, clients)
+    strategy.run_dir = str(run.path.resolve())  # where simulated clients may keep personal state
+    last = run.last_round()
+    extra = ConfigRecord()
+    if trunk is not None:
+        current = {k: v for k, v in current.items() if k not in trunk.keys}
+        extra = ConfigRecord({"trunk-addresses": list(trunk.addresses)})
+
+    def whole(state: Any) -> dict[str, Any]:  # torch state dict of every adapter weight
+        return {**to_torch(state), **(trunk.adapter_state() if trunk is not None else {})}
+
     strategy.load_server_state(
         run.load_server_state(max(last, 0)), {k: v.numpy() for k, v in current.items()}
     )
@@ -110,7 +142,7 @@ def run_federation(grid: Grid, cfg: Config, run: RunDir, *, progress: bool = Tru
             evaluated = strategy.aggregate_evaluate(
                 0,
                 grid.send_and_receive(
-                    strategy.configure_evaluate(0, arrays, ConfigRecord(), grid), timeout=cfg.fed.timeout
+                    strategy.configure_evaluate(0, arrays, extra, grid), timeout=cfg.fed.timeout
                 ),
             )
             run.append_metrics(
@@ -133,29 +165,36 @@ def run_federation(grid: Grid, cfg: Config, run: RunDir, *, progress: bool = Tru
         task = bar.add_task("", total=cfg.fed.rounds, completed=last)
         for server_round in range(last + 1, cfg.fed.rounds + 1):
             t0 = time.perf_counter()
+            if trunk is not None:
+                trunk.begin_round()
             replies = grid.send_and_receive(
-                strategy.configure_train(server_round, arrays, ConfigRecord(), grid), timeout=cfg.fed.timeout
+                strategy.configure_train(server_round, arrays, extra, grid), timeout=cfg.fed.timeout
             )
             new_arrays, trained = strategy.aggregate_train(server_round, replies)
             if new_arrays is None:
                 raise FedtuneError(f"round {server_round}: no client returned an update (see the log)")
+            trunk_stats = {}
+            if trunk is not None:
+                trunk_stats = trunk.round_stats()
+                trunk.end_round()  # hierarchical: the replicas' trunk adapters averaged
             # float32 as checkpointed: Flower's optimisers can return float64 (numpy scalar
             # promotion), and a resumed run must continue from exactly what is on disk
             arrays = to_record(from_record(new_arrays), "float32")
             evaluated = strategy.aggregate_evaluate(
                 server_round,
                 grid.send_and_receive(
-                    strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
+                    strategy.configure_evaluate(server_round, arrays, extra, grid),
                     timeout=cfg.fed.timeout,
                 ),
             )
             line = _server_line(
                 server_round, strategy.round_log, trained, evaluated, time.perf_counter() - t0
             )
+            line.update(trunk_stats)
             state = from_record(arrays)
             run.save_round(
                 server_round,
-                to_torch(state),
+                whole(state),
                 cfg,
                 lora=strategy.global_lora(state),  # heterogeneous ranks: the global's own rank
                 server_state=strategy.server_state(),
@@ -168,7 +207,17 @@ def run_federation(grid: Grid, cfg: Config, run: RunDir, *, progress: bool = Tru
             )
             bar.update(task, completed=server_round, description=loss)
     state = from_record(arrays)
-    run.save_final(to_torch(state), cfg, lora=strategy.global_lora(state))
+    run.save_final(whole(state), cfg, lora=strategy.global_lora(state))
+
+
+def start_trunk_host(cfg: Config, state: dict[str, Any]) -> TrunkHost:
+    """Load the model, keep its trunk with the adapter ``state`` and serve it (``split.mode``)."""
+    from fedtune.split.host import TrunkHost
+    from fedtune.split.lm import parts_from_config
+
+    trunk = parts_from_config(cfg).trunk
+    trunk.load_adapter_state_dict(state)
+    return TrunkHost(trunk, cfg.split, cfg.split.trunk_lr or cfg.train.lr, cfg.train.grad_accum)
 
 
 def make_server_app(cfg: Config, run: RunDir, *, progress: bool = True) -> ServerApp:

@@ -13,9 +13,15 @@ log = logging.getLogger(__name__)
 
 
 def backend_config(cfg: Config) -> dict:
-    """Ray resources: by default one client at a time with every core (no oversubscription)."""
+    """Ray resources: by default one client at a time with every core (no oversubscription).
+
+    Split runs in client-batch and hierarchical mode run every client at once by default: those
+    modes exist to serve concurrent clients' steps together or side by side.
+    """
     cores = cfg.simulation.num_cpus or os.cpu_count() or 1
     per_client = cfg.simulation.cpus_per_client or cores
+    if cfg.split.enabled and cfg.split.mode != "sequential" and cfg.simulation.cpus_per_client is None:
+        per_client = cores / (cfg.simulation.num_supernodes or cfg.partition.num_partitions)
     return {
         "client_resources": {"num_cpus": per_client, "num_gpus": 0.0},
         "init_args": {"num_cpus": cores, "include_dashboard": False},

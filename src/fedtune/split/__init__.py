@@ -1,6 +1,6 @@
 """Split federated learning: the client holds head and tail, a server runs the trunk."""
 
-from fedtune.split.client import TrunkClient, remote_split_step
+from fedtune.split.client import RemoteTrunk, TrunkClient, remote_split_step
 from fedtune.split.generate import split_generate
 from fedtune.split.partition_model import (
     Head,
@@ -21,6 +21,7 @@ __all__ = [
     "Head",
     "PartCache",
     "ProtocolError",
+    "RemoteTrunk",
     "SplitParts",
     "StepResult",
     "Tail",

@@ -8,6 +8,9 @@ bytes, so a test can check what actually crossed, not what the code meant to sen
 :func:`remote_split_step` is :func:`~fedtune.split.step.split_step` with the trunk replaced by the
 service: head forward -> FORWARD/ACTIVATION -> tail forward + loss -> BACKWARD/GRADIENT -> head
 backward. Token ids, labels and the mask stay here; only h1, the counts and dL/dh2 go out.
+
+:class:`RemoteTrunk` stands in for a local trunk in
+:func:`~fedtune.split.generate.split_generate`: the trunk's KV cache lives in the service's session.
 """
 
 from __future__ import annotations
@@ -148,15 +151,20 @@ class TrunkClient:
         self.bytes_down += len(reply)
         return wire.decode(reply, self.limits)
 
-    def forward(self, h1: Tensor, valid: Tensor, *, train: bool = True) -> Tensor:
+    def forward(self, h1: Tensor, valid: Tensor, *, train: bool = True, cache: str | None = None) -> Tensor:
         """Send h1 (B, T, H) and the valid counts; return the trunk's h2 (on the CPU).
 
         With ``train=False`` the service keeps no graph and no :meth:`backward` may follow.
+        ``cache`` (generation, ``train=False`` only): "new" prefills the session's trunk KV cache
+        with this prompt, "append" runs a decode step on it, ``valid`` then being each sample's
+        total length so far.
         """
         if self._pending is not None:
             raise RuntimeError(f"step {self._pending[0]} awaits its backward")
+        if cache is not None and train:
+            raise ValueError(f"forward: cache={cache!r} needs train=False (generation keeps no graph)")
         self._step += 1
-        request = wire.forward(self._step, h1, valid.to(torch.int64), train=train)
+        request = wire.forward(self._step, h1, valid.to(torch.int64), train=train, cache=cache)
         reply = self._expect(self.exchange(wire.encode(request, self.limits)), Kind.ACTIVATION, h1.shape)
         if train:
             self._pending = (self._step, h1.shape)
@@ -214,6 +222,75 @@ def _identity(data: bytes) -> bytes:
     return data
 
 
+@dataclass(eq=False)
+class _AcrossTheCut(torch.autograd.Function):
+    """h2 = trunk(h1) on the service, as one autograd node: its backward is the service's."""
+
+    @staticmethod
+    def forward(ctx: Any, h1: Tensor, valid: Tensor, client: TrunkClient) -> Tensor:
+        ctx.client = client
+        h2 = client.forward(h1.detach(), valid.detach().cpu().to(torch.int64), train=True)
+        return h2.to(h1.device, h1.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_h2: Tensor) -> tuple[Tensor, None, None]:
+        grad_h1 = ctx.client.backward(grad_h2.detach().contiguous())
+        return grad_h1.to(grad_h2.device, grad_h2.dtype), None, None
+
+
+class RemoteCache:
+    """A handle on the trunk's KV cache, which lives in the service's session (see :class:`RemoteTrunk`)."""
+
+    prefilled: bool = False
+
+
+class RemoteTrunk:
+    """The service's trunk, callable like a local :class:`~fedtune.split.partition_model.Trunk`.
+
+    Without a cache and with gradients enabled, a call is a training step's forward and autograd
+    goes through it: the backward of the returned h2 sends dL/dh2 to the service (which steps the
+    trunk) and hands the service's dL/dh1 to the head, so an ordinary ``loss.backward()`` trains
+    all three parts (see :class:`~fedtune.split.lm.SplitLM`). Under ``torch.no_grad()`` it is a
+    plain forward (evaluation).
+
+    ``split_generate(head, RemoteTrunk(client), tail, ...)`` generates with the trunk on the
+    service: a call with a fresh :meth:`new_cache` sends FORWARD with cache "new" (prefill), later
+    calls with the same cache send "append" (decode steps). The service keeps one cache per
+    session, so use one ``RemoteTrunk`` per client; a newer prefill (or an ERROR) ends the older
+    cache, and calling with it then raises here instead of decoding on the wrong prompt.
+    """
+
+    def __init__(self, client: TrunkClient) -> None:
+        self.client = client
+        self._live: RemoteCache | None = None  # the cache the session holds now
+
+    def new_cache(self) -> RemoteCache:
+        """A handle for a new generation; its first call prefills the session's cache."""
+        return RemoteCache()
+
+    def __call__(self, hidden: Tensor, valid: Tensor, cache: RemoteCache | None = None) -> Tensor:
+        """h1 (B, T, H) -> h2, on ``hidden``'s device and dtype."""
+        if cache is None and torch.is_grad_enabled():
+            if not hidden.requires_grad:  # a head without trainable weights: the trunk still trains
+                hidden = hidden.detach().requires_grad_()
+            return _AcrossTheCut.apply(hidden, valid, self.client)  # type: ignore[no-any-return]
+        mode: str | None = None
+        if cache is not None:
+            if cache.prefilled and cache is not self._live:
+                raise RuntimeError(
+                    "RemoteTrunk: this cache's session state is gone (a newer prefill or an error ended it)"
+                )
+            mode = "append" if cache.prefilled else "new"
+        try:
+            h2 = self.client.forward(hidden.detach(), valid, train=False, cache=mode)
+        except TrunkError:
+            self._live = None  # the service dropped the session's cache with its ERROR
+            raise
+        if cache is not None:
+            cache.prefilled, self._live = True, cache
+        return h2.to(hidden.device, hidden.dtype)
+
+
 def remote_split_step(head: Head, tail: Tail, client: TrunkClient, batch: Mapping[str, Tensor]) -> StepResult:
     """One training step with the trunk on the service; gradients accumulate in head and tail.
 
@@ -245,4 +322,12 @@ def remote_split_step(head: Head, tail: Tail, client: TrunkClient, batch: Mappin
     return StepResult(loss=float(loss.detach()), num_tokens=num_tokens, crossings=crossings)
 
 
-__all__ = ["SentMessage", "TensorInfo", "TrunkClient", "TrunkError", "remote_split_step"]
+__all__ = [
+    "RemoteCache",
+    "RemoteTrunk",
+    "SentMessage",
+    "TensorInfo",
+    "TrunkClient",
+    "TrunkError",
+    "remote_split_step",
+]

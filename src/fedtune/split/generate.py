@@ -5,21 +5,33 @@ step sends one token's hidden state per sample across each cut, plus the counts.
 its own :class:`~fedtune.split.partition_model.PartCache`: generated tokens are appended after the
 prompt's padding columns, which stay masked, and their positions continue from each sample's own
 prompt length, so a padded batch generates what each sample would generate alone.
+
+The trunk may be local or remote (:class:`~fedtune.split.client.RemoteTrunk`, whose cache lives
+in the trunk service's session): all this module asks of it is :class:`CachedTrunk`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from fedtune.split.partition_model import Head, PartCache, Tail, Trunk
+from fedtune.split.partition_model import Head, PartCache, Tail
+
+
+class CachedTrunk(Protocol):
+    """A trunk that generates with a KV cache: a local ``Trunk`` or a ``RemoteTrunk``."""
+
+    def new_cache(self) -> Any: ...
+
+    def __call__(self, hidden: Tensor, valid: Tensor, cache: Any = None) -> Tensor: ...
 
 
 def _forward(
-    parts: tuple[Head, Trunk, Tail],
-    caches: tuple[PartCache, PartCache, PartCache],
+    parts: tuple[Head, CachedTrunk, Tail],
+    caches: tuple[PartCache, Any, PartCache],
     ids: Tensor,
     valid: Tensor,
 ) -> Tensor:
@@ -33,7 +45,7 @@ def _forward(
 @torch.no_grad()
 def split_generate(
     head: Head,
-    trunk: Trunk,
+    trunk: CachedTrunk,
     tail: Tail,
     input_ids: Tensor,
     max_new_tokens: int,
@@ -45,7 +57,8 @@ def split_generate(
     Parameters
     ----------
     head, trunk, tail
-        The parts from :func:`~fedtune.split.partition_model.cut_model`, in eval mode.
+        The parts from :func:`~fedtune.split.partition_model.cut_model`, in eval mode; ``trunk``
+        may be a :class:`~fedtune.split.client.RemoteTrunk` on the trunk service.
     input_ids
         Prompts (B, T), right-padded when of unequal length.
     max_new_tokens
@@ -85,4 +98,4 @@ def split_generate(
     return out
 
 
-__all__ = ["split_generate"]
+__all__ = ["CachedTrunk", "split_generate"]

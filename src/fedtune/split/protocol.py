@@ -17,6 +17,12 @@ GRADIENT    server -> client     ``grad`` float (B, T, H) = dL/dh1
 ERROR       server -> client     none; the header carries ``error`` (a message)
 ========== =================== ====================================================
 
+A FORWARD with ``train`` false may also name a ``cache`` for KV-cached generation: ``"new"``
+prefills (starts the session's trunk cache from this prompt's hidden states), ``"append"`` runs a
+decode step on that cache. In an ``"append"`` the counts are each sample's total length so far
+(prompt + generated), so they exceed T; here they are only checked to be ``>= 1``, and the trunk
+checks them against its cache.
+
 So by construction a message can carry float activations or gradients and int64 counts, never
 token ids, labels or text. :func:`decode` checks all of it before a single tensor is built, and
 raises :class:`ProtocolError` naming the field at fault.
@@ -47,6 +53,7 @@ FLOAT_DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 COUNT_DTYPE = "int64"
+CACHE_MODES = ("new", "append")  # FORWARD ``cache``: prefill a fresh KV cache, or decode on it
 
 
 class ProtocolError(FedtuneError):
@@ -69,7 +76,7 @@ TENSORS: dict[Kind, tuple[str, ...]] = {
     Kind.GRADIENT: ("grad",),
     Kind.ERROR: (),
 }
-_HEADER_KEYS = {"v", "kind", "step", "tensors", "train", "error"}
+_HEADER_KEYS = {"v", "kind", "step", "tensors", "train", "error", "cache"}
 _TENSOR_KEYS = {"name", "dtype", "shape", "nbytes"}
 
 
@@ -96,10 +103,13 @@ class Message:
     tensors: dict[str, Tensor] = field(default_factory=dict)
     train: bool = True  # FORWARD only: False runs the trunk without keeping a graph (eval, generation)
     error: str = ""  # ERROR only
+    cache: str | None = None  # FORWARD with train=False only: one of CACHE_MODES, None: no KV cache
 
 
-def forward(step: int, hidden: Tensor, valid: Tensor, *, train: bool = True) -> Message:
-    return Message(Kind.FORWARD, step, {"hidden": hidden, "valid": valid}, train=train)
+def forward(
+    step: int, hidden: Tensor, valid: Tensor, *, train: bool = True, cache: str | None = None
+) -> Message:
+    return Message(Kind.FORWARD, step, {"hidden": hidden, "valid": valid}, train=train, cache=cache)
 
 
 def activation(step: int, hidden: Tensor) -> Message:
@@ -123,7 +133,9 @@ def error(step: int, text: str) -> Message:
 
 def encode(message: Message, limits: Limits) -> bytes:
     """Serialise ``message`` after checking it as :func:`decode` would: a sender never emits junk."""
-    _check_tensors(message.kind, message.tensors, limits)
+    if message.cache is not None:
+        _check_cache(message.kind, message.train, message.cache)
+    _check_tensors(message.kind, message.tensors, limits, message.cache)
     specs: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for name in TENSORS[message.kind]:
@@ -141,6 +153,8 @@ def encode(message: Message, limits: Limits) -> bytes:
     }
     if message.kind is Kind.FORWARD:
         header["train"] = message.train
+    if message.cache is not None:
+        header["cache"] = message.cache
     if message.kind is Kind.ERROR:
         header["error"] = message.error
     head = json.dumps(header, separators=(",", ":")).encode()
@@ -187,6 +201,8 @@ def read_header(data: bytes, limits: Limits) -> tuple[dict[str, Any], int]:
         raise ProtocolError("header.train: a boolean, allowed on FORWARD only")
     if "error" in header and (kind is not Kind.ERROR or not isinstance(header["error"], str)):
         raise ProtocolError("header.error: a string, allowed on ERROR only")
+    if "cache" in header:
+        _check_cache(kind, header.get("train", True), header["cache"])
     specs = header.get("tensors")
     names = (
         [s.get("name") if isinstance(s, dict) else None for s in specs] if isinstance(specs, list) else None
@@ -202,7 +218,8 @@ def decode(data: bytes, limits: Limits) -> Message:
 
     Checks, in order: total size, header framing and fields, each tensor's dtype (float for
     ``hidden`` / ``grad``, int64 for ``valid``), shape (3-D with the model's hidden size; counts
-    (B,) in 1..T) and byte count, and that the tensor bytes fill the message exactly.
+    (B,) in 1..T, or just >= 1 in a cache ``"append"``) and byte count, and that the tensor bytes
+    fill the message exactly.
     """
     header, offset = read_header(data, limits)
     kind = Kind(header["kind"])
@@ -228,14 +245,24 @@ def decode(data: bytes, limits: Limits) -> Message:
         offset += nbytes
     if offset != len(data):
         raise ProtocolError(f"message: {len(data) - offset} trailing bytes after the tensors")
-    _check_tensors(kind, tensors, limits)
-    return Message(kind, header["step"], tensors, header.get("train", True), header.get("error", ""))
+    _check_tensors(kind, tensors, limits, header.get("cache"))
+    return Message(
+        kind, header["step"], tensors, header.get("train", True), header.get("error", ""), header.get("cache")
+    )
 
 
 # -- checks shared by both directions -------------------------------------------------------------
 
 
-def _check_tensors(kind: Kind, tensors: dict[str, Tensor], limits: Limits) -> None:
+def _check_cache(kind: Kind, train: object, cache: object) -> None:
+    if not isinstance(cache, str) or cache not in CACHE_MODES:
+        raise ProtocolError(f"header.cache: must be one of {list(CACHE_MODES)}, got {cache!r}")
+    if kind is not Kind.FORWARD or train is not False:
+        got = f"FORWARD with train={str(train).lower()}" if kind is Kind.FORWARD else kind.value
+        raise ProtocolError(f"header.cache: allowed on FORWARD with train=false only, not on {got}")
+
+
+def _check_tensors(kind: Kind, tensors: dict[str, Tensor], limits: Limits, cache: str | None = None) -> None:
     if sorted(tensors) != sorted(TENSORS[kind]):
         raise ProtocolError(f"{kind.value}: carries exactly {list(TENSORS[kind])}, got {sorted(tensors)}")
     for name in TENSORS[kind]:
@@ -258,7 +285,10 @@ def _check_tensors(kind: Kind, tensors: dict[str, Tensor], limits: Limits) -> No
             raise ProtocolError(f"valid: counts must be {COUNT_DTYPE}, got {valid.dtype}")
         if tuple(valid.shape) != (batch,):
             raise ProtocolError(f"valid: shape {tuple(valid.shape)} != ({batch},), one count per sample")
-        if bool((valid < 1).any()) or bool((valid > seq).any()):
+        if cache == "append":  # total lengths so far: the trunk checks them against its cache
+            if bool((valid < 1).any()):
+                raise ProtocolError(f"valid: counts must be >= 1, got {valid.tolist()}")
+        elif bool((valid < 1).any()) or bool((valid > seq).any()):
             raise ProtocolError(f"valid: counts must lie in 1..{seq}, got {valid.tolist()}")
 
 
@@ -281,6 +311,7 @@ def _is_int(value: object) -> bool:
 
 
 __all__ = [
+    "CACHE_MODES",
     "TENSORS",
     "Kind",
     "Limits",

@@ -11,6 +11,11 @@ session's pending graph still needs. A bad message is answered with ERROR and dr
 session's pending step: the stream and every other session stay up. Forward-only requests
 (``train=False``) take the trunk just for their forward.
 
+Generation keeps a KV cache per session: a FORWARD with ``cache="new"`` prefills a fresh
+:class:`~fedtune.split.partition_model.PartCache` (replacing the session's previous one) and each
+``cache="append"`` decodes on it. Each decode step takes the trunk only for itself, so another
+session's optimiser step may land between two of them. An ERROR drops the session's cache too.
+
 gRPC is used without generated code: one generic stream-stream method on raw bytes.
 """
 
@@ -29,7 +34,7 @@ import torch
 from torch import Tensor
 
 from fedtune.split import protocol as wire
-from fedtune.split.partition_model import Trunk
+from fedtune.split.partition_model import PartCache, Trunk
 from fedtune.split.protocol import Kind, Limits, Message, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -67,6 +72,13 @@ class _Pending:
     released: bool = False  # whether this step has given the trunk's lease back
 
 
+@dataclass
+class _Generation:
+    """A session's generation state: the trunk's KV cache from a prefill through its decode steps."""
+
+    cache: PartCache | None = None
+
+
 class TrunkService:
     """Runs a :class:`~fedtune.split.partition_model.Trunk` for many client sessions.
 
@@ -99,22 +111,23 @@ class TrunkService:
     def session(self, requests: Iterator[bytes], context: Any = None) -> Iterator[bytes]:
         """Serve one client stream: a reply for every request, ERROR for bad ones."""
         pending: _Pending | None = None
+        generation = _Generation()
         try:
             for data in requests:
                 step = 0
                 try:
                     message = wire.decode(data, self.limits)
                     step = message.step
-                    reply, pending = self._handle(message, pending)
+                    reply, pending = self._handle(message, pending, generation)
                     out = wire.encode(reply, self.limits)  # e.g. a NaN h2 is refused here too
                 except (ProtocolError, ValueError) as err:
                     self._release(pending)
-                    pending = None
+                    pending, generation.cache = None, None
                     log.warning("trunk session: rejected a message: %s", err)
                     out = wire.encode(wire.error(step, str(err)), self.limits)
                 except Exception as err:  # keep serving: one session's failure is not the service's
                     self._release(pending)
-                    pending = None
+                    pending, generation.cache = None, None
                     log.exception("trunk session: step %s failed", step)
                     out = wire.encode(
                         wire.error(step, f"trunk failed: {type(err).__name__}: {err}"), self.limits
@@ -123,13 +136,17 @@ class TrunkService:
         finally:  # the client hung up (or the stream was cancelled) mid-step
             self._release(pending)
 
-    def _handle(self, message: Message, pending: _Pending | None) -> tuple[Message, _Pending | None]:
+    def _handle(
+        self, message: Message, pending: _Pending | None, generation: _Generation
+    ) -> tuple[Message, _Pending | None]:
         if message.kind is Kind.FORWARD:
             if pending is not None:
                 raise ProtocolError(
                     f"header.step: FORWARD of step {message.step} while step {pending.step} "
                     "awaits its BACKWARD"
                 )
+            if message.cache is not None:
+                return self._generate(message, generation), None
             return self._forward(message)
         if message.kind is Kind.BACKWARD:
             if pending is None or pending.step != message.step:
@@ -155,6 +172,19 @@ class TrunkService:
             self._lease.release()
             raise
         return wire.activation(message.step, h2.detach()), _Pending(message.step, h1, h2)
+
+    def _generate(self, message: Message, generation: _Generation) -> Message:
+        """A KV-cached forward (``cache`` "new": prefill, "append": decode step); keeps no graph."""
+        if message.cache == "new":
+            generation.cache = self.trunk.new_cache()
+        elif generation.cache is None:
+            raise ProtocolError("header.cache: append without a prefill")
+        h1 = message.tensors["hidden"].to(self.device, self.dtype)
+        valid = message.tensors["valid"].to(self.device)
+        with self._lease, torch.no_grad():
+            self.trunk.eval()
+            h2 = self.trunk(h1, valid, cache=generation.cache)  # checks the counts against the cache
+        return wire.activation(message.step, h2)
 
     def _backward(self, message: Message, pending: _Pending) -> Message:
         grad = message.tensors["grad"]

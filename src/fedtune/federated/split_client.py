@@ -1,0 +1,117 @@
+"""The ClientApp's split-learning path: train and evaluate head + tail against the trunk service.
+
+A split client holds the embeddings, the first ``split.n_head`` and last ``split.n_tail`` blocks,
+the final norm and the head; Flower brings it the global head + tail adapter and the trunk
+services' addresses (``trunk-addresses``; client ``partition_id % len`` uses that one). Within the
+round it streams activations to the service and trains with the ordinary local loop
+(:func:`~fedtune.training.local.train` over a :class:`~fedtune.split.lm.SplitLM`), with
+``split.protect`` noise and clipping on what it sends. It replies with its head + tail adapter,
+never with the trunk's, and with how many bytes crossed the cut.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+
+from flwr.app import ConfigRecord, Message
+
+from fedtune.config import Config, ModelConfig, SplitConfig
+from fedtune.federated.records import from_record, to_record, to_torch
+from fedtune.split.client import RemoteTrunk, TrunkClient
+from fedtune.split.lm import SplitLM, parts_from_config
+from fedtune.split.partition_model import Head, Tail, client_adapter_state_dict
+from fedtune.split.protect import ProtectConfig, protect_parts
+from fedtune.training.local import EvalResult, TrainResult, evaluate, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SplitRuntime:
+    head: Head
+    tail: Tail
+
+
+@lru_cache(maxsize=1)
+def _runtime(model_json: str, split_json: str, seed: int) -> SplitRuntime:
+    cfg = Config(
+        model=ModelConfig.model_validate_json(model_json),
+        split=SplitConfig.model_validate_json(split_json),
+        seed=seed,
+    )
+    parts = parts_from_config(cfg, client_only=True)
+    log.info("Loaded head + tail of %s in this process", cfg.model.name)
+    return SplitRuntime(head=parts.head, tail=parts.tail)
+
+
+def split_runtime(cfg: Config) -> SplitRuntime:
+    return _runtime(cfg.model.model_dump_json(), cfg.split.model_dump_json(), cfg.seed)
+
+
+def _connect(cfg: Config, config: ConfigRecord, partition_id: int, hidden_size: int) -> TrunkClient:
+    addresses = [str(a) for a in config["trunk-addresses"]]  # type: ignore[union-attr]
+    split = cfg.split
+    return TrunkClient(
+        addresses[partition_id % len(addresses)],
+        hidden_size,
+        tls_root_cert=split.tls_root_cert,
+        max_message_bytes=int(split.max_message_mib * 2**20),
+        timeout_s=split.timeout_s,
+    )
+
+
+def _protection(cfg: Config, runtime: SplitRuntime, seed: int):  # type: ignore[no-untyped-def]
+    p = cfg.split.protect
+    config = ProtectConfig(p.activation_sigma, p.grad_clip_norm, p.grad_noise_multiplier, seed=seed)
+    return protect_parts(runtime.head, runtime.tail, config)
+
+
+def split_train(
+    cfg: Config,
+    msg: Message,
+    partition_id: int,
+    train_ds,
+    tokenizer,
+    *,
+    seed: int,
+    proximal_mu: float,  # type: ignore[no-untyped-def]
+) -> tuple[TrainResult, dict, dict[str, float]]:
+    """One round of split training; returns (result, head + tail adapter record, transport metrics)."""
+    runtime = split_runtime(cfg)
+    config: ConfigRecord = msg.content["config"]  # type: ignore[assignment]
+    state = to_torch(from_record(msg.content["arrays"]))  # type: ignore[arg-type]
+    runtime.head.load_adapter_state_dict(state)
+    runtime.tail.load_adapter_state_dict(state)
+    with (
+        _connect(cfg, config, partition_id, runtime.head.hidden_size) as client,
+        _protection(cfg, runtime, seed),
+    ):
+        model = SplitLM(runtime.head, RemoteTrunk(client), runtime.tail)
+        for name, param in model.named_parameters():
+            param.requires_grad_("lora_" in name)
+        result = train(model, train_ds, tokenizer, cfg.train, seed=seed, proximal_mu=proximal_mu)
+        traffic = {"trunk-bytes-up": float(client.bytes_up), "trunk-bytes-down": float(client.bytes_down)}
+    arrays = to_record(client_adapter_state_dict(runtime.head, runtime.tail), cfg.fed.wire_dtype)
+    return result, arrays, traffic
+
+
+def split_evaluate(
+    cfg: Config, msg: Message, partition_id: int, test_ds, tokenizer, *, seed: int
+) -> EvalResult:  # type: ignore[no-untyped-def]
+    """Held-out loss of the global head + tail around the (averaged) trunk."""
+    runtime = split_runtime(cfg)
+    config: ConfigRecord = msg.content["config"]  # type: ignore[assignment]
+    state = to_torch(from_record(msg.content["arrays"]))  # type: ignore[arg-type]
+    runtime.head.load_adapter_state_dict(state)
+    runtime.tail.load_adapter_state_dict(state)
+    with (
+        _connect(cfg, config, partition_id, runtime.head.hidden_size) as client,
+        _protection(cfg, runtime, seed),
+    ):
+        model = SplitLM(runtime.head, RemoteTrunk(client), runtime.tail)
+        return evaluate(model, test_ds, tokenizer, cfg.train.eval_batch_size)
+
+
+__all__ = ["split_evaluate", "split_runtime", "split_train"]

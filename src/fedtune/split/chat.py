@@ -1,0 +1,80 @@
+"""Generation with a split run's adapters: head and tail here, the trunk on a service.
+
+``fedtune chat RUN_DIR`` on a split run generates across the split, as a deployed split client
+would: this process runs the head and the tail with the run's client-side adapter, and the trunk
+runs on a trunk service, either one given by address (``--trunk HOST:PORT``, e.g. ``python -m
+fedtune.split.serve_trunk --adapter RUN_DIR/final ...``) or one started here on loopback with the
+run's trunk adapter. Every part keeps its own KV cache (:func:`~fedtune.split.split_generate`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import torch
+
+from fedtune.config import Config
+from fedtune.models.adapters import read_adapter_folder
+from fedtune.split.client import RemoteTrunk, TrunkClient
+from fedtune.split.generate import split_generate
+from fedtune.split.lm import parts_from_config
+from fedtune.split.partition_model import Head, Tail
+from fedtune.split.server import TrunkOptim, TrunkService, serve
+
+
+@dataclass
+class SplitSession:
+    """A split client's generation set-up; :meth:`close` ends the stream (and a local service)."""
+
+    head: Head
+    tail: Tail
+    client: TrunkClient
+    trunk: RemoteTrunk
+    server: grpc.Server | None = None
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None) -> list[int]:
+        """Greedy continuation of one prompt (1, T): the new tokens."""
+        return split_generate(self.head, self.trunk, self.tail, input_ids, max_new_tokens, eos_token_id)[0]
+
+    def close(self) -> None:
+        self.client.close()
+        if self.server is not None:
+            self.server.stop(0.5).wait()
+
+
+def open_split_session(cfg: Config, adapter: str | Path, trunk_address: str | None = None) -> SplitSession:
+    """Head + tail with ``adapter``'s client-side weights, connected to a trunk service.
+
+    Without ``trunk_address`` a trunk service with ``adapter``'s trunk weights is started in this
+    process on a free loopback port (plaintext).
+    """
+    state = read_adapter_folder(adapter)
+    parts = parts_from_config(cfg, client_only=trunk_address is not None)
+    parts.head.load_adapter_state_dict(state)
+    parts.tail.load_adapter_state_dict(state)
+    server = None
+    root = cfg.split.tls_root_cert
+    if trunk_address is None:
+        parts.trunk.load_adapter_state_dict(state)
+        service = TrunkService(parts.trunk, TrunkOptim(step_every=0))
+        server, port = serve(service, "127.0.0.1", 0)
+        trunk_address, root = f"127.0.0.1:{port}", None
+    try:
+        client = TrunkClient(
+            trunk_address,
+            parts.head.hidden_size,
+            tls_root_cert=root,
+            max_message_bytes=int(cfg.split.max_message_mib * 2**20),
+            timeout_s=cfg.split.timeout_s,
+        )
+    except BaseException:
+        if server is not None:
+            server.stop(0)
+        raise
+    return SplitSession(parts.head, parts.tail, client, RemoteTrunk(client), server)
+
+
+__all__ = ["SplitSession", "open_split_session"]
