@@ -33,11 +33,16 @@ def deployment(tmp_path: Path) -> Iterator[LoopbackDeployment]:
         yield dep
 
 
-def test_flwr_run_trains_one_round_across_two_supernodes(deployment: LoopbackDeployment) -> None:
-    # Prepare: the CLI's SuperLink connection, in its own FLWR_HOME
+SPLIT = "model.name=tiny-llama-4l split.enabled=true split.n_head=1 split.n_tail=1"
+
+
+@pytest.mark.parametrize("extra", ["", SPLIT], ids=["adapter", "split"])
+def test_flwr_run_trains_one_round_across_two_supernodes(deployment: LoopbackDeployment, extra: str) -> None:
+    # Prepare: the CLI's SuperLink connection, in its own FLWR_HOME. A split run's trunk service
+    # runs in the ServerApp process; the ClientApp processes stream to it directly.
     env = deployment.connect("deployment", default=True)
     out_dir = deployment.root / "runs"
-    overrides = f"partition.num_partitions=2 fed.rounds=1 fed.timeout=120 run.output_dir={out_dir}"
+    overrides = f"partition.num_partitions=2 fed.rounds=1 fed.timeout=120 run.output_dir={out_dir} {extra}"
 
     # Execute: --stream follows the run's log until it ends
     cli = subprocess.run(
@@ -70,3 +75,9 @@ def test_flwr_run_trains_one_round_across_two_supernodes(deployment: LoopbackDep
         if line["round"] == 1 and line["phase"] == "train"
     }
     assert clients == {0, 1}, context
+    if extra:  # activations crossed to the trunk service, and its adapter is in the checkpoint
+        lines = list(map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()))
+        assert all(x["trunk_bytes_up"] > 0 for x in lines if x["phase"] == "train"), context
+        assert [x["trunk_passes"] for x in lines if x["phase"] == "server" and x["round"] == 1] == [4], (
+            context
+        )
