@@ -69,3 +69,27 @@ def test_sequential_host_is_one_trunk_and_groups_need_hierarchical() -> None:
         host.stop()
     with pytest.raises(ValueError, match="hierarchical"):
         SplitConfig(enabled=True, groups=2)
+
+
+def test_host_serves_tls_from_config_files(tmp_path) -> None:
+    from split.test_service import _self_signed
+
+    cert, key = _self_signed()
+    (tmp_path / "trunk.pem").write_bytes(cert)
+    (tmp_path / "trunk.key").write_bytes(key)
+    split = SplitConfig(
+        enabled=True,
+        tls_cert=str(tmp_path / "trunk.pem"),
+        tls_key=str(tmp_path / "trunk.key"),
+        tls_root_cert=str(tmp_path / "trunk.pem"),
+    )
+    _, trunk, _ = cut_model(tiny_lora_model("llama"), 2, 2)
+    host = TrunkHost(trunk, split, lr=1e-3)
+    try:
+        with TrunkClient(host.addresses[0], 64, tls_root_cert=split.tls_root_cert) as client:
+            h2 = client.forward(torch.ones(1, 3, 64), torch.tensor([3]), train=False)
+        assert h2.shape == (1, 3, 64)
+        with pytest.raises(ConnectionError, match="plaintext"):
+            TrunkClient(host.addresses[0], 64, timeout_s=2)
+    finally:
+        host.stop()
