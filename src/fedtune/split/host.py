@@ -37,24 +37,23 @@ from fedtune.split.server import TrunkOptim, TrunkService, _Pending, serve
 log = logging.getLogger(__name__)
 
 
-class _Counting(TrunkService):
+class _CountSamples:
     """Counts the samples each BACKWARD trained on (the replica's averaging weight)."""
 
     samples = 0
 
     def _backward(self, message, pending: _Pending):  # type: ignore[no-untyped-def]
-        out = super()._backward(message, pending)
+        out = super()._backward(message, pending)  # type: ignore[misc]
         self.samples += int(pending.h1.shape[0])
         return out
 
 
-class _CountingBatch(BatchingTrunkService):
-    samples = 0
+class _Counting(_CountSamples, TrunkService):
+    pass
 
-    def _backward(self, message, pending: _Pending):  # type: ignore[no-untyped-def]
-        out = super()._backward(message, pending)
-        self.samples += int(pending.h1.shape[0])
-        return out
+
+class _CountingBatch(_CountSamples, BatchingTrunkService):
+    pass
 
 
 def replicate(trunk: Trunk) -> Trunk:
