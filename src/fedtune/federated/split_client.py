@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass
 from functools import lru_cache
 
-from flwr.app import ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from fedtune.config import Config, ModelConfig, SplitConfig
 from fedtune.federated.records import from_record, to_record, to_torch
@@ -77,7 +77,7 @@ def split_train(
     *,
     seed: int,
     proximal_mu: float,  # type: ignore[no-untyped-def]
-) -> tuple[TrainResult, dict, dict[str, float]]:
+) -> tuple[TrainResult, ArrayRecord, dict[str, float]]:
     """One round of split training; returns (result, head + tail adapter record, transport metrics)."""
     runtime = split_runtime(cfg)
     config: ConfigRecord = msg.content["config"]  # type: ignore[assignment]

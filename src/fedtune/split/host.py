@@ -58,7 +58,7 @@ class _CountingBatch(_CountSamples, BatchingTrunkService):
 
 def replicate(trunk: Trunk) -> Trunk:
     """A copy of ``trunk`` with its own LoRA weights and the same (shared) frozen weights."""
-    shared = {id(p): p for p in trunk.parameters() if not p.requires_grad}
+    shared: dict[int, Tensor] = {id(p): p for p in trunk.parameters() if not p.requires_grad}
     shared.update({id(b): b for b in trunk.buffers()})
     return copy.deepcopy(trunk, memo=shared)
 
