@@ -107,3 +107,15 @@ def test_fedadam_state_round_trips() -> None:
     fresh = _strategy("fed.strategy='fedadam'", clients=2)
     fresh.load_server_state(state, GLOBAL)
     assert all(np.array_equal(fresh.m_t[k], strategy.m_t[k]) for k in strategy.m_t)
+
+
+def test_fedavgm_pairs_arrays_by_name_when_clients_list_keys_in_another_order() -> None:
+    # The global comes off disk in safetensors' (sorted) order, replies in the model's order:
+    # Flower's FedAvgM pairs arrays by position, so the aggregate must keep the global's order.
+    strategy = _strategy("fed.strategy='fedavgm'", "fed.server_lr=2.0", clients=2)
+    a = {k: np.full(s, 1.0, dtype=np.float32) for k, s in reversed(SHAPES.items())}
+    b = {k: np.full(s, 3.0, dtype=np.float32) for k, s in reversed(SHAPES.items())}
+    got = from_record(strategy.aggregate_train(1, _replies(strategy, [a, b], [1, 1]))[0])
+    assert list(got) == list(GLOBAL)
+    for key, shape in SHAPES.items():  # global 0, mean update 2.0, server lr 2, no momentum: 4.0
+        np.testing.assert_allclose(got[key], np.full(shape, 4.0))

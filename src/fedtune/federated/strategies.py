@@ -205,6 +205,8 @@ class AdapterStrategy(FedAvg):
             states = [clip_update(s, r, fed.clip_norm) for s, r in zip(states, refs, strict=True)]
         weights = [entries[i]["num_examples"] for i in kept]
         merged = self.aggregate_states(states, weights, [pids[i] for i in kept])
+        if merged.keys() == self._global.keys():  # Flower's FedAvgM pairs arrays by position
+            merged = {k: merged[k] for k in self._global}
         metrics = MetricRecord(
             {
                 "train-loss": weighted_mean([entries[i]["train_loss"] for i in kept], weights),
