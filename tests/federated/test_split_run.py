@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -128,3 +131,36 @@ def test_split_config_ships_and_loads() -> None:
     assert cfg.split.enabled and cfg.model.name == "smollm2"
     with pytest.raises(FedtuneError, match=r"split\.groups"):
         load_config("configs/split.toml", ["split.groups=2"])
+
+
+def test_chat_with_a_trunk_service_of_its_own_process(split_run: Path, tmp_path: Path) -> None:
+    ready = tmp_path / "port"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedtune.split.serve_trunk", "--model", "tiny-llama-4l", "--adapter",
+         str(split_run / "final"), "--n-head", "1", "--n-tail", "1", "--ready-file", str(ready)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "trunk service did not start"
+            time.sleep(0.2)
+        address = f"127.0.0.1:{ready.read_text()}"
+        across = load_split_run(split_run, trunk=address)
+        try:
+            assert across.split is not None and across.split.server is None  # no service of its own
+            prompt = torch.tensor([[7, 8, 9, 10]])
+            tokens = across.split.generate(prompt, 10, None)
+        finally:
+            across.split.close()  # type: ignore[union-attr]
+        cli = fedtune("chat", str(split_run), "--prompt", "hi", "--max-new-tokens", "4", "--trunk", address)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    whole = load_run(split_run).model
+    expected = whole.generate(  # type: ignore[union-attr]
+        input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False
+    )[0, 4:]
+    assert tokens == expected.tolist()
+    assert cli.returncode == 0 and "model>" in cli.stdout, cli.stderr[-2000:]
+    assert "trunk service on" not in cli.stderr  # it used the given service, started none
