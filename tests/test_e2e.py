@@ -14,6 +14,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from fedtune.config import load_config
+from fedtune.inference import evaluate_clients, load_run
 from fedtune.models.load import load_model
 
 
@@ -117,6 +118,15 @@ def test_heterogeneous_ranks_stack_merge_end_to_end_and_resume(tmp_path: Path) -
     assert same_adapter(run / "final", copy / "final")
     cfg = load_config(run / "config.toml")
     PeftModel.from_pretrained(load_model(cfg.model), run / "final")  # servable as saved
+    # round 2's messages carried only what clients lacked (their cached stack + the new ranks),
+    # yet every client evaluated exactly the saved global
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    down = {x["round"]: x["bytes_down"] for x in lines if x["phase"] == "server"}
+    assert down[2] < 1.2 * down[1]
+    expected = evaluate_clients(load_run(run, adapter=run / "rounds" / "0002"))
+    got = {x["client"]: x["eval_loss"] for x in lines if x["phase"] == "evaluate" and x["round"] == 2}
+    assert got.keys() == expected.keys()
+    assert all(abs(got[c] - expected[c]) < 1e-4 for c in got)  # fp16 wire vs fp32 folder
 
 
 def test_fflora_keeps_personal_adapters_on_clients_and_resumes_exactly(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedtune.config import Config, ModelConfig, config_from_toml_text
 from fedtune.data.pipeline import client_tokenized
+from fedtune.federated import stack_cache
 from fedtune.federated.personal import load_personal, save_personal, state_root
 from fedtune.federated.records import from_record, to_record, to_torch
 from fedtune.models.adapters import (
@@ -106,23 +107,34 @@ def _setup(msg: Message, context: Context) -> tuple[Config, str, Runtime, int, s
     return cfg, text, runtime, partition_id, data_path
 
 
-def _install(model: PeftModel, msg: Message, cfg: Config) -> str:
+def _install(model: PeftModel, msg: Message, cfg: Config, context: Context, pid: int) -> str:
     """Load the message's adapter(s) into the model; returns the adapter that trains.
 
     Plain strategies send the global adapter ("default"). Heterogeneous-rank ones send
     the client's own rank-``rank`` adapter, optionally on top of a frozen global update
     (``frozen``, rank ``frozen-rank``, scaling 1), and for evaluation the global
-    adapter alone (``global-rank``, scaling 1).
+    adapter alone (``global-rank``, scaling 1). FLoRA's merge mode may send either stack as
+    the part beyond what this client holds (``<key>-from``, see :mod:`stack_cache`).
     """
     config: ConfigRecord = msg.content["config"]  # type: ignore[assignment]
     lora = cfg.model.lora
+
+    def received(key: str) -> dict[str, torch.Tensor]:
+        sent = to_torch(from_record(msg.content[key])) if key in msg.content else None  # type: ignore[arg-type]
+        if f"{key}-from" not in config:
+            if sent is None:
+                raise KeyError(key)
+            return sent
+        node_dir = context.node_config.get("state-dir")
+        root = state_root(str(node_dir) if node_dir else None, str(config.get("run-dir", "")))
+        held = int(config[f"{key}-from"])  # type: ignore[arg-type]
+        return stack_cache.receive(sent, held or None, root, pid)
 
     def put(name: str, key: str, rank: int | None, alpha: float | None = None) -> str:
         if rank is not None:  # scaling 1 for the global (alpha = r); the client's own alpha otherwise
             spec = lora.model_copy(update={"r": rank, "alpha": alpha or rank, "ranks": None})
             ensure_adapter(model, name, spec if alpha else spec.model_copy(update={"dropout": 0.0}))
-        state = to_torch(from_record(msg.content[key]))  # type: ignore[arg-type]
-        load_adapter_state(model, state, name)
+        load_adapter_state(model, received(key), name)
         return name
 
     if "personal-rank" in config:  # FF-LoRA: global ("default") + personal, fused
@@ -138,7 +150,7 @@ def _install(model: PeftModel, msg: Message, cfg: Config) -> str:
         rank = int(config["rank"])  # type: ignore[arg-type]
         own = put(f"r{rank}", "arrays", rank, lora.alpha)
         names = [own]
-        if "frozen" in msg.content:
+        if "frozen-rank" in config:
             names.insert(0, put("global", "frozen", int(config["frozen-rank"])))  # type: ignore[arg-type]
         activate(model, names, trainable=own)
         return own
@@ -249,7 +261,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     config: ConfigRecord = msg.content["config"]  # type: ignore[assignment]
     server_round = int(config["server-round"])  # type: ignore[arg-type]
     proximal_mu = float(config.get("proximal-mu", 0.0))  # type: ignore[arg-type]  # set by FedProx
-    adapter = _install(runtime.model, msg, cfg)
+    adapter = _install(runtime.model, msg, cfg, context, partition_id)
     personal = _personal(runtime, cfg, config, context, partition_id, trained=False)
     correction = None
     if "correction" in msg.content:  # SCAFFOLD: c - c_i, added to the adapter's gradients
@@ -290,7 +302,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     if cfg.split.enabled:
         return _evaluate_split(msg, context, cfg, text, start)
     cfg, text, runtime, partition_id, data_path = _setup(msg, context)
-    _install(runtime.model, msg, cfg)
+    _install(runtime.model, msg, cfg, context, partition_id)
     config: ConfigRecord = msg.content["config"]  # type: ignore[assignment]
     _, test_ds = _data(text, partition_id, data_path)
     extra: dict[str, float] = {}

@@ -29,6 +29,7 @@ import numpy as np
 from flwr.app import ArrayRecord, MessageType
 
 from fedtune.config import Config, LoraConfig
+from fedtune.federated import stack_cache
 from fedtune.federated.hetero import (
     aggregate_delta,
     fresh_like,
@@ -110,7 +111,61 @@ class HeteroStrategy(AdapterStrategy):
 
 
 class StackStrategy(HeteroStrategy):
-    """FLoRA: exact aggregation by stacking; ``fed.stack_mode`` picks the continuation."""
+    """FLoRA: exact aggregation by stacking; ``fed.stack_mode`` picks the continuation.
+
+    In merge mode a client that holds the stack from an earlier message gets only what was
+    stacked since (:mod:`~fedtune.federated.stack_cache`): ``_held`` is the rank each client
+    holds, updated when its reply comes back fine, forgotten when it fails.
+    """
+
+    def bind(self, cfg: Config, clients: dict[int, int]) -> StackStrategy:
+        super().bind(cfg, clients)
+        self._held: dict[int, int] = {}  # partition id -> rank of the stack on that client's disk
+        self._offered: dict[int, int] = {}  # partition id -> rank of the stack in this phase's message
+        self._tails: dict[tuple[int, str, int], ArrayRecord] = {}
+        return self
+
+    def client_payload(
+        self, pid: int, global_state: Arrays, message_type: str, server_round: int
+    ) -> tuple[dict[str, ArrayRecord], dict[str, Any], Arrays]:
+        records, extra, reference = super().client_payload(pid, global_state, message_type, server_round)
+        key = "frozen" if message_type == MessageType.TRAIN else "arrays"
+        if self.cfg.fed.stack_mode != "merge" or key not in records:
+            return records, extra, reference
+        whole = self.frozen_state(global_state) if key == "frozen" else global_state
+        assert whole is not None
+        rank = stack_cache.uniform_rank(whole)
+        if rank is None or is_zero(whole):
+            # not a stack of equal-rank modules, or the zero start, which the first round's
+            # stack replaces rather than extends: send it whole, hold nothing
+            return records, extra, reference
+        held = self._held.get(pid, 0)
+        if self.run_dir:  # where a simulated client keeps its stack (Flower refuses "" in a config)
+            extra["run-dir"] = self.run_dir
+        if held > rank:  # cannot happen for a growing stack; be safe and send it whole
+            held = 0
+        extra[f"{key}-from"] = held  # 0: the whole stack (the client caches it either way)
+        if held > 0:
+            del records[key]
+            if held < rank:
+                tag = (server_round, str(message_type), held)
+                if tag not in self._tails:
+                    self._tails = {t: r for t, r in self._tails.items() if t[0] == server_round}
+                    self._tails[tag] = to_record(stack_cache.tail(whole, held), self.cfg.fed.wire_dtype)
+                records[key] = self._tails[tag]
+        self._offered[pid] = rank
+        return records, extra, reference
+
+    def _valid_sorted(self, replies: Any, is_train: bool) -> list[Any]:
+        valid = super()._valid_sorted(replies, is_train)
+        fine = {int(m.content["metrics"]["partition-id"]) for m in valid}  # type: ignore[arg-type]
+        for pid, rank in self._offered.items():
+            if pid in fine:
+                self._held[pid] = rank
+            else:  # it may not hold what it was sent: send the whole stack next time
+                self._held.pop(pid, None)
+        self._offered = {}
+        return valid
 
     def aggregate_states(self, states: list[Arrays], weights: list[int], clients: list[int]) -> Arrays:
         round_update = stack(states, weights, [self.scaling(p) for p in clients])
