@@ -8,7 +8,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -17,6 +17,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from fedtune.errors import FedtuneError
+
+if TYPE_CHECKING:
+    from fedtune.inference import Loaded
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 data_app = typer.Typer(no_args_is_help=True, help="Data files: convert between formats.")
@@ -172,7 +175,7 @@ def chat(
             loaded.split.close()
 
 
-def _chat_loop(loaded, prompt: list[str] | None, system: str | None, max_new_tokens: int) -> None:  # type: ignore[no-untyped-def]
+def _chat_loop(loaded: Loaded, prompt: list[str] | None, system: str | None, max_new_tokens: int) -> None:
     from fedtune.data.types import Conversation
     from fedtune.inference import reply
 
