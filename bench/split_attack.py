@@ -1,7 +1,8 @@
 """Inversion attack on split learning's head activations, with activation noise off and on.
 
-For each defence sigma (noise std relative to each sample's activation RMS, see
-``fedtune.split.protect``) on a fresh copy of the same LoRA model:
+For each defence sigma (noise std relative to ``--scale``: by default each sample's activation
+RMS, ``channel`` each channel's std; see ``fedtune.split.protect``) on a fresh copy of the same
+LoRA model:
 
 1. train the split model (head -> trunk -> tail, noise on h1 when sigma > 0) for ``--steps`` steps
    on the client's private training data, then take its held-out LM loss (noise on, as deployed);
@@ -12,10 +13,11 @@ For each defence sigma (noise std relative to each sample's activation RMS, see
 Data: ``tiny`` (default, seconds): a 6-layer 64-wide random Llama with a 128-token vocabulary and
 sequences from a seeded random bigram chain (public and private are draws from the same chain).
 ``--model smollm2``: SmolLM2-135M-Instruct; public = chatterbot categories 0-3 (name order),
-private = the largest other category (half trained on and attacked, half held out).
+private = the other category with the most distinct conversations (trivia), deduplicated, so the
+held-out sequences are disjoint from the ones trained on and attacked.
 
 Goal: a sigma that cuts recovery at least in half costs at most 5% held-out loss.
-Usage: python bench/split_attack.py [--model smollm2] [--n-head 1] [--sigmas 0,0.5,1,2]
+Usage: python bench/split_attack.py [--model smollm2] [--n-head 1] [--scale sample] [--sigmas 0,1]
 Last line: ``loss_cost_pct: X`` (of the smallest sigma that halves recovery, else the largest).
 """
 
@@ -92,16 +94,21 @@ def smollm2_setup(args: argparse.Namespace) -> tuple[torch.nn.Module, list[Batch
     ds = load_chatterbot()
     categories = sorted(set(ds["category"]))
     public_cats = set(categories[:4])
-    counts = {c: ds["category"].count(c) for c in categories if c not in public_cats}
-    private_cat = max(counts, key=lambda c: counts[c])
     half = args.seq_len // 2
     tok = tokenize_dataset(ds, tokenizer, "chat", max_source_length=half, max_target_length=half)
 
     def rows(keep: set[str]) -> list[tuple[list[int], list[int]]]:
         return [(r["input_ids"], r["labels"]) for r in tok if r["category"] in keep]
 
+    def distinct(rows: list[tuple[list[int], list[int]]]) -> list[tuple[list[int], list[int]]]:
+        return list({tuple(ids): (ids, labels) for ids, labels in rows}.values())
+
+    # Count distinct conversations: "tech support" has 1,050 rows but only 10 distinct ones, so
+    # with duplicates the held-out set would be the training set again.
+    counts = {c: len(distinct(rows({c}))) for c in categories if c not in public_cats}
+    private_cat = max(counts, key=lambda c: counts[c])
     public = rows(public_cats)[: args.public]
-    private = rows({private_cat})
+    private = distinct(rows({private_cat}))
     train, held_out = private[: args.private], private[args.private : args.private + args.held_out]
     print(
         f"public: {sorted(public_cats)} ({len(public)} seqs); private: {private_cat!r} "
@@ -134,7 +141,8 @@ def run_sigma(args: argparse.Namespace, base: torch.nn.Module, data: tuple, sigm
     head, trunk, tail = cut_model(model, args.n_head, args.n_tail)
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=args.lr)
-    with protect_parts(head, tail, ProtectConfig(activation_sigma=sigma, seed=args.seed)):
+    protect = ProtectConfig(activation_sigma=sigma, seed=args.seed, activation_scale=args.scale)
+    with protect_parts(head, tail, protect):
         model.train()
         for step in range(args.steps):
             optim.zero_grad()
@@ -148,11 +156,14 @@ def run_sigma(args: argparse.Namespace, base: torch.nn.Module, data: tuple, sigm
 
 
 def main() -> None:
+    from fedtune.split.protect import NOISE_SCALES
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
     parser.add_argument("--n-head", type=int, default=1)
     parser.add_argument("--n-tail", type=int, default=1)
     parser.add_argument("--sigmas", default="0,0.25,0.5,1,2")
+    parser.add_argument("--scale", choices=sorted(NOISE_SCALES), default="sample", help="sigma relative to")
     parser.add_argument("--public", type=int, default=256, help="public sequences for the attacker")
     parser.add_argument("--private", type=int, default=64, help="private sequences trained on and attacked")
     parser.add_argument("--held-out", type=int, default=64, help="private sequences for the held-out loss")
@@ -184,7 +195,8 @@ def main() -> None:
     chosen = halved[0] if halved else rows[-1]
     cost_pct = 100 * (chosen["loss"] / clean["loss"] - 1)
     took = time.perf_counter() - start
-    print(f"model: {args.model}  n_head: {args.n_head}  steps: {args.steps}  {took:.0f} s")
+    setting = f"model: {args.model}  n_head: {args.n_head}  scale: {args.scale}  steps: {args.steps}"
+    print(f"{setting}  {took:.0f} s")
     print(f"chosen_sigma: {chosen['sigma']}")
     print(f"recovery_cut_by_half: {bool(halved)}")
     print(f"goal_met: {bool(halved) and cost_pct <= 5.0}")

@@ -130,6 +130,9 @@ class SplitProtectConfig(_Section):
     activation_sigma: float = Field(0.0, ge=0, description="noise on outgoing h1, relative to sample RMS")
     grad_clip_norm: float | None = Field(None, gt=0, description="per-sample L2 bound on dL/dh2 sent back")
     grad_noise_multiplier: float = Field(0.0, ge=0, description="noise std on dL/dh2, times the bound")
+    activation_scale: Literal["sample", "token", "token_mad", "channel", "channel_mad"] = Field(
+        "sample", description="what activation_sigma is relative to (see split/protect.py)"
+    )
 
     @model_validator(mode="after")
     def _noise_needs_clip(self) -> SplitProtectConfig:

@@ -123,6 +123,12 @@ def test_split_protect_noises_what_leaves_the_client(monkeypatch) -> None:
     clean = _first_h1(_one_round(monkeypatch)[2][0])
     again = _first_h1(_one_round(monkeypatch)[2][0])
     noised = _first_h1(_one_round(monkeypatch, "split.protect.activation_sigma=1.0")[2][0])
+    per_channel = _first_h1(
+        _one_round(
+            monkeypatch, "split.protect.activation_sigma=1.0", "split.protect.activation_scale='channel'"
+        )[2][0]
+    )
+    assert not torch.allclose(per_channel, noised)  # the scale setting reaches the client
     torch.testing.assert_close(again, clean)  # the same round sends the same h1 without noise
     relative = float((noised - clean).norm() / clean.norm())
     assert 0.5 < relative < 1.5  # noise std = 1.0 x each sample's RMS

@@ -11,9 +11,13 @@ from fedtune.split import cut_model, split_step
 from fedtune.split.protect import (
     ProtectConfig,
     add_activation_noise,
+    channel_mad,
+    channel_std,
     clip_and_noise_gradients,
     protect_parts,
     sample_rms,
+    token_mad,
+    token_rms,
 )
 
 
@@ -70,6 +74,65 @@ def test_activation_noise_is_relative_to_each_samples_rms_over_valid_positions()
     assert float(noise[1].std()) == pytest.approx(0.5 * 1.0, rel=0.05)
     assert torch.equal(noised, add_activation_noise(h, 0.5, _gen(1), valid))
     assert add_activation_noise(h, 0.0, _gen(1)) is h
+
+
+def _plus_minus(n: int) -> torch.Tensor:
+    """n values alternating +1, -1: mean 0, std 1 (population), median absolute deviation 1."""
+    return torch.tensor([1.0, -1.0]).repeat(n // 2)
+
+
+def test_channel_scale_gives_each_channel_noise_of_its_own_std():
+    # Prepare: channel c alternates +-s_c over positions, s = (1, 1, 100, 1); padding holds 1e4s
+    s = torch.tensor([1.0, 1.0, 100.0, 1.0])
+    h = (_plus_minus(2000).view(1, 2000, 1) * s).repeat(2, 1, 1)
+    h[1, 1000:] = 1e4
+    valid = torch.tensor([2000, 1000])
+    # Execute
+    noised = add_activation_noise(h, 0.5, _gen(1), valid, scale="channel")
+    # Assert: std_c = s_c exactly, padding left out; the huge channel's noise does not spill over
+    torch.testing.assert_close(channel_std(h, valid), s.view(1, 1, 4))
+    noise_std = (noised - h)[0].std(dim=0)  # 2,000 draws per channel: ~1.6% error
+    assert noise_std.tolist() == pytest.approx((0.5 * s).tolist(), rel=0.1)
+    assert float(sample_rms(h[:1]).squeeze()) == pytest.approx(50.0, rel=0.01)  # what "sample" would use
+
+
+def test_channel_mad_ignores_one_outlier_position_that_inflates_the_std():
+    # Prepare: every channel alternates +-1, but position 0 (an attention sink) holds 1000 in channel 0
+    h = _plus_minus(100).view(1, 100, 1).repeat(1, 1, 3)
+    h[0, 0, 0] = 1000.0
+    # Execute
+    std, mad = channel_std(h), channel_mad(h)
+    # Assert: the MAD is 1 * 1.4826 in every channel; the std of channel 0 is ~sqrt(1000^2 / 100) = 100
+    torch.testing.assert_close(mad, torch.full((1, 1, 3), 1.4826))
+    assert float(std[0, 0, 0]) == pytest.approx(100.0, rel=0.01)
+    assert std[0, 0, 1:].tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_token_scales_are_each_positions_own_rms_and_robust_std():
+    # Prepare: position 0 is all 2s (RMS 2); position 1 alternates +-1 with one channel at 300
+    h = torch.zeros(1, 2, 1000)
+    h[0, 0] = 2.0
+    h[0, 1] = _plus_minus(1000)
+    h[0, 1, 0] = 300.0
+    # Execute
+    rms, mad = token_rms(h), token_mad(h)
+    noised = add_activation_noise(h, 0.5, _gen(4), scale="token")
+    # Assert: RMS of position 1 = sqrt((999 + 300^2) / 1000) ~ 9.5, its MAD ignores the outlier channel;
+    # a constant vector has no spread, so its robust std is 0
+    torch.testing.assert_close(rms.flatten(), torch.tensor([2.0, ((999 + 300.0**2) / 1000) ** 0.5]))
+    torch.testing.assert_close(mad.flatten(), torch.tensor([0.0, 1.4826]))
+    noise_std = (noised - h)[0].std(dim=1)  # 1,000 draws per position: ~2% error
+    assert noise_std.tolist() == pytest.approx((0.5 * rms.flatten()).tolist(), rel=0.1)
+
+
+def test_sample_scale_is_the_default_and_unknown_scales_are_rejected():
+    h = torch.randn(2, 5, 8, generator=_gen(5))
+    assert torch.equal(
+        add_activation_noise(h, 1.0, _gen(6)), add_activation_noise(h, 1.0, _gen(6), scale="sample")
+    )
+    assert ProtectConfig().activation_scale == "sample"
+    with pytest.raises(ValueError, match="activation_scale must be one of"):
+        ProtectConfig(activation_sigma=1.0, activation_scale="per_channel")
 
 
 def test_activation_noise_passes_gradients_through_unchanged():
@@ -138,3 +201,28 @@ def test_protection_is_reproducible_and_removable(lora_pair, batch):
         pass
     valid = batch["valid"]
     assert torch.equal(head(batch["input_ids"], valid), head(batch["input_ids"], valid))
+
+
+def test_a_channel_scale_from_the_prompt_noises_single_position_decode_steps(lora_pair, batch):
+    # Prepare: a decode step sends one position per sample, and a std over one position is 0
+    _, model = lora_pair("llama")
+    head, _, _ = cut_model(model, 2, 2)
+    ids, valid = batch["input_ids"][:1], batch["valid"][:1]
+    n = int(valid[0])
+    config = ProtectConfig(activation_sigma=1.0, activation_scale="channel")
+
+    def prompt_then_step() -> torch.Tensor:
+        cache = head.new_cache()
+        head(ids[:, : n - 1], valid - 1, cache=cache)
+        return head(ids[:, n - 1 : n], valid, cache=cache)
+
+    # Execute
+    with protect_parts(head, None, config) as protection:
+        with pytest.raises(ValueError, match="more than one position"):
+            head(ids[:, :1], torch.tensor([1]))  # no estimate yet: refused rather than sent un-noised
+        noised_step = prompt_then_step()
+        prompt_scale = protection._batch_scale
+    plain_step = prompt_then_step()
+    # Assert: the step reused the prompt's (non-zero) per-channel estimate and was noised with it
+    assert prompt_scale is not None and bool((prompt_scale > 0).all())
+    assert not torch.equal(noised_step, plain_step)

@@ -64,7 +64,13 @@ def _connect(cfg: Config, config: ConfigRecord, partition_id: int, hidden_size: 
 
 def _protection(cfg: Config, runtime: SplitRuntime, seed: int):  # type: ignore[no-untyped-def]
     p = cfg.split.protect
-    config = ProtectConfig(p.activation_sigma, p.grad_clip_norm, p.grad_noise_multiplier, seed=seed)
+    config = ProtectConfig(
+        p.activation_sigma,
+        p.grad_clip_norm,
+        p.grad_noise_multiplier,
+        seed=seed,
+        activation_scale=p.activation_scale,
+    )
     return protect_parts(runtime.head, runtime.tail, config)
 
 
