@@ -175,7 +175,7 @@ def method_config(tree: dict[str, Any], settings: dict[str, Any], user: Sequence
     return validate(tree, source="bench/quality.py config")
 
 
-def federated_settings(method: str, cfg: Config, out: str) -> dict[str, Any]:
+def federated_settings(method: str, cfg: Config, out: str, server_lr: float = 1.0) -> dict[str, Any]:
     settings: dict[str, Any] = {
         "fed.strategy": method,
         "fed.evaluate_before": False,
@@ -184,6 +184,8 @@ def federated_settings(method: str, cfg: Config, out: str) -> dict[str, Any]:
         "run.output_dir": out,
         "run.name": f"quality-{method}",
     }
+    if method == "fedavg" and server_lr != 1.0:  # FedAvg with a server step size: FedAvgM, momentum 0
+        settings |= {"fed.strategy": "fedavgm", "fed.server_lr": server_lr, "fed.server_momentum": 0.0}
     if method == "fedprox":
         settings["fed.proximal_mu"] = PROXIMAL_MU
     if method == "fedadam":
@@ -264,6 +266,8 @@ def run_federated(bench: Bench, method: str, cfg: Config) -> list[Row]:
     note = f"run {run_dir.path.name}" + (f"; {rejected} updates rejected" if rejected else "")
     if method == "fedadam":
         note = f"eta={cfg.fed.server_lr:g} tau={cfg.fed.tau:g}; {note}"
+    if method == "fedavg" and cfg.fed.strategy == "fedavgm":
+        note = f"server lr {cfg.fed.server_lr:g}; {note}"
     own, union = own_and_union(bench.folder_losses(run_dir.final_dir()))
     name = "fflora-global" if method == "fflora" else method
     rows = [Row(name, own, union, steps=steps, note=note)]
@@ -333,6 +337,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="R: federated rounds")
     parser.add_argument("--steps", type=int, default=4, help="S: optimiser steps per client per round")
     parser.add_argument("--clients", type=int, default=8, help="N: partition.num_partitions")
+    parser.add_argument(
+        "--server-lr",
+        type=float,
+        default=1.0,
+        help="eta: the fedavg row's global adapter moves eta x the clients' mean update (1: plain FedAvg)",
+    )
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, in table order")
     parser.add_argument("--data", help="data.source: a local file or datasets name")
     parser.add_argument("--format", help="data.format of --data (e.g. dolly)")
@@ -350,6 +360,8 @@ def main() -> None:
 
     tree = base_tree(args)
     cfg = method_config(tree, {}, args.set)
+    if cfg.train.num_threads:  # the in-process methods too (clients set it in client_app)
+        torch.set_num_threads(cfg.train.num_threads)
     bench = Bench(cfg)
     n, r, s = bench.num_clients, args.rounds, args.steps
     log.info("%s clients x %s rounds x %s steps = %s optimiser steps per method", n, r, s, n * r * s)
@@ -369,7 +381,8 @@ def main() -> None:
         elif method not in STRATEGIES:
             rows.append(Row(method, note=f"not available: fed.strategy {method!r} is not registered"))
         else:
-            method_cfg = method_config(tree, federated_settings(method, cfg, out), args.set)
+            settings = federated_settings(method, cfg, out, args.server_lr)
+            method_cfg = method_config(tree, settings, args.set)
             try:
                 rows.extend(run_federated(bench, method, method_cfg))
             except Exception as err:  # one broken strategy must not cost the other rows
