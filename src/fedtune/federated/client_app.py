@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -43,7 +44,7 @@ from fedtune.models.adapters import (
     reset_adapter,
 )
 from fedtune.models.load import load_model, load_tokenizer
-from fedtune.training.local import EvalResult, evaluate, train
+from fedtune.training.local import EvalResult, TrainResult, evaluate, train
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -196,6 +197,29 @@ def _personal(
     return root
 
 
+def _train_reply(
+    msg: Message,
+    arrays: ArrayRecord,
+    result: TrainResult,
+    partition_id: int,
+    start: float,
+    extra: Mapping[str, float] | None = None,
+) -> Message:
+    """The reply to a train message: the adapter record and the round's training metrics."""
+    metrics = MetricRecord(
+        {
+            "num-examples": result.num_examples,
+            "train-loss": result.loss,
+            "steps": result.steps,
+            "first-step-at": result.first_step_at,
+            "partition-id": partition_id,
+            "seconds": time.perf_counter() - start,
+            **(extra or {}),
+        }
+    )
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
 def _train_split(msg: Message, context: Context, cfg: Config, text: str, start: float) -> Message:
     from fedtune.federated.split_client import split_train
 
@@ -209,18 +233,7 @@ def _train_split(msg: Message, context: Context, cfg: Config, text: str, start: 
     result, arrays, traffic = split_train(
         cfg, msg, partition_id, train_ds, tokenizer, seed=seed, proximal_mu=proximal_mu
     )
-    metrics = MetricRecord(
-        {
-            "num-examples": result.num_examples,
-            "train-loss": result.loss,
-            "steps": result.steps,
-            "first-step-at": result.first_step_at,
-            "partition-id": partition_id,
-            "seconds": time.perf_counter() - start,
-            **traffic,
-        }
-    )
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    return _train_reply(msg, arrays, result, partition_id, start, traffic)
 
 
 def _evaluate_split(msg: Message, context: Context, cfg: Config, text: str, start: float) -> Message:
@@ -282,17 +295,7 @@ def train_handler(msg: Message, context: Context) -> Message:
         lora = cfg.model.lora.model_copy(update={"r": int(config["personal-rank"]), "ranks": None})  # type: ignore[arg-type]
         state = adapter_state(runtime.model, "personal")
         save_personal(state, lora, cfg.model, personal, partition_id, server_round)
-    metrics = MetricRecord(
-        {
-            "num-examples": result.num_examples,
-            "train-loss": result.loss,
-            "steps": result.steps,
-            "first-step-at": result.first_step_at,
-            "partition-id": partition_id,
-            "seconds": time.perf_counter() - start,
-        }
-    )
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    return _train_reply(msg, arrays, result, partition_id, start)
 
 
 @app.evaluate()

@@ -12,6 +12,8 @@ never with the trunk's, and with how many bytes crossed the cut.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -85,6 +87,20 @@ def split_train(
     proximal_mu: float,  # type: ignore[no-untyped-def]
 ) -> tuple[TrainResult, ArrayRecord, dict[str, float]]:
     """One round of split training; returns (result, head + tail adapter record, transport metrics)."""
+    with _global_split_model(cfg, msg, partition_id, seed) as (model, client):
+        for name, param in model.named_parameters():
+            param.requires_grad_("lora_" in name)
+        result = train(model, train_ds, tokenizer, cfg.train, seed=seed, proximal_mu=proximal_mu)
+        traffic = {"trunk-bytes-up": float(client.bytes_up), "trunk-bytes-down": float(client.bytes_down)}
+    arrays = to_record(client_adapter_state_dict(model.head, model.tail), cfg.fed.wire_dtype)
+    return result, arrays, traffic
+
+
+@contextmanager
+def _global_split_model(
+    cfg: Config, msg: Message, partition_id: int, seed: int
+) -> Iterator[tuple[SplitLM, TrunkClient]]:
+    """The message's global head + tail around a connected, protected remote trunk."""
     runtime = split_runtime(cfg)
     config: ConfigRecord = msg.content["config"]  # type: ignore[assignment]
     state = to_torch(from_record(msg.content["arrays"]))  # type: ignore[arg-type]
@@ -94,29 +110,14 @@ def split_train(
         _connect(cfg, config, partition_id, runtime.head.hidden_size) as client,
         _protection(cfg, runtime, seed),
     ):
-        model = SplitLM(runtime.head, RemoteTrunk(client), runtime.tail)
-        for name, param in model.named_parameters():
-            param.requires_grad_("lora_" in name)
-        result = train(model, train_ds, tokenizer, cfg.train, seed=seed, proximal_mu=proximal_mu)
-        traffic = {"trunk-bytes-up": float(client.bytes_up), "trunk-bytes-down": float(client.bytes_down)}
-    arrays = to_record(client_adapter_state_dict(runtime.head, runtime.tail), cfg.fed.wire_dtype)
-    return result, arrays, traffic
+        yield SplitLM(runtime.head, RemoteTrunk(client), runtime.tail), client
 
 
 def split_evaluate(
     cfg: Config, msg: Message, partition_id: int, test_ds, tokenizer, *, seed: int
 ) -> EvalResult:  # type: ignore[no-untyped-def]
     """Held-out loss of the global head + tail around the (averaged) trunk."""
-    runtime = split_runtime(cfg)
-    config: ConfigRecord = msg.content["config"]  # type: ignore[assignment]
-    state = to_torch(from_record(msg.content["arrays"]))  # type: ignore[arg-type]
-    runtime.head.load_adapter_state_dict(state)
-    runtime.tail.load_adapter_state_dict(state)
-    with (
-        _connect(cfg, config, partition_id, runtime.head.hidden_size) as client,
-        _protection(cfg, runtime, seed),
-    ):
-        model = SplitLM(runtime.head, RemoteTrunk(client), runtime.tail)
+    with _global_split_model(cfg, msg, partition_id, seed) as (model, _):
         return evaluate(model, test_ds, tokenizer, cfg.train.eval_batch_size)
 
 
