@@ -105,6 +105,7 @@ class Row:
     steps: int | None = None  # optimiser steps taken in total
     seconds: float = 0.0
     note: str = ""
+    val_union: float | None = None  # union loss on the validation split (--validation)
 
 
 def own_and_union(per_client: Sequence[EvalResult]) -> tuple[float, float]:
@@ -118,14 +119,27 @@ def own_and_union(per_client: Sequence[EvalResult]) -> tuple[float, float]:
 class Bench:
     """The model (loaded once), tokenizer, every client's data, and evaluation helpers."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, *, validation: bool = False) -> None:
         self.cfg = cfg
         self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(cfg.model)
         self.model: PeftModel = attach_lora(load_model(cfg.model), cfg.model.lora)
         self.start: StateDict = initial_adapter_state(cfg.model, seed=cfg.seed)
-        data = [client_tokenized(cfg, self.tokenizer, pid) for pid in range(len(partitions(cfg)))]
+        # the held-out split uncapped: its first max_test examples are the test split (as
+        # data.max_test_examples cuts it), the next ones the validation split (--validation)
+        held = cfg.model_copy(update={"data": cfg.data.model_copy(update={"max_test_examples": None})})
+        data = [client_tokenized(held, self.tokenizer, pid) for pid in range(len(partitions(cfg)))]
+        cap = cfg.data.max_test_examples
         self.trains: list[Dataset] = [tr for tr, _ in data]
-        self.tests: list[Dataset] = [te for _, te in data]
+        self.tests: list[Dataset] = [te.select(range(min(len(te), cap or len(te)))) for _, te in data]
+        self.vals: list[Dataset] = []
+        if validation:
+            assert cap is not None, "--validation needs --max-test"
+            # a small client may have none left: the split covers the clients that do
+            vals = [te.select(range(cap, min(len(te), 2 * cap))) for _, te in data]
+            self.vals = [v for v in vals if len(v)]
+            if not self.vals:
+                raise SystemExit(f"--validation: no client holds a held-out example past the {cap} test ones")
+            log.info("validation split: %s examples per client", [len(v) for v in vals])
 
     @property
     def num_clients(self) -> int:
@@ -136,13 +150,22 @@ class Bench:
         batch = self.cfg.train.eval_batch_size
         return [evaluate(self.model, ds, self.tokenizer, batch) for ds in self.tests]
 
+    def val_union(self) -> float | None:
+        """The active adapter's union loss on the validation splits (None without them)."""
+        if not self.vals:
+            return None
+        batch = self.cfg.train.eval_batch_size
+        return own_and_union([evaluate(self.model, ds, self.tokenizer, batch) for ds in self.vals])[1]
+
     def train_from_start(self, ds: Dataset, steps: int, seed: int) -> None:
         load_adapter_state(self.model, self.start)
         train_cfg = self.cfg.train.model_copy(update={"max_steps": steps, "epochs": None})
         train(self.model, ds, self.tokenizer, train_cfg, seed=seed)
 
-    def folder_losses(self, folder: Path) -> list[EvalResult]:
-        """Evaluate a peft adapter folder; one of another rank/alpha is loaded beside ours."""
+    def folder_losses(self, folder: Path, *, val: bool = False) -> tuple[list[EvalResult], float | None]:
+        """Evaluate a peft adapter folder (test split; with ``val``, the validation union too).
+
+        An adapter of another rank/alpha is loaded beside ours."""
         lora = self.cfg.model.lora
         meta = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
         same = (
@@ -154,12 +177,12 @@ class Bench:
         )
         if same:
             load_adapter_state(self.model, read_adapter_folder(folder))
-            return self.losses()
+            return self.losses(), self.val_union() if val else None
         # e.g. a stacked (rank sum r_k, scaling 1) or fused adapter: peft builds its layers
         self.model.load_adapter(str(folder), adapter_name="probe")
         self.model.set_adapter("probe")
         try:
-            return self.losses()
+            return self.losses(), self.val_union() if val else None
         finally:
             self.model.set_adapter("default")  # also makes "default" trainable again
             self.model.delete_adapter("probe")
@@ -176,6 +199,7 @@ def base_tree(args: argparse.Namespace) -> dict[str, Any]:
         "partition.num_partitions": args.clients,
         "data.max_test_examples": args.max_test,
         "fed.fraction_train": args.fraction,  # K of the N clients train in a round
+        "train.scheduler": args.schedule,  # in-process methods: over their whole step budget
     }
     if args.lr is not None:
         settings["train.lr"] = args.lr
@@ -205,14 +229,19 @@ def clients_per_round(cfg: Config, num_clients: int) -> int:
     return len(sample_clients(range(num_clients), fed.fraction_train, fed.min_train_clients, cfg.seed, 1))
 
 
-def federated_settings(method: str, cfg: Config, out: str, server_lr: float = 1.0) -> dict[str, Any]:
+def federated_settings(
+    method: str, cfg: Config, out: str, server_lr: float = 1.0, schedule: str = "constant"
+) -> dict[str, Any]:
     settings: dict[str, Any] = {
         "fed.strategy": method,
+        # the same lr curve over the run as the in-process methods: one value per round
+        "fed.lr_schedule": schedule,
+        "train.scheduler": "constant",
         "fed.evaluate_before": False,
         "fed.fraction_evaluate": 0.0,  # evaluated afterwards, here, on the same model
         "run.report": False,
         "run.output_dir": out,
-        "run.name": f"quality-{method}",
+        "run.name": f"quality-{method}-seed{cfg.seed}",
     }
     if method == "fedavg" and server_lr != 1.0:  # FedAvg with a server step size: FedAvgM, momentum 0
         settings |= {"fed.strategy": "fedavgm", "fed.server_lr": server_lr, "fed.server_momentum": 0.0}
@@ -236,7 +265,7 @@ def federated_settings(method: str, cfg: Config, out: str, server_lr: float = 1.
 def run_base(bench: Bench) -> Row:
     load_adapter_state(bench.model, bench.start)
     own, union = own_and_union(bench.losses())
-    return Row("base", own, union, steps=0)
+    return Row("base", own, union, steps=0, val_union=bench.val_union())
 
 
 def run_local(bench: Bench, total: int) -> Row:
@@ -254,7 +283,7 @@ def run_local(bench: Bench, total: int) -> Row:
 def run_centralised(bench: Bench, total: int) -> Row:
     bench.train_from_start(concatenate_datasets(bench.trains), total, seed=bench.cfg.seed)
     own, union = own_and_union(bench.losses())
-    return Row("centralised", own, union, steps=total)
+    return Row("centralised", own, union, steps=total, val_union=bench.val_union())
 
 
 def fused_personal(global_dir: Path, personal_dir: Path, cfg: Config, scratch: Path) -> Path:
@@ -296,9 +325,10 @@ def run_federated(bench: Bench, method: str, cfg: Config) -> list[Row]:
         note = f"eta={cfg.fed.server_lr:g} tau={cfg.fed.tau:g}; {note}"
     if method == "fedavg" and cfg.fed.strategy == "fedavgm":
         note = f"server lr {cfg.fed.server_lr:g}; {note}"
-    own, union = own_and_union(bench.folder_losses(run_dir.final_dir()))
+    results, val_union = bench.folder_losses(run_dir.final_dir(), val=True)
+    own, union = own_and_union(results)
     name = "fflora-global" if method == "fflora" else method
-    rows = [Row(name, own, union, steps=steps, note=note)]
+    rows = [Row(name, own, union, steps=steps, note=note, val_union=val_union)]
     if method != "fflora":
         return rows
     # a client keeps its personal adapter as clients/<pid>/personal-NNNN/ (one per round it
@@ -314,7 +344,7 @@ def run_federated(bench: Bench, method: str, cfg: Config) -> list[Row]:
         folder = run_dir.final_dir()
         if folders:  # the newest personal adapter, fused with the final global one
             folder = fused_personal(folder, folders[-1], cfg, scratch)
-        results = bench.folder_losses(folder)
+        results, _ = bench.folder_losses(folder)
         owns.append(results[pid].loss)
         unions.append(own_and_union(results)[1])
     missing = sum(not folders for folders in found)
@@ -331,12 +361,16 @@ def fmt(x: float | None, spec: str = ".4f") -> str:
 
 
 def print_table(rows: Sequence[Row]) -> None:
-    header = ("method", "own-test", "union", "opt steps", "seconds", "note")
-    body = [(r.method, fmt(r.own), fmt(r.union), fmt(r.steps, "d"), f"{r.seconds:.0f}", r.note) for r in rows]
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(5)]
+    header = ("method", "own-test", "union", "val-union", "opt steps", "seconds", "note")
+    body = [
+        (r.method, fmt(r.own), fmt(r.union), fmt(r.val_union), fmt(r.steps, "d"), f"{r.seconds:.0f}", r.note)
+        for r in rows
+    ]
+    n = len(header) - 1  # the note is last and unpadded
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(n)]
     for line in [header, *body]:
-        cells = [line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:5], widths[1:], strict=True)]
-        print("  ".join([*cells, line[5]]).rstrip())
+        cells = [line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:n], widths[1:], strict=True)]
+        print("  ".join([*cells, line[n]]).rstrip())
 
 
 def goal_lines(rows: Sequence[Row]) -> list[str]:
@@ -376,6 +410,13 @@ def main() -> None:
     )
     parser.add_argument("--lr", type=float, default=2e-3, help="train.lr of every method")
     parser.add_argument(
+        "--schedule",
+        choices=["constant", "linear", "cosine"],
+        default="constant",
+        help="lr over the run: train.scheduler over an in-process method's steps, "
+        "fed.lr_schedule over a federation's rounds",
+    )
+    parser.add_argument(
         "--server-lr",
         type=float,
         help="eta: the fedavg row's global adapter moves eta x the clients' mean update "
@@ -388,6 +429,16 @@ def main() -> None:
     parser.add_argument("--max-test", type=int, default=12, help="held-out examples per client")
     parser.add_argument("--output-dir", help="where federated runs go (default: a temp dir)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument(
+        "--validation",
+        action="store_true",
+        help="also report the union loss on a validation split (up to --max-test held-out examples "
+        "after each client's test ones; small clients may have none) of base, centralised and each "
+        "federation's global adapter: choose settings on it, not on the test split",
+    )
+    parser.add_argument(
+        "--seeds", help="comma-separated seeds: one table each, then their mean (default: the config's seed)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     methods = parse_methods(args.methods)
@@ -396,11 +447,34 @@ def main() -> None:
     for module in ("fedtune.federated.client_app", "fedtune.federated.server_app", "fedtune.report"):
         importlib.import_module(module)
 
+    try:
+        seeds: list[int | None] = [int(x) for x in args.seeds.split(",")] if args.seeds else [None]
+    except ValueError:
+        parser.error(f"--seeds: comma-separated integers, got {args.seeds!r}")
+    tables = []
+    for seed in seeds:
+        user = [*args.set, *([] if seed is None else [f"seed={seed}"])]
+        rows = run_table(args, methods, user)
+        tables.append(rows)
+        for line in goal_lines(rows):
+            print(line)
+    if len(seeds) > 1:
+        print(f"\nmean over seeds {args.seeds}:")
+        summary = mean_rows(tables)
+        print_table(summary)
+        shares = " ".join(goal_lines(t)[-1].split()[-1] for t in tables)
+        print(f"fedavg_share_of_centralised_gain per seed: {shares}")
+        for line in goal_lines(summary):
+            print(line)
+
+
+def run_table(args: argparse.Namespace, methods: Sequence[str], user: Sequence[str]) -> list[Row]:
+    """Every requested method at one seed; prints and returns the table."""
     tree = base_tree(args)
-    cfg = method_config(tree, {}, args.set)
+    cfg = method_config(tree, {}, user)
     if cfg.train.num_threads:  # the in-process methods too (clients set it in client_app)
         torch.set_num_threads(cfg.train.num_threads)
-    bench = Bench(cfg)
+    bench = Bench(cfg, validation=args.validation)
     n, r, s = bench.num_clients, args.rounds, args.steps
     k = clients_per_round(cfg, n)
     total = k * r * s
@@ -422,8 +496,8 @@ def main() -> None:
         elif method not in STRATEGIES:
             rows.append(Row(method, note=f"not available: fed.strategy {method!r} is not registered"))
         else:
-            settings = federated_settings(method, cfg, out, server_lr)
-            method_cfg = method_config(tree, settings, args.set)
+            settings = federated_settings(method, cfg, out, server_lr, args.schedule)
+            method_cfg = method_config(tree, settings, user)
             try:
                 rows.extend(run_federated(bench, method, method_cfg))
             except Exception as err:  # one broken strategy must not cost the other rows
@@ -432,14 +506,33 @@ def main() -> None:
         rows[-1].seconds = time.perf_counter() - t0  # fflora: on its last row, the whole run
 
     print(
-        f"\nmodel {cfg.model.name}, lr {cfg.train.lr:g}, {k} of {n} clients a round x {r} rounds x {s} steps"
-        f" = {total} steps per method"
+        f"\nmodel {cfg.model.name}, seed {cfg.seed}, lr {cfg.train.lr:g} ({args.schedule}), {k} of {n}"
+        f" clients a round x {r} rounds x {s} steps = {total} steps per method"
     )
     if federated:
         print(f"federated runs in {out}")
     print_table(rows)
-    for line in goal_lines(rows):
-        print(line)
+    return rows
+
+
+def mean_rows(tables: Sequence[Sequence[Row]]) -> list[Row]:
+    """One row per method: the mean over seeds of own and union (sd of union in the note)."""
+    out = []
+    for row in tables[0]:
+        same = [r for t in tables for r in t if r.method == row.method and r.union is not None]
+        if len(same) != len(tables):
+            out.append(Row(row.method, note="missing at some seed"))
+            continue
+        unions = [r.union for r in same if r.union is not None]
+        owns = [r.own for r in same if r.own is not None]
+        vals = [r.val_union for r in same if r.val_union is not None]
+        sd = statistics.stdev(unions) if len(unions) > 1 else 0.0
+        note = f"mean of {len(same)} seeds; union sd {sd:.4f}"
+        seconds = sum(r.seconds for r in same)
+        mean = Row(row.method, statistics.fmean(owns), statistics.fmean(unions), row.steps, seconds, note)
+        mean.val_union = statistics.fmean(vals) if len(vals) == len(same) else None
+        out.append(mean)
+    return out
 
 
 if __name__ == "__main__":

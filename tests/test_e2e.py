@@ -77,6 +77,19 @@ def test_run_directory_is_complete(finished_run: Path) -> None:
     train = [r for r in lines if r["phase"] == "train"]
     assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 and r["seconds"] > 0 for r in train)
     assert all(r["num_examples"] == 16 for r in train)  # data.max_train_examples
+    lr = load_config(run / "config.toml").train.lr
+    assert all(r["lr"] == pytest.approx(lr) for r in train)  # fed.lr_schedule: constant
+
+
+def test_lr_schedule_reaches_the_clients_and_resumes(tmp_path: Path) -> None:
+    run = tiny_run(tmp_path / "runs", "fed.lr_schedule='linear'", "train.lr=0.004", "run.report=false")
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in lines if r["phase"] == "train"]
+    assert sorted(r["round"] for r in train) == [1, 1, 1, 2, 2, 2]
+    # linear over 2 rounds: round 1 at the full lr, round 2 at half
+    assert all(r["lr"] == pytest.approx(0.004 if r["round"] == 1 else 0.002) for r in train)
+    copy = resume_after_round_1(run, tmp_path / "interrupted")
+    assert same_adapter(run / "final", copy / "final")
 
 
 def test_final_adapter_is_a_peft_folder_equal_to_the_last_round(finished_run: Path) -> None:

@@ -102,6 +102,10 @@ class FedConfig(_Section):
     stack_mode: Literal["merge", "svd"] = Field(
         "merge", description="stack: merge into base + fresh adapters (FLoRA), or SVD back to each rank"
     )
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="clients' train.lr over the rounds (decays towards lr_min_ratio x lr)"
+    )
+    lr_min_ratio: float = Field(0.0, ge=0, le=1, description="lr_schedule's floor, a fraction of train.lr")
     # server optimisers (fedavgm, fedadam, fedyogi, fedadagrad) and FedProx
     server_lr: float | None = Field(None, gt=0, description="server step size (default: Flower's)")
     server_momentum: float = Field(0.0, ge=0, lt=1, description="fedavgm momentum")

@@ -31,3 +31,18 @@ def test_corrections_and_state_round_trip() -> None:
     again.load_server_state(state, strategy._global)
     assert np.array_equal(again.c["w"], strategy.c["w"])
     assert np.array_equal(again.c_clients[1]["w"], strategy.c_clients[1]["w"])
+
+
+def test_control_variates_use_the_rounds_scheduled_lr() -> None:
+    """With fed.lr_schedule the clients trained at the round's lr; c_i divides by that lr."""
+    overrides = ["fed.strategy='scaffold'", "partition.num_partitions=1", "train.max_steps=1"]
+    cfg = load_config(
+        "configs/tiny.toml", [*overrides, "fed.lr_schedule='linear'", "fed.rounds=2", "train.lr=0.5"]
+    )
+    strategy = build_strategy(cfg, {10: 0})
+    assert isinstance(strategy, ScaffoldStrategy)
+    strategy._global = {"w": np.zeros(1, np.float32)}
+    strategy.current_round = 2  # linear over 2 rounds: round 2 trains at lr 0.25
+    strategy.aggregate_states([{"w": np.ones(1, np.float32)}], [1], [0])
+    # c_1 = (x - y) / (steps * lr) = (0 - 1) / (1 * 0.25) = -4 (not -2 at the base lr)
+    assert strategy.c_clients[0]["w"][0] == -4.0

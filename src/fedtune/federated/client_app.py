@@ -45,6 +45,7 @@ from fedtune.models.adapters import (
 )
 from fedtune.models.load import load_model, load_tokenizer
 from fedtune.training.local import EvalResult, TrainResult, evaluate, train
+from fedtune.training.schedule import at_round
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -95,7 +96,8 @@ def _node(context: Context) -> tuple[int, str | None]:
 def _message_config(msg: Message) -> tuple[Config, str]:
     config: ConfigRecord = msg.content["config"]  # type: ignore[assignment]
     text = str(config[CONFIG_KEY])
-    cfg = config_from_toml_text(text, source="message config")
+    # the round's learning rate under fed.lr_schedule (SCAFFOLD's server uses the same)
+    cfg = at_round(config_from_toml_text(text, source="message config"), int(config["server-round"]))  # type: ignore[arg-type]
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     return cfg, text
@@ -203,6 +205,7 @@ def _train_reply(
     result: TrainResult,
     partition_id: int,
     start: float,
+    lr: float,
     extra: Mapping[str, float] | None = None,
 ) -> Message:
     """The reply to a train message: the adapter record and the round's training metrics."""
@@ -213,6 +216,7 @@ def _train_reply(
             "steps": result.steps,
             "first-step-at": result.first_step_at,
             "partition-id": partition_id,
+            "lr": lr,
             "seconds": time.perf_counter() - start,
             **(extra or {}),
         }
@@ -233,7 +237,7 @@ def _train_split(msg: Message, context: Context, cfg: Config, text: str, start: 
     result, arrays, traffic = split_train(
         cfg, msg, partition_id, train_ds, tokenizer, seed=seed, proximal_mu=proximal_mu
     )
-    return _train_reply(msg, arrays, result, partition_id, start, traffic)
+    return _train_reply(msg, arrays, result, partition_id, start, cfg.train.lr, traffic)
 
 
 def _evaluate_split(msg: Message, context: Context, cfg: Config, text: str, start: float) -> Message:
@@ -295,7 +299,7 @@ def train_handler(msg: Message, context: Context) -> Message:
         lora = cfg.model.lora.model_copy(update={"r": int(config["personal-rank"]), "ranks": None})  # type: ignore[arg-type]
         state = adapter_state(runtime.model, "personal")
         save_personal(state, lora, cfg.model, personal, partition_id, server_round)
-    return _train_reply(msg, arrays, result, partition_id, start)
+    return _train_reply(msg, arrays, result, partition_id, start, cfg.train.lr)
 
 
 @app.evaluate()

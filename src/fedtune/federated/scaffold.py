@@ -27,6 +27,7 @@ from fedtune.config import Config
 from fedtune.federated.records import to_record
 from fedtune.federated.strategies import AdapterStrategy, Arrays, _register
 from fedtune.training.local import planned_steps
+from fedtune.training.schedule import at_round
 
 
 def scaffold_step(
@@ -88,7 +89,7 @@ class ScaffoldStrategy(AdapterStrategy):
             c,
             [self._ci(pid, x) for pid in clients],
             steps,
-            self.cfg.train.lr,
+            at_round(self.cfg, self.current_round).train.lr,  # the lr the clients trained at
             self.cfg.partition.num_partitions,
             self.cfg.fed.server_lr or 1.0,
         )

@@ -83,6 +83,7 @@ class AdapterStrategy(FedAvg):
         self._references: dict[int, Arrays] = {}  # partition id -> start state sent this round
         self._wire_global: ArrayRecord | None = None
         self._global: Arrays = {}  # the global adapter at the start of this round
+        self.current_round = 0  # the round being aggregated (for round-dependent rules)
         return self
 
     def global_lora(self, state: Arrays) -> LoraConfig:
@@ -179,6 +180,7 @@ class AdapterStrategy(FedAvg):
         valid = self._valid_sorted(replies, is_train=True)
         fields = {
             "train_loss": "train-loss",
+            "lr": "lr",
             "first_step_at": "first-step-at",
             "trunk_bytes_up": "trunk-bytes-up",  # split runs: what crossed the cut
             "trunk_bytes_down": "trunk-bytes-down",
@@ -204,6 +206,7 @@ class AdapterStrategy(FedAvg):
             refs = [self._references[pids[i]] for i in kept]
             states = [clip_update(s, r, fed.clip_norm) for s, r in zip(states, refs, strict=True)]
         weights = [entries[i]["num_examples"] for i in kept]
+        self.current_round = server_round
         merged = self.aggregate_states(states, weights, [pids[i] for i in kept])
         if merged.keys() == self._global.keys():  # Flower's FedAvgM pairs arrays by position
             merged = {k: merged[k] for k in self._global}
