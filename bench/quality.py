@@ -96,6 +96,7 @@ from fedtune.models.adapters import (
 )
 from fedtune.models.load import load_model, load_tokenizer
 from fedtune.training.local import EvalResult, evaluate, train
+from fedtune.training.schedule import SCHEDULES
 
 log = logging.getLogger("quality")
 
@@ -419,7 +420,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3, help="train.lr of every method")
     parser.add_argument(
         "--schedule",
-        choices=["constant", "linear", "cosine"],
+        choices=SCHEDULES,
         default="constant",
         help="lr over the run: train.scheduler over an in-process method's steps, "
         "fed.lr_schedule over a federation's rounds",

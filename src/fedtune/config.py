@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from fedtune.errors import FedtuneError
 
+# learning-rate curves: train.scheduler (transformers' names) and fed.lr_schedule
+Schedule = Literal["constant", "linear", "cosine"]
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -76,7 +79,7 @@ class TrainConfig(_Section):
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="sgd for SCAFFOLD's assumptions")
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    scheduler: Schedule = Field("constant", description="lr over a round's local steps")
     warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
     num_threads: int | None = Field(None, gt=0, description="torch threads per client process")
@@ -102,7 +105,7 @@ class FedConfig(_Section):
     stack_mode: Literal["merge", "svd"] = Field(
         "merge", description="stack: merge into base + fresh adapters (FLoRA), or SVD back to each rank"
     )
-    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+    lr_schedule: Schedule = Field(
         "constant", description="clients' train.lr over the rounds (decays towards lr_min_ratio x lr)"
     )
     lr_min_ratio: float = Field(0.0, ge=0, le=1, description="lr_schedule's floor, a fraction of train.lr")

@@ -103,11 +103,10 @@ def _message_config(msg: Message) -> tuple[Config, str]:
     return cfg, text
 
 
-def _setup(msg: Message, context: Context) -> tuple[Config, str, Runtime, int, str | None]:
-    cfg, text = _message_config(msg)
+def _setup(cfg: Config, context: Context) -> tuple[Runtime, int, str | None]:
     partition_id, data_path = _node(context)
     runtime = _runtime(cfg.model.model_dump_json())
-    return cfg, text, runtime, partition_id, data_path
+    return runtime, partition_id, data_path
 
 
 def _install(model: PeftModel, msg: Message, cfg: Config, context: Context, pid: int) -> str:
@@ -274,7 +273,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     cfg, text = _message_config(msg)
     if cfg.split.enabled:
         return _train_split(msg, context, cfg, text, start)
-    cfg, text, runtime, partition_id, data_path = _setup(msg, context)
+    runtime, partition_id, data_path = _setup(cfg, context)
     config: ConfigRecord = msg.content["config"]  # type: ignore[assignment]
     server_round = int(config["server-round"])  # type: ignore[arg-type]
     proximal_mu = float(config.get("proximal-mu", 0.0))  # type: ignore[arg-type]  # set by FedProx
@@ -308,7 +307,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     cfg, text = _message_config(msg)
     if cfg.split.enabled:
         return _evaluate_split(msg, context, cfg, text, start)
-    cfg, text, runtime, partition_id, data_path = _setup(msg, context)
+    runtime, partition_id, data_path = _setup(cfg, context)
     _install(runtime.model, msg, cfg, context, partition_id)
     config: ConfigRecord = msg.content["config"]  # type: ignore[assignment]
     _, test_ds = _data(text, partition_id, data_path)

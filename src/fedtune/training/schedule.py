@@ -12,10 +12,11 @@ centralised run of ``K R`` steps on the same schedule.
 from __future__ import annotations
 
 import math
+from typing import get_args
 
-from fedtune.config import Config
+from fedtune.config import Config, Schedule
 
-SCHEDULES = ("constant", "linear", "cosine")
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
 
 
 def round_lr(lr: float, server_round: int, rounds: int, schedule: str, min_ratio: float = 0.0) -> float:
@@ -43,7 +44,7 @@ def round_lr(lr: float, server_round: int, rounds: int, schedule: str, min_ratio
 def at_round(cfg: Config, server_round: int) -> Config:
     """``cfg`` with ``train.lr`` set to its value in ``server_round`` under ``fed.lr_schedule``."""
     fed = cfg.fed
-    if fed.lr_schedule == "constant" or fed.lr_min_ratio == 1.0:
+    if fed.lr_schedule == "constant":
         return cfg
     lr = round_lr(cfg.train.lr, server_round, fed.rounds, fed.lr_schedule, fed.lr_min_ratio)
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": lr})})
