@@ -22,7 +22,9 @@ Schedule = Literal["constant", "linear", "cosine"]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """A config section: unknown keys refused; frozen, so a section is hashable and can key a cache."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class DataConfig(_Section):
@@ -55,9 +57,9 @@ class LoraConfig(_Section):
     r: int = Field(8, gt=0)
     alpha: int = Field(16, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     personal_r: int | None = Field(None, gt=0, description="fflora: rank of the personal adapter (default r)")
-    ranks: list[int] | str | None = Field(
+    ranks: tuple[int, ...] | str | None = Field(
         None, description="per-client ranks: a list, 'flora' (64,32,16,16,8,8,4,4,4,4) or 'uniform:R'"
     )
 
