@@ -150,6 +150,48 @@ def test_validate_conversation_rules() -> None:
         validate_conversation(turns((U, "x"), (S, "s"), (A, "y")), "w")
 
 
+@pytest.mark.parametrize(
+    ("fmt", "record"),
+    [
+        ("alpaca", {"instruction": "", "input": "", "output": ""}),
+        ("dolly", {"instruction": " ", "context": "", "response": "\n"}),
+        ("openai", {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]}),
+        ("sharegpt", {"conversations": [{"from": "system", "value": ""}, {"from": "gpt", "value": " "}]}),
+    ],
+)
+def test_all_blank_record_is_refused_naming_its_place(fmt: str, record: dict) -> None:
+    with pytest.raises(FedtuneError, match=r"^data.jsonl:7: the record is empty \(every message is blank\)$"):
+        convert_record(record, fmt, "data.jsonl:7")
+
+
+@pytest.mark.parametrize(
+    ("fmt", "record", "index"),
+    [
+        ("alpaca", {"instruction": "Say hi", "output": ""}, 1),
+        ("chatglm", {"prompt": "q", "response": "  "}, 1),
+        ("chatglm", {"prompt": "q2", "response": "a2", "history": [["q1", ""]]}, 1),  # an earlier round
+        (
+            "openai",
+            {"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": ""}]},
+            1,
+        ),
+    ],
+)
+def test_blank_answer_is_refused_naming_the_turn(fmt: str, record: dict, index: int) -> None:
+    with pytest.raises(
+        FedtuneError,
+        match=rf"^data.jsonl:7: message {index} \(an assistant answer\) is blank; a record with an empty "
+        "response cannot be trained on$",
+    ):
+        convert_record(record, fmt, "data.jsonl:7")
+
+
+def test_blank_prompt_with_an_answer_is_kept() -> None:
+    conv = convert_record({"instruction": "", "output": "Hello."}, "alpaca", "r")
+
+    assert conv == turns((U, ""), (A, "Hello."))
+
+
 # --------------------------------------------------------------------------- writers
 
 TWO_ROUNDS = turns((U, "q1"), (A, "a1"), (U, "q2"), (A, "a2"))

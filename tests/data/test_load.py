@@ -9,6 +9,7 @@ import datasets
 import pytest
 
 from fedtune.data.load import convert_file, load_conversations, read_records, write_records
+from fedtune.data.partition import partition_dataset
 from fedtune.errors import FedtuneError
 
 ROWS = [
@@ -94,10 +95,13 @@ def test_unloadable_hub_name_says_what_is_expected() -> None:
 
 
 def test_load_conversations_keeps_category(tmp_path: Path) -> None:
-    ds = load_conversations(str(write_jsonl(tmp_path / "d.jsonl", ROWS)), "alpaca")
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
 
-    assert ds.column_names == ["messages", "category"]
+    ds = load_conversations(str(path), "alpaca")
+
+    assert ds.column_names == ["messages", "category", "where"]
     assert ds["category"] == ["greet", "math"]
+    assert ds["where"] == [f"{path}:1", f"{path}:2"]
     assert ds[1]["messages"] == [
         {"role": "user", "content": "Add\n\n1 2"},
         {"role": "assistant", "content": "3"},
@@ -108,6 +112,31 @@ def test_load_conversations_error_names_jsonl_line(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [ROWS[0], ROWS[1], {"instruction": "x"}])
 
     with pytest.raises(FedtuneError, match=rf"^{path}:3: missing field 'output'"):
+        load_conversations(str(path), "alpaca")
+
+
+def test_category_partition_names_the_line_of_a_record_without_category(tmp_path: Path) -> None:
+    # Prepare: line 2 has no category and line 3 a blank one
+    rows = [ROWS[0], {k: v for k, v in ROWS[1].items() if k != "category"}, {**ROWS[1], "category": " "}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    ds = load_conversations(str(path), "alpaca")
+
+    with pytest.raises(FedtuneError, match=rf"^{path}:2: field 'category' is missing or blank; .*\(2 of 3"):
+        partition_dataset(ds, name="category", num_partitions=1)
+
+
+def test_load_conversations_refuses_a_blank_row_naming_its_line(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [ROWS[0], {"instruction": "", "input": "", "output": ""}])
+
+    with pytest.raises(FedtuneError, match=rf"^{path}:2: the record is empty \(every message is blank\)$"):
+        load_conversations(str(path), "alpaca")
+
+
+def test_load_conversations_refuses_a_blank_answer_in_a_csv(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text("instruction,input,output\nSay hi,,hi\nAdd,1 2,\n", encoding="utf-8")
+
+    with pytest.raises(FedtuneError, match=rf"^{path}: record 1: message 1 \(an assistant answer\) is blank"):
         load_conversations(str(path), "alpaca")
 
 
@@ -122,7 +151,8 @@ def test_load_conversations_error_names_record_index_elsewhere(tmp_path: Path) -
 def test_builtin_ignores_format() -> None:
     ds = load_conversations("chatterbot", "no-such-format")
 
-    assert ds.column_names == ["messages", "category"]
+    assert ds.column_names == ["messages", "category", "where"]
+    assert ds["where"][:2] == ["chatterbot record 0", "chatterbot record 1"]
     assert len(ds) > 1000
 
 

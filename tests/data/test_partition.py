@@ -74,6 +74,37 @@ def test_category_too_many_partitions() -> None:
 # --- iid ------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("blank", ["", "  ", None])
+def test_category_refuses_a_record_without_one_naming_its_line(blank: str | None) -> None:
+    # Prepare: rows 0 and 2 have a category, row 1 (line 2 of the file) and row 3 do not
+    ds = make_ds(["a", "b", "a", "b"])
+    ds = ds.map(lambda row, i: {"category": blank if i in (1, 3) else row["category"]}, with_indices=True)
+    ds = ds.add_column("where", [f"d.jsonl:{i + 1}" for i in range(4)])
+
+    with pytest.raises(
+        FedtuneError,
+        match=r"^d\.jsonl:2: field 'category' is missing or blank; partition\.name='category' assigns "
+        r"clients by partition\.column='category', so every record needs one \(2 of 4 records lack it\)$",
+    ):
+        partition_dataset(ds, name="category", num_partitions=1)
+
+
+@pytest.mark.parametrize("name", ["dirichlet", "shards"])
+def test_other_column_schemes_refuse_blank_values_too(name: str) -> None:
+    ds = make_ds(["a", "b", "", "a", "b", "a"])  # no where column: the row index is named
+
+    with pytest.raises(
+        FedtuneError, match=rf"^record 2: field 'category' is missing or blank; partition\.name='{name}'"
+    ):
+        partition_dataset(ds, name=name, num_partitions=2, min_partition_size=1, shards_per_client=1)
+
+
+def test_iid_ignores_blank_categories() -> None:
+    parts = partition_dataset(make_ds(["", "", "a", ""]), name="iid", num_partitions=2)
+
+    assert [len(p) for p in parts] == [2, 2]
+
+
 def test_iid_sizes_cover_all_rows() -> None:
     ds = make_ds(["a"] * 10)
     parts = partition_dataset(ds, name="iid", num_partitions=3, seed=1)

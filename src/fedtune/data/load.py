@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from fedtune.data.builtin import BUILTINS
 from fedtune.data.formats import WRITERS, convert_record, to_format
-from fedtune.data.types import Conversation
+from fedtune.data.types import WHERE, Conversation
 from fedtune.errors import FedtuneError
 
 log = logging.getLogger(__name__)
@@ -203,17 +203,20 @@ def load_conversations(
     Returns
     -------
     datasets.Dataset
-        Columns ``messages`` (list of ``{role, content}``) and ``category`` (str).
+        Columns ``messages`` (list of ``{role, content}``), ``category`` (str) and
+        :data:`~fedtune.data.types.WHERE` (the record's ``path:line``, for later errors).
     """
     messages: list[Conversation] = []
     categories: list[str] = []
-    for _, conv, category in iter_conversations(
+    wheres: list[str] = []
+    for where, conv, category in iter_conversations(
         source, fmt, split=split, category_field=category_field, explain=explain
     ):
         messages.append(conv)
         categories.append(category)
+        wheres.append(where)
     log.info("loaded %d conversations from %s", len(messages), source)
-    return datasets.Dataset.from_dict({"messages": messages, "category": categories})
+    return datasets.Dataset.from_dict({"messages": messages, "category": categories, WHERE: wheres})
 
 
 def _writable(path: str | Path) -> Path:

@@ -23,6 +23,7 @@ from flwr_datasets.partitioner import (
 )
 from rich.table import Table
 
+from fedtune.data.types import WHERE
 from fedtune.errors import FedtuneError
 from fedtune.registry import Registry
 
@@ -167,9 +168,20 @@ def _check_params(ds: Dataset, name: str, p: PartitionParams) -> None:
         raise FedtuneError(
             f"partition.num_partitions={p.num_partitions} exceeds the {len(ds)} examples in the dataset"
         )
-    if name != "iid" and p.column not in ds.column_names:
+    if name == "iid":
+        return
+    if p.column not in ds.column_names:
         raise FedtuneError(
             f"partition.column={p.column!r} is not a dataset column (columns: {', '.join(ds.column_names)})"
+        )
+    # A blank value would otherwise become a client (or a label) of its own.
+    blank = [i for i, value in enumerate(ds[p.column]) if value is None or not str(value).strip()]
+    if blank:
+        where = ds[WHERE][blank[0]] if WHERE in ds.column_names else f"record {blank[0]}"
+        raise FedtuneError(
+            f"{where}: field {p.column!r} is missing or blank; partition.name={name!r} assigns "
+            f"clients by partition.column={p.column!r}, so every record needs one "
+            f"({len(blank)} of {len(ds)} records lack it)"
         )
 
 
@@ -207,7 +219,9 @@ def partition_dataset(
     Raises
     ------
     FedtuneError
-        Unknown scheme, bad parameter, or a scheme that leaves a client empty.
+        Unknown scheme, bad parameter, a record without a ``column`` value (naming its
+        ``where`` column, e.g. ``data.jsonl:12``, when ``ds`` has one) for a scheme other
+        than ``iid``, or a scheme that leaves a client empty.
     """
     scheme = PARTITIONERS.get(name, where="partition.name")
     params = PartitionParams(

@@ -9,6 +9,10 @@ from fedtune.errors import FedtuneError
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[Role, ...] = ("system", "user", "assistant")
 
+# The column of a loaded dataset that names each record's origin ("data.jsonl:12"), so that
+# later stages (partitioning) can point at the record at fault.
+WHERE = "where"
+
 
 class Message(TypedDict):
     """One turn of a conversation."""
@@ -40,7 +44,7 @@ def validate_conversation(conv: object, where: str) -> Conversation:
     Conversation
         ``conv`` itself, now known to be a non-empty list of messages with legal roles,
         string contents, a system message only in first place, and at least one
-        assistant turn.
+        assistant turn, none of them blank (a user turn may be blank).
 
     Raises
     ------
@@ -63,4 +67,14 @@ def validate_conversation(conv: object, where: str) -> Conversation:
             raise FedtuneError(f"{where}: message {i} is a system message; only the first may be")
     if not any(msg["role"] == "assistant" for msg in conv):
         raise FedtuneError(f"{where}: the conversation has no assistant turn")
+    if not any(msg["content"].strip() for msg in conv):
+        raise FedtuneError(f"{where}: the record is empty (every message is blank)")
+    for i, msg in enumerate(conv):
+        # The loss is taken on assistant turns: a blank one would teach the model to answer
+        # that prompt with nothing.
+        if msg["role"] == "assistant" and not msg["content"].strip():
+            raise FedtuneError(
+                f"{where}: message {i} (an assistant answer) is blank; a record with an empty "
+                "response cannot be trained on"
+            )
     return conv
