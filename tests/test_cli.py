@@ -77,6 +77,48 @@ def test_bad_settings(capsys, tmp_path: Path, override: str, message: str) -> No
     assert message in err
 
 
+def test_bad_override_names_the_override(capsys, tmp_path: Path) -> None:
+    code, err = _run(capsys, tmp_path, "fed.rounds=0")
+
+    assert code == 2
+    assert "--set fed.rounds=0: fed.rounds: Input should be greater than 0" in err
+    assert "tiny.toml" not in err
+
+
+def test_bad_value_in_the_config_file_names_the_file(capsys, tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("extends = '{}'\n[fed]\nrounds = 0\n".format(Path("configs/tiny.toml").resolve()))
+
+    code, _, err = cli(capsys, "run", "--config", str(config), "--set", "fed.strategy='fedavg'")
+
+    assert code == 2
+    assert f"{config}: fed.rounds: Input should be greater than 0" in err
+
+
+def test_blank_answer_names_the_record(capsys, tmp_path: Path) -> None:
+    data = _alpaca(tmp_path / "d.jsonl")
+    lines = data.read_text().splitlines()
+    lines[3] = json.dumps({"instruction": "say 3", "input": "", "output": "", "category": "c0"})
+    data.write_text("\n".join(lines) + "\n")
+
+    code, err = _run(capsys, tmp_path, f"data.source='{data}'", "data.format='alpaca'")
+
+    assert code == 2
+    assert f"{data}:4: message 1 (an assistant answer) is blank" in err
+
+
+def test_record_without_category_names_its_line(capsys, tmp_path: Path) -> None:
+    data = _alpaca(tmp_path / "d.jsonl")
+    lines = data.read_text().splitlines()
+    lines[6] = json.dumps({"instruction": "say 6", "input": "", "output": "6"})
+    data.write_text("\n".join(lines) + "\n")
+
+    code, err = _run(capsys, tmp_path, f"data.source='{data}'", "data.format='alpaca'")
+
+    assert code == 2
+    assert f"{data}:7: field 'category' is missing or blank; partition.name='category'" in err
+
+
 def test_empty_client_partition(capsys, tmp_path: Path) -> None:
     data = _alpaca(tmp_path / "d.jsonl", n=12)
     code, err = _run(

@@ -62,6 +62,60 @@ def test_bad_values_name_their_key(override: str, key: str) -> None:
         load_config(None, [override])
 
 
+def test_bad_override_names_the_override_not_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[fed]\nrounds = 2\n")
+
+    with pytest.raises(
+        FedtuneError, match=r"^--set fed\.rounds=0: fed\.rounds: Input should be greater than 0$"
+    ):
+        load_config(path, ["fed.rounds=0"])
+    with pytest.raises(FedtuneError, match=r"^--set fed\.lr=1: fed\.lr: Extra inputs"):
+        load_config(path, ["fed.lr=1"])
+
+
+def test_bad_value_in_the_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[fed]\nrounds = 0\n")
+
+    with pytest.raises(FedtuneError, match=rf"^{path}: fed\.rounds: Input should be greater than 0$"):
+        load_config(path, ["train.lr=0.01"])
+
+
+def test_each_error_names_its_own_origin(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[train]\nbatch_size = 0\n")
+
+    with pytest.raises(FedtuneError) as caught:
+        load_config(path, ["model.lora={r=0}", "model.lora.alpha=2"])
+
+    assert str(caught.value).splitlines() == [
+        "--set model.lora={r=0}: model.lora.r: Input should be greater than 0",  # the table set it
+        f"{path}: train.batch_size: Input should be greater than 0",
+    ]
+
+
+def test_a_later_override_of_a_table_takes_the_blame() -> None:
+    with pytest.raises(FedtuneError, match=r"^--set model\.lora=\{r=-1\}: model\.lora\.r:"):
+        load_config(None, ["model.lora.r=0", "model.lora={r=-1}"])
+
+
+def test_section_check_names_the_file_and_the_overrides_inside(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[train]\nmax_steps = 3\n")
+
+    with pytest.raises(FedtuneError, match=rf"^{path} with --set train\.epochs=1: train: .*only one of"):
+        load_config(path, ["train.epochs=1", "fed.rounds=2"])
+
+
+def test_override_into_a_value_names_the_override(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[fed]\nrounds = 2\n")
+
+    with pytest.raises(FedtuneError, match=r"^--set fed\.rounds\.x=1: 'fed\.rounds\.x': 'rounds' is a value"):
+        load_config(path, ["fed.rounds.x=1"])
+
+
 def test_steps_xor_epochs() -> None:
     with pytest.raises(FedtuneError, match=r"only one of train\.max_steps and train\.epochs"):
         load_config(None, ["train.epochs=1", "train.max_steps=3"])

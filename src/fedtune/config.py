@@ -225,24 +225,40 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any, *, where: str = "--se
 
 
 def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply ``key=value`` strings (``fed.rounds=5``) to a raw config dict."""
+    """Apply ``key=value`` strings (``fed.rounds=5``) to a raw config dict; errors name the override."""
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
-            raise FedtuneError(f"--set {item!r}: expected KEY=VALUE, e.g. fed.rounds=5")
-        set_dotted(tree, key.strip(), _parse_value(value.strip()))
+            raise FedtuneError(f"--set {item}: expected KEY=VALUE, e.g. fed.rounds=5")
+        set_dotted(tree, key.strip(), _parse_value(value.strip()), where=f"--set {item}")
     return tree
 
 
-def validate(tree: Mapping[str, Any], *, source: str) -> Config:
-    """Build a Config, turning pydantic's errors into one message naming each key."""
+def _blame(loc: tuple[str, ...], overrides: Sequence[str], source: str) -> str:
+    """Who set the value at ``loc``: the last ``--set`` of it or of a table above it (a later
+    one replaces what an earlier one set), else ``source``, then naming the overrides inside
+    ``loc`` (a check over a whole section may fail because of one of them)."""
+    keys = [tuple(item.partition("=")[0].strip().split(".")) for item in overrides]
+    setters = [item for key, item in zip(keys, overrides, strict=True) if loc[: len(key)] == key]
+    if setters:
+        return f"--set {setters[-1]}"
+    inside = [f"--set {item}" for key, item in zip(keys, overrides, strict=True) if key[: len(loc)] == loc]
+    return f"{source} with {', '.join(inside)}" if inside else source
+
+
+def validate(tree: Mapping[str, Any], *, source: str, overrides: Sequence[str] = ()) -> Config:
+    """Build a Config, turning pydantic's errors into one message naming each key.
+
+    Each error names where its value came from: ``source`` (the config file), or the
+    ``--set`` item of ``overrides`` (already applied to ``tree``) that set it.
+    """
     try:
         return Config.model_validate(tree)
     except ValidationError as err:
         lines = []
         for e in err.errors():
-            loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-            lines.append(f"{source}: {loc}: {e['msg']}")
+            loc = tuple(str(p) for p in e["loc"])
+            lines.append(f"{_blame(loc, overrides, source)}: {'.'.join(loc) or '(top level)'}: {e['msg']}")
         raise FedtuneError("\n".join(lines)) from None
 
 
@@ -278,7 +294,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     """Load a TOML config (or the defaults) and apply dotted overrides."""
     tree = read_toml(path) if path is not None else {}
     apply_overrides(tree, overrides)
-    return validate(tree, source=str(path) if path else "config")
+    return validate(tree, source=str(path) if path else "config", overrides=overrides)
 
 
 def config_from_run_config(run_config: Mapping[str, Any], app_dir: str | Path = ".") -> Config:
