@@ -28,63 +28,116 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    source: str = Field("chatterbot", description="built-in corpus name, local file, or datasets name")
-    format: str = Field("openai", description="record format (ignored for built-in corpora)")
-    split: str = "train"
-    template: str = Field("chat", description="'chat' (tokenizer's template) or a named template")
-    max_source_length: int = Field(256, gt=0, description="prompt tokens kept, cut from the left")
-    max_target_length: int = Field(128, gt=0, description="response tokens kept, cut from the right")
-    test_fraction: float = Field(0.2, gt=0, lt=1, description="per-client held-out share")
-    max_train_examples: int | None = Field(None, gt=0, description="cap per client (after the split)")
-    max_test_examples: int | None = Field(None, gt=0, description="cap per client held-out set")
+    source: str = Field(
+        "chatterbot",
+        description="'chatterbot' (built-in, offline), a .json/.jsonl/.csv/.parquet file or a datasets name",
+    )
+    format: str = Field(
+        "openai",
+        description="record format: alpaca, dolly, chatglm, sharegpt, openai or explanation "
+        "(ignored for built-in corpora)",
+    )
+    split: str = Field("train", description="split to load when the source is a datasets hub name")
+    template: str = Field(
+        "chat", description="'chat' (the tokenizer's own chat template), 'alpaca', 'chatglm2' or 'llama2'"
+    )
+    max_source_length: int = Field(
+        256, gt=0, description="prompt tokens kept (all before the final answer), cut from the left"
+    )
+    max_target_length: int = Field(
+        128, gt=0, description="final-answer tokens kept, cut from the right (EOS appended and labelled)"
+    )
+    test_fraction: float = Field(
+        0.2, gt=0, lt=1, description="share of each client's examples held out for evaluation"
+    )
+    max_train_examples: int | None = Field(
+        None, gt=0, description="cap on each client's training examples, after the held-out split"
+    )
+    max_test_examples: int | None = Field(None, gt=0, description="cap on each client's held-out examples")
 
 
 class PartitionConfig(_Section):
-    name: str = Field("category", description="iid | dirichlet | category | shards")
-    num_partitions: int = Field(8, gt=0, description="number of clients")
-    column: str = "category"
-    alpha: float = Field(0.5, gt=0)
-    min_partition_size: int = Field(2, gt=0)
-    shards_per_client: int = Field(2, gt=0)
+    name: str = Field(
+        "category",
+        description="partitioner: iid, dirichlet, category (a client per largest value of column) or shards",
+    )
+    num_partitions: int = Field(8, gt=0, description="number of clients (one partition each)")
+    column: str = Field(
+        "category", description="column partitioned by (not iid); converted records carry 'category'"
+    )
+    alpha: float = Field(0.5, gt=0, description="dirichlet: concentration; small values give skewed clients")
+    min_partition_size: int = Field(2, gt=0, description="dirichlet: fewest examples any client may receive")
+    shards_per_client: int = Field(
+        2, gt=0, description="shards: how many shards of the column-sorted data each client is dealt"
+    )
 
 
 class RopeScalingConfig(_Section):
-    type: Literal["linear", "dynamic"]
-    factor: float = Field(gt=0)
+    type: Literal["linear", "dynamic"] = Field(description="transformers' RoPE scaling type")
+    factor: float = Field(gt=0, description="scale factor of the positions, e.g. 2.0")
 
 
 class LoraConfig(_Section):
-    r: int = Field(8, gt=0)
-    alpha: int = Field(16, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    personal_r: int | None = Field(None, gt=0, description="fflora: rank of the personal adapter (default r)")
+    r: int = Field(8, gt=0, description="LoRA rank")
+    alpha: int = Field(16, gt=0, description="LoRA alpha: the update B A is scaled by alpha / r")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA branch's input")
+    target_modules: tuple[str, ...] = Field(
+        ("q_proj", "k_proj", "v_proj", "o_proj"), description="modules that get an adapter (peft's names)"
+    )
+    personal_r: int | None = Field(
+        None, gt=0, description="fflora: rank of the personal adapter (unset: model.lora.r)"
+    )
     ranks: tuple[int, ...] | str | None = Field(
-        None, description="per-client ranks: a list, 'flora' (64,32,16,16,8,8,4,4,4,4) or 'uniform:R'"
+        None,
+        description="per-client ranks for the stack and zero-pad strategies: a list, "
+        "'flora' (64,32,16,16,8,8,4,4,4,4) or 'uniform:R' (unset: model.lora.r for all)",
     )
 
 
 class ModelConfig(_Section):
-    name: str = Field("smollm2", description="'smollm2', 'tiny-llama', a hub id, or a local folder")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    trust_remote_code: bool = False
-    rope_scaling: RopeScalingConfig | None = None
-    lora: LoraConfig = Field(default_factory=LoraConfig)
+    name: str = Field(
+        "smollm2",
+        description="'smollm2', 'tiny-llama' (2 random layers), 'tiny-llama-4l' (4), "
+        "any causal LM's hub id (offline: from the local cache) or a local folder",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype the base model is loaded in"
+    )
+    trust_remote_code: bool = Field(False, description="let transformers run a hub model's own code (opt-in)")
+    rope_scaling: RopeScalingConfig | None = Field(
+        None,
+        description="RoPE scaling, applied wherever the model is loaded (training, evaluation, chat), "
+        "so a run is served with the scaling it was trained with; e.g. "
+        '`rope_scaling = {type = "linear", factor = 2.0}`.',
+    )
+    lora: LoraConfig = Field(
+        default_factory=LoraConfig,
+        description="The LoRA adapter: rank, scaling, dropout, target modules; per-client ranks; "
+        "FF-LoRA's personal rank.",
+    )
 
 
 class TrainConfig(_Section):
-    max_steps: int | None = Field(None, gt=0, description="optimizer steps per round (default 10)")
-    epochs: float | None = Field(None, gt=0, description="local epochs per round")
-    batch_size: int = Field(4, gt=0)
-    grad_accum: int = Field(1, gt=0)
-    eval_batch_size: int = Field(8, gt=0)
+    max_steps: int | None = Field(
+        None, gt=0, description="optimizer steps per round; set this or epochs (neither: 10 steps)"
+    )
+    epochs: float | None = Field(None, gt=0, description="local epochs per round, instead of max_steps")
+    batch_size: int = Field(4, gt=0, description="examples per micro-batch")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    eval_batch_size: int = Field(8, gt=0, description="examples per batch when computing held-out loss")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="sgd for SCAFFOLD's assumptions")
-    lr: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    scheduler: Schedule = Field("constant", description="lr over a round's local steps")
-    warmup_steps: int = Field(0, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    num_threads: int | None = Field(None, gt=0, description="torch threads per client process")
+    lr: float = Field(2e-4, gt=0, description="clients' learning rate (the peak when a schedule decays it)")
+    weight_decay: float = Field(0.0, ge=0, description="optimizer weight decay")
+    scheduler: Schedule = Field(
+        "constant", description="lr over a round's local steps (transformers' schedulers)"
+    )
+    warmup_steps: int = Field(0, ge=0, description="scheduler warm-up steps at the start of each round")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="clip the gradient norm before each step (unset: no clipping)"
+    )
+    num_threads: int | None = Field(
+        None, gt=0, description="torch threads per client process (unset: torch's default)"
+    )
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainConfig:
@@ -96,51 +149,86 @@ class TrainConfig(_Section):
 
 
 class FedConfig(_Section):
-    rounds: int = Field(3, gt=0)
-    strategy: str = "fedavg"
-    fraction_train: float = Field(1.0, gt=0, le=1)
-    fraction_evaluate: float = Field(1.0, ge=0, le=1)
-    min_train_clients: int = Field(1, gt=0)
-    min_evaluate_clients: int = Field(1, ge=0)
-    min_available_clients: int | None = Field(None, gt=0, description="default: partition.num_partitions")
-    wire_dtype: Literal["float16", "float32"] = "float16"
+    rounds: int = Field(3, gt=0, description="federated rounds")
+    strategy: str = Field(
+        "fedavg",
+        description="fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, scaffold, median, "
+        "trimmed-mean, krum, stack, zero-pad or fflora",
+    )
+    fraction_train: float = Field(
+        1.0, gt=0, le=1, description="clients sampled to train each round: floor(fraction x clients)"
+    )
+    fraction_evaluate: float = Field(
+        1.0, ge=0, le=1, description="clients sampled to evaluate each round (0: no evaluation)"
+    )
+    min_train_clients: int = Field(1, gt=0, description="fewest clients sampled to train in a round")
+    min_evaluate_clients: int = Field(1, ge=0, description="fewest clients sampled to evaluate in a round")
+    min_available_clients: int | None = Field(
+        None, gt=0, description="clients the server waits for (unset: partition.num_partitions)"
+    )
+    wire_dtype: Literal["float16", "float32"] = Field(
+        "float16", description="dtype of adapters on the wire (float16 halves the bytes)"
+    )
     stack_mode: Literal["merge", "svd"] = Field(
         "merge", description="stack: merge into base + fresh adapters (FLoRA), or SVD back to each rank"
     )
     lr_schedule: Schedule = Field(
-        "constant", description="clients' train.lr over the rounds (decays towards lr_min_ratio x lr)"
+        "constant",
+        description="clients' train.lr across rounds: round t of R trains at a scheduler's value at "
+        "step t-1 of R, decaying towards lr_min_ratio x lr",
     )
     lr_min_ratio: float = Field(0.0, ge=0, le=1, description="lr_schedule's floor, a fraction of train.lr")
     # server optimisers (fedavgm, fedadam, fedyogi, fedadagrad) and FedProx
-    server_lr: float | None = Field(None, gt=0, description="server step size (default: Flower's)")
+    server_lr: float | None = Field(None, gt=0, description="server step size (unset: Flower's default)")
     server_momentum: float = Field(0.0, ge=0, lt=1, description="fedavgm momentum")
-    beta_1: float | None = Field(None, ge=0, lt=1)
-    beta_2: float | None = Field(None, ge=0, lt=1)
-    tau: float | None = Field(None, gt=0, description="adaptivity (epsilon) of fedadam/yogi/adagrad")
+    beta_1: float | None = Field(
+        None, ge=0, lt=1, description="fedadam/fedyogi: first-moment decay (unset: Flower's default)"
+    )
+    beta_2: float | None = Field(
+        None, ge=0, lt=1, description="fedadam/fedyogi: second-moment decay (unset: Flower's default)"
+    )
+    tau: float | None = Field(
+        None, gt=0, description="adaptivity (epsilon) of fedadam/yogi/adagrad (unset: Flower's default)"
+    )
     proximal_mu: float = Field(0.0, ge=0, description="fedprox proximal term weight")
     # update checks and robust aggregation
     outlier_norm_factor: float | None = Field(
         None, gt=0, description="reject updates whose norm exceeds this x the median of the others"
     )
     clip_norm: float | None = Field(None, gt=0, description="clip each update's norm (distance to global)")
-    trim_fraction: float = Field(0.2, ge=0, lt=0.5, description="trimmed-mean cut per side")
+    trim_fraction: float = Field(
+        0.2, ge=0, lt=0.5, description="trimmed-mean: share of the values cut at each end, per coordinate"
+    )
     krum_malicious: int = Field(0, ge=0, description="Krum: assumed number of malicious clients")
     evaluate_before: bool = Field(True, description="evaluate the starting adapter as round 0")
     timeout: float = Field(3600, gt=0, description="seconds to wait for client replies")
 
 
 class SimulationConfig(_Section):
-    num_supernodes: int | None = Field(None, gt=0, description="default: partition.num_partitions")
-    cpus_per_client: float | None = Field(None, gt=0, description="default: all cores (clients in turn)")
-    num_cpus: int | None = Field(None, gt=0, description="cores Ray may use (default: all)")
+    num_supernodes: int | None = Field(
+        None, gt=0, description="simulated SuperNodes (unset: partition.num_partitions)"
+    )
+    cpus_per_client: float | None = Field(
+        None,
+        gt=0,
+        description="cores per client (unset: all cores, so clients take turns; in split client-batch "
+        "and hierarchical modes cores / clients, so they run at once)",
+    )
+    num_cpus: int | None = Field(None, gt=0, description="cores Ray may use (unset: all)")
 
 
 class SplitProtectConfig(_Section):
-    activation_sigma: float = Field(0.0, ge=0, description="noise on outgoing h1, relative to sample RMS")
+    activation_sigma: float = Field(
+        0.0, ge=0, description="Gaussian noise on outgoing activations, std = sigma x activation_scale"
+    )
     grad_clip_norm: float | None = Field(None, gt=0, description="per-sample L2 bound on dL/dh2 sent back")
-    grad_noise_multiplier: float = Field(0.0, ge=0, description="noise std on dL/dh2, times the bound")
+    grad_noise_multiplier: float = Field(
+        0.0, ge=0, description="noise std on dL/dh2, times grad_clip_norm (which it needs)"
+    )
     activation_scale: Literal["sample", "token", "token_mad", "channel", "channel_mad"] = Field(
-        "sample", description="what activation_sigma is relative to (see split/protect.py)"
+        "sample",
+        description="what activation_sigma is relative to: sample, each sample's RMS; token, each "
+        "position's RMS; channel, each channel's std over the batch; token_mad / channel_mad, robust ones",
     )
 
     @model_validator(mode="after")
@@ -154,21 +242,37 @@ class SplitConfig(_Section):
     enabled: bool = Field(False, description="split learning: clients hold head + tail, the server the trunk")
     n_head: int = Field(2, ge=1, le=5, description="blocks the client runs before the trunk")
     n_tail: int = Field(2, ge=1, le=5, description="blocks the client runs after the trunk")
-    mode: Literal["sequential", "client-batch", "hierarchical"] = "sequential"
-    groups: int = Field(1, ge=1, description="hierarchical: trunk replicas, each serving a group of clients")
+    mode: Literal["sequential", "client-batch", "hierarchical"] = Field(
+        "sequential",
+        description="sequential: clients' steps take turns on one trunk; client-batch: concurrent "
+        "clients' steps run as one trunk batch; hierarchical: split.groups trunk replicas, "
+        "their adapters averaged after every round",
+    )
+    groups: int = Field(
+        1,
+        ge=1,
+        description="hierarchical: trunk replicas, client partition_id % groups on replica g "
+        "(> 1 needs mode hierarchical)",
+    )
     batch_wait_s: float = Field(
         1.0, gt=0, description="client-batch: longest wait for the other clients' activations"
     )
-    trunk_lr: float | None = Field(None, gt=0, description="trunk optimiser lr (default train.lr)")
+    trunk_lr: float | None = Field(None, gt=0, description="trunk optimizer lr (unset: train.lr)")
     host: str = Field("127.0.0.1", description="address the ServerApp's trunk service binds")
     port: int = Field(0, ge=0, le=65535, description="first port (replica g on port + g); 0: any free")
-    public_host: str | None = Field(None, description="host clients dial (default: host)")
-    tls_cert: str | None = Field(None, description="PEM certificate chain of the trunk service")
+    public_host: str | None = Field(None, description="host clients dial (unset: split.host)")
+    tls_cert: str | None = Field(
+        None, description="PEM certificate chain of the trunk service (with tls_key and tls_root_cert)"
+    )
     tls_key: str | None = Field(None, description="PEM private key of the trunk service")
     tls_root_cert: str | None = Field(None, description="PEM root certificate clients trust")
-    max_message_mib: float = Field(256.0, gt=0)
+    max_message_mib: float = Field(256.0, gt=0, description="largest message on the trunk stream, in MiB")
     timeout_s: float = Field(300.0, gt=0, description="longest wait for one trunk reply")
-    protect: SplitProtectConfig = Field(default_factory=SplitProtectConfig)
+    protect: SplitProtectConfig = Field(
+        default_factory=SplitProtectConfig,
+        description="What a split client adds to what leaves it: noise on its outgoing activations; "
+        "per-sample clipping and noise on the gradients it returns to the trunk.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> SplitConfig:
@@ -182,21 +286,49 @@ class SplitConfig(_Section):
 
 
 class RunSection(_Section):
-    output_dir: str = "runs"
-    name: str = "fedtune"
-    report: bool = True
+    output_dir: str = Field("runs", description="folder the run directories are made in")
+    name: str = Field("fedtune", description="run directory name: NAME-YYYYmmdd-HHMMSS")
+    report: bool = Field(True, description="write plots and report/index.html when the run ends")
 
 
 class Config(_Section):
-    seed: int = 0
-    data: DataConfig = Field(default_factory=DataConfig)
-    partition: PartitionConfig = Field(default_factory=PartitionConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    fed: FedConfig = Field(default_factory=FedConfig)
-    simulation: SimulationConfig = Field(default_factory=SimulationConfig)
-    split: SplitConfig = Field(default_factory=SplitConfig)
-    run: RunSection = Field(default_factory=RunSection)
+    seed: int = Field(
+        0, description="seed of the held-out split, partitions, adapter start, client sampling and batches"
+    )
+    data: DataConfig = Field(
+        default_factory=DataConfig,
+        description="Where the examples come from and how they become training sequences: the source "
+        "and its record format, the prompt template, truncation, each client's held-out split.",
+    )
+    partition: PartitionConfig = Field(
+        default_factory=PartitionConfig, description="How the examples are divided among the clients."
+    )
+    model: ModelConfig = Field(
+        default_factory=ModelConfig,
+        description="The base model (which one, its dtype, RoPE scaling) and the LoRA adapter trained on it.",
+    )
+    train: TrainConfig = Field(
+        default_factory=TrainConfig,
+        description="Each client's local training within a round: steps or epochs, batches, optimizer, "
+        "learning rate.",
+    )
+    fed: FedConfig = Field(
+        default_factory=FedConfig,
+        description="The federated rounds: strategy, client sampling, the clients' lr across rounds, "
+        "server optimizers, update checks and robust aggregation.",
+    )
+    simulation: SimulationConfig = Field(
+        default_factory=SimulationConfig,
+        description="Flower's simulation runtime, as `fedtune run` starts it: nodes and their cores.",
+    )
+    split: SplitConfig = Field(
+        default_factory=SplitConfig,
+        description="Split federated learning: each client runs the embeddings, the first and last "
+        "blocks and the head; the server runs the middle blocks (the trunk) as a gRPC service.",
+    )
+    run: RunSection = Field(
+        default_factory=RunSection, description="Where the run directory is written and what goes in it."
+    )
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
