@@ -38,9 +38,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedtune.federated.loopback import LoopbackDeployment, flwr_env
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the loopback deployment is a test harness, not library code
+from loopback import LoopbackDeployment, flwr_env  # noqa: E402
+
 BIN = Path(sys.executable).parent
 CONFIG = "configs/demo.toml"
 COLD_START = """

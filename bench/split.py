@@ -3,14 +3,14 @@
 Three measurements, one run:
 
 1. Step time. The same batch (``--batch-size`` x ``--seq-len`` random tokens, every token labelled),
-   the same LoRA (r 8, alpha 16 on q/k/v/o, as ``serve_trunk`` attaches it), forward + backward +
+   the same LoRA (r 8, alpha 16 on q/k/v/o, as ``fedtune serve-trunk`` gets it), forward + backward +
    AdamW on every LoRA weight; one step of each mode per round, the order rotating from round to
    round, medians over ``--steps`` rounds after ``--warmup``:
 
    - ``unsplit``: the whole peft model in this process;
    - ``split_inproc``: :func:`fedtune.split.split_step` over head, trunk and tail, one process;
    - ``split_remote``: this process runs head and tail (:func:`remote_split_step`), a
-     ``python -m fedtune.split.serve_trunk`` subprocess runs the trunk and steps its own AdamW,
+     ``fedtune serve-trunk`` subprocess runs the trunk and steps its own AdamW,
      over gRPC on loopback;
    - ``unsplit_2t`` (``--with-2t``): ``unsplit`` with 2 torch threads, for reference. Off by
      default: on this shared 2-core box OpenMP with 2 threads ran 4-8x SLOWER than with 1
@@ -27,7 +27,7 @@ Three measurements, one run:
    activation size B*T*H*4 (up: h1 and dL/dh2; down: h2 and dL/dh1; plus counts and headers).
 
 3. Hierarchical speed-up: ``--clients`` client processes (this script with ``--worker``, driven
-   over stdin), each doing ``--hier-steps`` split steps against G trunk replicas (``serve_trunk``
+   over stdin), each doing ``--hier-steps`` split steps against G trunk replicas (``serve-trunk``
    processes; client i uses replica i % G). A replica serves its clients' steps in turn, as
    TrunkService does: the trunk is leased from a step's FORWARD to its BACKWARD, so a client's
    tail runs inside the lease. Wall time from "go" to the last client's last step, per G, G in
@@ -94,7 +94,7 @@ def model_path(name: str, tiny_layers: int, root: Path) -> str:
 
 
 def load_peft(path: str, lora_r: int, seed: int) -> torch.nn.Module:
-    """Base model + a fresh LoRA, as ``serve_trunk.load_trunk`` builds it."""
+    """Base model + a fresh LoRA, as ``fedtune serve-trunk`` builds it (:func:`trunk_settings`)."""
     from fedtune.config import LoraConfig, ModelConfig
     from fedtune.models.adapters import attach_lora
     from fedtune.models.load import load_model
@@ -141,6 +141,16 @@ def _tail(path: Path, chars: int = 3000) -> str:
     return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
 
+def trunk_settings(path: str, args: argparse.Namespace) -> list[str]:
+    """The config of a ``fedtune serve-trunk`` process: :func:`load_peft`'s model and LoRA, any free port."""
+    r = args.lora_r
+    return [
+        f"model.name='{path}'", f"model.lora.r={r}", f"model.lora.alpha={2 * r}", "model.lora.dropout=0.0",
+        "seed=0", f"split.n_head={args.n_head}", f"split.n_tail={args.n_tail}", "split.host='127.0.0.1'",
+        "split.port=0", f"train.num_threads={args.threads}",
+    ]  # fmt: skip
+
+
 @dataclass
 class Service:
     address: str
@@ -149,18 +159,15 @@ class Service:
 
 @contextlib.contextmanager
 def trunk_services(path: str, count: int, args: argparse.Namespace, root: Path) -> Iterator[list[Service]]:
-    """``count`` serve_trunk processes on loopback, free ports; stopped by PID on the way out."""
+    """``count`` serve-trunk processes on loopback, free ports; stopped by PID on the way out."""
     procs: list[tuple[subprocess.Popen, Path, Path]] = []
     try:
         for g in range(count):
             ready, log = root / f"trunk{g}.port", root / f"trunk{g}.log"
             ready.unlink(missing_ok=True)
-            cmd = [
-                sys.executable, "-m", "fedtune.split.serve_trunk", "--model", path,
-                "--n-head", str(args.n_head), "--n-tail", str(args.n_tail), "--lora-r", str(args.lora_r),
-                "--host", "127.0.0.1", "--port", "0", "--ready-file", str(ready),
-                "--threads", str(args.threads), "--grace", "1",
-            ]  # fmt: skip
+            sets = [x for s in trunk_settings(path, args) for x in ("--set", s)]
+            cmd = [sys.executable, "-m", "fedtune", "serve-trunk", *sets, "--ready-file", str(ready)]
+            cmd += ["--grace", "1"]
             with log.open("wb") as out:
                 proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             procs.append((proc, ready, log))

@@ -166,3 +166,16 @@ def test_data_convert_error_writes_nothing(capsys, tmp_path: Path) -> None:
     code, _, err = cli(capsys, "data", "convert", str(src), str(dst), "--from", "alpaca", "--to", "chatglm")
     assert code == 2 and "a.jsonl:2" in err
     assert not dst.exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("split.n_head=0", "split.n_head"),
+        ("split.port=seventy", "split.port"),
+        ("split.nhead=1", "split.nhead"),
+    ],
+)
+def test_serve_trunk_bad_setting_names_the_key(capsys, override: str, key: str) -> None:
+    code, _, err = cli(capsys, "serve-trunk", "--set", override)
+    assert code == 2 and key in err

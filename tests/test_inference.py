@@ -93,3 +93,33 @@ def test_chat_with_a_clients_personal_adapter_fused(capsys, tmp_path: Path) -> N
     assert code == 0 and out.count("model>") == 1
     code, _ = _cli(capsys, "chat", str(run.path), "--client", "7", "--prompt", "hi")
     assert code == 2
+
+
+def _break(run: RunDir, how: str) -> Path:
+    weights = run.path / "final" / "adapter_model.safetensors"
+    if how == "missing":
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short
+    return weights
+
+
+@pytest.mark.parametrize("command", ["chat", "eval"])
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("missing", "final: not a peft adapter folder (adapter_model.safetensors missing"),
+        ("truncated", "final/adapter_model.safetensors: corrupt or truncated adapter weights"),
+    ],
+)
+def test_missing_or_corrupt_adapter_is_a_clear_error(
+    capsys, tmp_path: Path, command: str, how: str, message: str
+) -> None:
+    # Prepare
+    run, _ = _run_dir(tmp_path)
+    _break(run, how)
+    # Execute
+    code, _, err = run_cli(capsys, command, str(run.path), *(["--prompt", "hi"] if command == "chat" else []))
+    # Assert (rich folds a long path anywhere, so compare without whitespace)
+    assert code == 2
+    assert message.replace(" ", "") in err.replace(" ", "") and "Traceback" not in err

@@ -1,4 +1,4 @@
-"""The ``fedtune`` command: run, partition, data convert, eval, chat, report."""
+"""The ``fedtune`` command: run, partition, data convert, eval, chat, report, serve-trunk."""
 
 from __future__ import annotations
 
@@ -94,9 +94,8 @@ def run(
         out.print(f"first training step finished {min(firsts) - started:.1f} s after start")
     out.print(f"wall time: {time.time() - started:.1f} s")
     out.print(f"run directory: {run_dir.path}")
-    report = run_dir.path / "report" / "index.html"
-    if report.exists():
-        out.print(f"report: {report}")
+    if run_dir.report_page.exists():
+        out.print(f"report: {run_dir.report_page}")
 
 
 @app.command()
@@ -129,8 +128,8 @@ def eval_(run_dir: RunDirArg) -> None:
     """Held-out loss of every client under the base model and under the run's final adapter."""
     from fedtune.inference import evaluate_clients, load_run
 
+    tuned = evaluate_clients(load_run(run_dir))  # first: a missing or corrupt adapter fails at once
     base = evaluate_clients(load_run(run_dir, base_only=True))
-    tuned = evaluate_clients(load_run(run_dir))
     table = Table(title=f"held-out loss: {run_dir}")
     for col in ("client", "base", "adapter", "change"):
         table.add_column(col, justify="right")
@@ -206,6 +205,32 @@ def report(run_dir: RunDirArg) -> None:
     from fedtune.report import write_report
 
     out.print(f"report: {write_report(run_dir)}")
+
+
+@app.command("serve-trunk")
+def serve_trunk(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    adapter: Annotated[
+        Path | None,
+        typer.Option(help="peft adapter folder to start from, e.g. RUN_DIR/final (default: a fresh LoRA)"),
+    ] = None,
+    ready_file: Annotated[Path | None, typer.Option(help="written with the bound port once serving")] = None,
+    save_trunk: Annotated[
+        Path | None, typer.Option(help="safetensors file for the trunk adapter at exit")
+    ] = None,
+    grace: Annotated[float, typer.Option(min=0, help="seconds running sessions get at exit")] = 5.0,
+) -> None:
+    """Serve a split model's trunk over gRPC until SIGTERM / SIGINT.
+
+    The config gives the model, the cut (split.n_head, split.n_tail), the endpoint (split.host,
+    split.port: 0 for any free port, split.tls_*), the trunk optimiser (split.trunk_lr or train.lr,
+    train.weight_decay, train.grad_accum) and train.num_threads; e.g. a run's own
+    `--config RUN_DIR/config.toml --adapter RUN_DIR/final`.
+    """
+    from fedtune.split.serve_trunk import serve_trunk as serve
+
+    serve(_config(config, set_), adapter=adapter, ready_file=ready_file, save_trunk=save_trunk, grace=grace)
 
 
 def main() -> None:

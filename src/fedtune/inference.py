@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from fedtune.config import Config
@@ -19,6 +18,7 @@ from fedtune.data.pipeline import client_tokenized, partitions
 from fedtune.data.tokenize import build_generation_input
 from fedtune.data.types import Conversation
 from fedtune.errors import FedtuneError
+from fedtune.models.adapters import check_adapter_folder, load_adapter_folder
 from fedtune.models.load import load_model, load_tokenizer
 from fedtune.rundir import RunDir
 from fedtune.training.local import evaluate
@@ -48,7 +48,7 @@ def load_split_run(
     cfg = run.config()
     if not cfg.split.enabled:
         raise FedtuneError(f"{run.path}: not a split run (split.enabled is false)")
-    folder = Path(adapter) if adapter else run.final_dir()
+    folder = check_adapter_folder(adapter or run.final_dir())
     session = open_split_session(cfg, folder, trunk)
     return Loaded(cfg=cfg, model=None, tokenizer=load_tokenizer(cfg.model), adapter=folder, split=session)
 
@@ -63,21 +63,21 @@ def load_run(
     """The run's base model with its final adapter (or ``adapter``, or none).
 
     ``client`` (FF-LoRA runs) fuses in that client's latest personal adapter, as the
-    client itself uses it; it must be on this host (``RUN_DIR/clients/<id>/`` in simulation).
+    client itself uses it; it must be on this host (:meth:`RunDir.latest_personal`).
+    A missing or corrupt adapter folder is a FedtuneError naming it.
     """
     run = RunDir.open(run_dir)
     cfg = run.config()
+    # checked before the base model loads, so a bad folder fails at once
+    folder = None if base_only else check_adapter_folder(adapter or run.final_dir())
+    personal = None if base_only or client is None else check_adapter_folder(run.latest_personal(client))
     tokenizer = load_tokenizer(cfg.model)
-    model: torch.nn.Module = load_model(cfg.model)
-    folder = None
-    if not base_only:
-        folder = Path(adapter) if adapter else run.final_dir()
-        peft_model = PeftModel.from_pretrained(model, folder)
-        if client is not None:
-            personal = sorted((run.path / "clients" / str(client)).glob("personal-*"))
-            if not personal:
-                raise FedtuneError(f"{run.path}: no personal adapter of client {client} on this host")
-            peft_model.load_adapter(str(personal[-1]), adapter_name="personal")
+    base = load_model(cfg.model)
+    model: torch.nn.Module = base
+    if folder is not None:
+        peft_model = load_adapter_folder(base, folder)
+        if personal is not None:
+            load_adapter_folder(peft_model, personal, name="personal")
             peft_model.base_model.set_adapter(["default", "personal"])  # type: ignore[operator]
         model = peft_model
     model.eval()

@@ -7,12 +7,18 @@
       metrics.jsonl        one JSON object per client per phase per round (+ "server" lines)
       state.json           {"last_round": k}: rounds 1..k are complete
       rounds/0000/         the starting adapter; rounds/NNNN/ the global adapter after round N
+                           (+ server_state.safetensors: the server optimiser's moments)
       final/               the global adapter after the last round
       report/              plots and index.html
+      clients/<id>/        a simulated client's own state (see :func:`client_state_root`):
+        personal-NNNN/     its FF-LoRA personal adapter after round N
+        stack.safetensors  the FLoRA stack it last received (``fed.stack_mode = "merge"``)
 
-Every file is written atomically (temp file + rename) and a round counts as complete
-only once its adapter and its metrics are on disk, so a crash loses at most the round
-in progress and ``--resume`` continues from the last complete one.
+This module is the one place that spells these names; everything else asks :class:`RunDir`
+(or, on a client, the module-level functions). Every file is written atomically
+(:mod:`fedtune.io`) and a round counts as complete only once its adapter and its metrics are
+on disk, so a crash loses at most the round in progress and ``--resume`` continues from the
+last complete one.
 """
 
 from __future__ import annotations
@@ -21,42 +27,33 @@ import datetime as dt
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
-from safetensors.numpy import load_file as load_numpy
-from safetensors.numpy import save_file as save_numpy
+from typing import TYPE_CHECKING, Any
 
 from fedtune.config import Config, LoraConfig, config_from_toml_text
 from fedtune.errors import FedtuneError
-from fedtune.models.adapters import read_adapter_folder, save_adapter_folder
+from fedtune.io import atomic_file, write_text_atomic
+
+if TYPE_CHECKING:  # torch and peft are imported only where adapters are read or written,
+    import numpy as np  # so that reports and path look-ups stay light
+    import torch
 
 CONFIG = "config.toml"
 METRICS = "metrics.jsonl"
 STATE = "state.json"
 SERVER_STATE = "server_state.safetensors"  # optimiser moments of fedadam & co., for resume
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+ROUNDS = "rounds"
+FINAL = "final"
+REPORT = "report"
+REPORT_PAGE = "index.html"
+CLIENTS = "clients"
+PERSONAL = "personal-"  # + the round, 4 digits
+STACK_FILE = "stack.safetensors"
 
 
 class RunDir:
-    """Reader and writer of one run directory."""
+    """Reader and writer of one run directory, and the owner of its paths."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -74,24 +71,64 @@ class RunDir:
             path = root / f"{cfg.run.name}-{stamp}-{n}"
         path.mkdir(parents=True)
         run = cls(path)
-        write_text_atomic(run.path / CONFIG, cfg.to_toml())
+        write_text_atomic(run.config_file, cfg.to_toml())
         return run
 
     @classmethod
     def open(cls, path: str | Path) -> RunDir:
         run = cls(path)
-        if not (run.path / CONFIG).is_file():
+        if not run.config_file.is_file():
             raise FedtuneError(f"{run.path}: not a fedtune run directory (no {CONFIG})")
         return run
 
+    # -- paths --------------------------------------------------------------------
+    @property
+    def config_file(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def report_dir(self) -> Path:
+        return self.path / REPORT
+
+    @property
+    def report_page(self) -> Path:
+        return self.report_dir / REPORT_PAGE
+
+    @property
+    def clients_dir(self) -> Path:
+        """Where simulated clients keep their own state when the run directory is on their host."""
+        return self.path / CLIENTS
+
+    def round_dir(self, server_round: int) -> Path:
+        return self.path / ROUNDS / f"{server_round:04d}"
+
+    def final_dir(self) -> Path:
+        """The adapter to use: ``final/``, or the last complete round's while the run is unfinished."""
+        final = self.path / FINAL
+        if final.is_dir():
+            return final
+        last = self.last_round()
+        if last <= 0:
+            raise FedtuneError(f"{self.path}: no complete round yet, so no adapter to use")
+        return self.round_dir(last)
+
+    def latest_personal(self, pid: int) -> Path:
+        """Client ``pid``'s newest personal adapter folder, kept in this run directory (simulation)."""
+        rounds = personal_rounds(self.clients_dir, pid)
+        if not rounds:
+            raise FedtuneError(f"{self.path}: no personal adapter of client {pid} on this host")
+        return personal_folder(self.clients_dir, pid, rounds[-1])
+
+    # -- config -------------------------------------------------------------------
     def config(self) -> Config:
-        path = self.path / CONFIG
+        path = self.config_file
         return config_from_toml_text(path.read_text(encoding="utf-8"), source=str(path))
 
     # -- rounds -------------------------------------------------------------------
-    def round_dir(self, server_round: int) -> Path:
-        return self.path / "rounds" / f"{server_round:04d}"
-
     def save_round(
         self,
         server_round: int,
@@ -106,18 +143,26 @@ class RunDir:
         ``lora`` overrides ``model.lora`` where the global adapter has its own rank
         (heterogeneous-rank strategies keep it at scaling 1).
         """
+        from fedtune.models.adapters import save_adapter_folder
+
         folder = save_adapter_folder(state, lora or cfg.model.lora, cfg.model, self.round_dir(server_round))
         if server_state:
-            tmp = folder / f".{SERVER_STATE}"
-            save_numpy({k: np.ascontiguousarray(v) for k, v in server_state.items()}, str(tmp))
-            os.replace(tmp, folder / SERVER_STATE)
+            import numpy as np
+            from safetensors.numpy import save_file
+
+            with atomic_file(folder / SERVER_STATE) as tmp:
+                save_file({k: np.ascontiguousarray(v) for k, v in server_state.items()}, str(tmp))
         return folder
 
     def load_server_state(self, server_round: int) -> dict[str, np.ndarray]:
+        from safetensors.numpy import load_file
+
         path = self.round_dir(server_round) / SERVER_STATE
-        return load_numpy(str(path)) if path.is_file() else {}
+        return load_file(str(path)) if path.is_file() else {}
 
     def load_round(self, server_round: int) -> dict[str, torch.Tensor]:
+        from fedtune.models.adapters import read_adapter_folder
+
         return read_adapter_folder(self.round_dir(server_round))
 
     def last_round(self) -> int:
@@ -133,27 +178,20 @@ class RunDir:
     def save_final(
         self, state: Mapping[str, torch.Tensor], cfg: Config, *, lora: LoraConfig | None = None
     ) -> Path:
-        return save_adapter_folder(state, lora or cfg.model.lora, cfg.model, self.path / "final")
+        from fedtune.models.adapters import save_adapter_folder
 
-    def final_dir(self) -> Path:
-        final = self.path / "final"
-        if final.is_dir():
-            return final
-        last = self.last_round()
-        if last <= 0:
-            raise FedtuneError(f"{self.path}: no complete round yet, so no adapter to use")
-        return self.round_dir(last)
+        return save_adapter_folder(state, lora or cfg.model.lora, cfg.model, self.path / FINAL)
 
     # -- metrics ------------------------------------------------------------------
     def append_metrics(self, records: Iterable[Mapping[str, Any]]) -> None:
         lines = "".join(json.dumps(dict(r), sort_keys=True) + "\n" for r in records)
-        with open(self.path / METRICS, "a", encoding="utf-8") as fh:
+        with open(self.metrics_file, "a", encoding="utf-8") as fh:
             fh.write(lines)
             fh.flush()
             os.fsync(fh.fileno())
 
     def metrics(self) -> list[dict[str, Any]]:
-        path = self.path / METRICS
+        path = self.metrics_file
         if not path.is_file():
             return []
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -161,10 +199,67 @@ class RunDir:
     def rollback_to(self, server_round: int) -> None:
         """Forget anything past ``server_round`` (the remains of an interrupted round)."""
         kept = [r for r in self.metrics() if int(r.get("round", 0)) <= server_round]
-        write_text_atomic(self.path / METRICS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-        rounds = self.path / "rounds"
+        write_text_atomic(self.metrics_file, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        rounds = self.path / ROUNDS
         if rounds.is_dir():
             for child in rounds.iterdir():
                 if child.name.isdigit() and int(child.name) > server_round:
                     shutil.rmtree(child)
-        shutil.rmtree(self.path / "final", ignore_errors=True)
+        shutil.rmtree(self.path / FINAL, ignore_errors=True)
+
+
+# -- a client's own state -------------------------------------------------------------
+# A client may run on another host than the run directory, so these take the state root
+# (``client_state_root``) rather than a RunDir.
+
+
+def client_state_root(node_state_dir: str | None, run_dir: str | None) -> Path:
+    """Where a client keeps its state between rounds (personal adapters, the FLoRA stack).
+
+    The SuperNode's ``state-dir`` node config if given; else ``<run dir>/clients`` when the run
+    directory is on this host (simulation); else ``$FEDTUNE_CACHE/clients/<run dir's name>``.
+    """
+    from fedtune.models.load import cache_dir
+
+    if node_state_dir:
+        return Path(node_state_dir)
+    if not run_dir:
+        return cache_dir() / CLIENTS / "unnamed-run"
+    run = RunDir(run_dir)
+    if run.path.is_dir():
+        return run.clients_dir
+    return cache_dir() / CLIENTS / run.path.name
+
+
+def client_folder(root: Path, pid: int) -> Path:
+    """Partition ``pid``'s folder under a state root."""
+    return root / str(pid)
+
+
+def personal_folder(root: Path, pid: int, server_round: int) -> Path:
+    """The personal adapter folder of partition ``pid`` after ``server_round``."""
+    return client_folder(root, pid) / f"{PERSONAL}{server_round:04d}"
+
+
+def personal_rounds(root: Path, pid: int) -> list[int]:
+    """The rounds of partition ``pid``'s personal adapter folders, ascending."""
+    folder = client_folder(root, pid)
+    if not folder.is_dir():
+        return []
+    names = (p.name.removeprefix(PERSONAL) for p in folder.glob(f"{PERSONAL}*") if p.is_dir())
+    return sorted(int(n) for n in names if n.isdigit())
+
+
+def stack_file(root: Path, pid: int) -> Path:
+    """Partition ``pid``'s cached FLoRA stack."""
+    return client_folder(root, pid) / STACK_FILE
+
+
+__all__ = [
+    "RunDir",
+    "client_folder",
+    "client_state_root",
+    "personal_folder",
+    "personal_rounds",
+    "stack_file",
+]

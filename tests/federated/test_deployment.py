@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.federated.loopback import LoopbackDeployment
+from loopback import LoopbackDeployment
 
 pytestmark = pytest.mark.slow
 

@@ -36,11 +36,13 @@ def _lines(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+# Tests of a simulated run (Ray) are marked integration; the config checks at the end are not.
 @pytest.fixture(scope="module")
 def split_run(tmp_path_factory) -> Path:
     return tiny_run(tmp_path_factory.mktemp("split"), *SPLIT)
 
 
+@pytest.mark.integration
 def test_split_run_trains_head_tail_and_trunk_and_checkpoints_the_whole_adapter(split_run: Path) -> None:
     start = load_file(split_run / "rounds" / "0000" / "adapter_model.safetensors")
     final = load_file(split_run / "final" / "adapter_model.safetensors")
@@ -63,11 +65,13 @@ def test_split_run_trains_head_tail_and_trunk_and_checkpoints_the_whole_adapter(
         assert server["trunk_passes"] == 3 * 2 and server["trunk_samples"] == 3 * 2 * 4
 
 
+@pytest.mark.integration
 def test_split_run_resumes_exactly(split_run: Path, tmp_path: Path) -> None:
     resumed = resume_after_round_1(split_run, tmp_path / "copy")
     assert same_adapter(split_run / "final", resumed / "final")
 
 
+@pytest.mark.integration
 def test_chat_across_the_split_equals_the_unsplit_model(split_run: Path) -> None:
     history = [{"role": "user", "content": "Do you like books?"}]
     across = load_split_run(split_run)
@@ -86,6 +90,7 @@ def test_chat_across_the_split_equals_the_unsplit_model(split_run: Path) -> None
     assert split_tokens == expected.tolist()
 
 
+@pytest.mark.integration
 def test_chat_command_on_a_split_run(split_run: Path) -> None:
     proc = fedtune("chat", str(split_run), "--prompt", "hi", "--max-new-tokens", "4")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -93,6 +98,7 @@ def test_chat_command_on_a_split_run(split_run: Path) -> None:
     assert "trunk service on 127.0.0.1" in proc.stderr
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("mode", "groups", "expect"),
     [
@@ -133,11 +139,12 @@ def test_split_config_ships_and_loads() -> None:
         load_config("configs/split.toml", ["split.groups=2"])
 
 
+@pytest.mark.integration
 def test_chat_with_a_trunk_service_of_its_own_process(split_run: Path, tmp_path: Path) -> None:
     ready = tmp_path / "port"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fedtune.split.serve_trunk", "--model", "tiny-llama-4l", "--adapter",
-         str(split_run / "final"), "--n-head", "1", "--n-tail", "1", "--ready-file", str(ready)],
+        [sys.executable, "-m", "fedtune", "serve-trunk", "--config", str(split_run / "config.toml"),
+         "--adapter", str(split_run / "final"), "--ready-file", str(ready)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:

@@ -26,6 +26,8 @@ from fedtune.split import protocol as wire
 from fedtune.split.client import TrunkClient, TrunkError, remote_split_step
 from split.conftest import tiny_lora_model
 
+pytestmark = pytest.mark.integration  # each test starts a trunk service process (seconds)
+
 N_HEAD, N_TAIL, HIDDEN = 2, 2, 64  # the conftest Llama: 6 layers, 64 wide -> a 2-block trunk
 LR = 1e-2  # large enough that one AdamW step visibly moves every trunk weight
 STARTUP_S = 90.0
@@ -64,12 +66,13 @@ def _save_model(root: Path) -> tuple[Path, Path]:
 def trunk_process(root: Path) -> Iterator[TrunkProcess]:
     model_dir, adapter_dir = _save_model(root)
     ready, saved, log = root / "port", root / "trunk.safetensors", root / "trunk.log"
+    settings = [
+        f"model.name='{model_dir}'", f"split.n_head={N_HEAD}", f"split.n_tail={N_TAIL}", f"train.lr={LR}",
+        "train.num_threads=1", f"split.max_message_mib={MAX_MIB}",
+    ]  # fmt: skip
     cmd = [
-        sys.executable, "-m", "fedtune.split.serve_trunk",
-        "--model", str(model_dir), "--adapter", str(adapter_dir),
-        "--n-head", str(N_HEAD), "--n-tail", str(N_TAIL), "--lr", str(LR),
-        "--ready-file", str(ready), "--save-trunk", str(saved), "--threads", "1", "--grace", "1",
-        "--max-message-mib", str(MAX_MIB),
+        sys.executable, "-m", "fedtune", "serve-trunk", *[x for s in settings for x in ("--set", s)],
+        "--adapter", str(adapter_dir), "--ready-file", str(ready), "--save-trunk", str(saved), "--grace", "1",
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     with log.open("wb") as out:

@@ -3,8 +3,8 @@
 In ``fed.stack_mode = "merge"`` the global update is the stack of every round's client
 factors so far, and each round appends new rows to every ``A`` and columns to every ``B``
 (earlier ones never change). A client keeps the stack it last received on its own disk
-(``<state dir>/<partition id>/stack.safetensors``, the same state dir as FF-LoRA's
-personal adapters); the server remembers which rank each client holds and sends only the
+(:func:`fedtune.rundir.stack_file`, under the same state root as FF-LoRA's personal
+adapters); the server remembers which rank each client holds and sends only the
 rows / columns beyond it (``<key>-from`` = the rank it builds on). So the download per round
 is the round's own stacked factors, as in FLoRA, where clients merge each round into a
 local copy of the base weights. A client that lacks the stack the server assumes (a wiped
@@ -14,7 +14,6 @@ the whole stack next time.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,8 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedtune.errors import FedtuneError
-
-STACK_FILE = "stack.safetensors"
+from fedtune.io import atomic_file
+from fedtune.rundir import stack_file
 
 
 def uniform_rank(state: Mapping[str, np.ndarray | torch.Tensor]) -> int | None:
@@ -46,7 +45,8 @@ def extend(held: Mapping[str, torch.Tensor], more: Mapping[str, torch.Tensor]) -
 
 
 def cache_file(root: Path, pid: int) -> Path:
-    return root / str(pid) / STACK_FILE
+    """Where partition ``pid`` keeps its stack under the state root ``root``."""
+    return stack_file(root, pid)
 
 
 def load(root: Path, pid: int) -> dict[str, torch.Tensor] | None:
@@ -56,11 +56,8 @@ def load(root: Path, pid: int) -> dict[str, torch.Tensor] | None:
 
 def save(root: Path, pid: int, state: Mapping[str, torch.Tensor]) -> None:
     """Write atomically: a crash leaves the old stack or the new one, never half of one."""
-    path = cache_file(root, pid)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_file(cache_file(root, pid)) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
 
 
 def receive(

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
+import json
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from fedtune.config import LoraConfig, ModelConfig
 from fedtune.errors import FedtuneError
+from fedtune.io import atomic_folder
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -73,28 +74,70 @@ def save_adapter_folder(
 ) -> Path:
     """Write a peft adapter folder atomically (``PeftModel.from_pretrained`` loads it)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         config = peft_lora_config(lora)
         config.base_model_name_or_path = model.name
         config.save_pretrained(str(tmp))
         save_file({k: v.contiguous() for k, v in state.items()}, tmp / ADAPTER_WEIGHTS)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
-def read_adapter_folder(folder: str | Path) -> StateDict:
+def check_adapter_folder(folder: str | Path) -> Path:
+    """``folder`` if it is a readable peft adapter folder, else a FedtuneError naming what is wrong.
+
+    Checks that both files are there, that the config is a JSON object and that the weights'
+    header is whole (a truncated ``.safetensors`` file fails here); not the weights' values.
+    """
     folder = Path(folder)
-    weights = folder / ADAPTER_WEIGHTS
-    if not weights.is_file() or not (folder / ADAPTER_CONFIG).is_file():
-        raise FedtuneError(f"{folder}: not a peft adapter folder ({ADAPTER_WEIGHTS} + {ADAPTER_CONFIG})")
-    return {k: v.to(torch.float32) for k, v in load_file(weights).items()}
+    if not folder.is_dir():
+        raise FedtuneError(f"{folder}: no such adapter folder")
+    weights, config = folder / ADAPTER_WEIGHTS, folder / ADAPTER_CONFIG
+    missing = [p.name for p in (weights, config) if not p.is_file()]
+    if missing:
+        raise FedtuneError(
+            f"{folder}: not a peft adapter folder ({' and '.join(missing)} missing; "
+            f"it needs {ADAPTER_WEIGHTS} + {ADAPTER_CONFIG})"
+        )
+    try:
+        parsed = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FedtuneError(f"{config}: corrupt adapter config ({err})") from None
+    if not isinstance(parsed, dict):
+        raise FedtuneError(f"{config}: corrupt adapter config (not a JSON object)")
+    try:
+        with safe_open(str(weights), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as err:
+        raise FedtuneError(f"{weights}: corrupt or truncated adapter weights ({err})") from None
+    return folder
+
+
+def read_adapter_folder(folder: str | Path) -> StateDict:
+    """The adapter weights of a peft folder (fp32); FedtuneError if it is missing or corrupt."""
+    weights = check_adapter_folder(folder) / ADAPTER_WEIGHTS
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError) as err:
+        raise FedtuneError(f"{weights}: corrupt or truncated adapter weights ({err})") from None
+    return {k: v.to(torch.float32) for k, v in state.items()}
+
+
+def load_adapter_folder(
+    model: PreTrainedModel | PeftModel, folder: str | Path, *, name: str = "default", trainable: bool = False
+) -> PeftModel:
+    """Wrap ``model`` with the adapter of a peft folder as adapter ``name`` (peft reads its config).
+
+    On a model that is already a :class:`PeftModel` the adapter is added beside the others.
+    A missing or corrupt folder, or one that does not fit the model, is a FedtuneError naming it.
+    """
+    folder = check_adapter_folder(folder)
+    try:
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(folder), adapter_name=name, is_trainable=trainable)
+            return model
+        return PeftModel.from_pretrained(model, str(folder), adapter_name=name, is_trainable=trainable)
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as err:
+        raise FedtuneError(f"{folder}: could not load the adapter: {err}") from None
 
 
 def adapter_num_bytes(state: Mapping[str, torch.Tensor], bytes_per_value: int = 4) -> int:

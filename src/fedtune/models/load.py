@@ -14,8 +14,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from transformers import (
 
 from fedtune.config import ModelConfig
 from fedtune.errors import FedtuneError
+from fedtune.io import atomic_folder
 from fedtune.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -47,20 +46,13 @@ def cache_dir() -> Path:
 
 
 def _build_atomically(target: Path, build: Callable[[Path], None]) -> Path:
-    """Build a folder in a temp dir beside ``target`` and rename it into place."""
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        build(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process won the race; use its folder
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """Build a cache folder once: in a temp folder beside ``target``, renamed into place.
+
+    If another process finishes the same folder first, its folder is kept and ours dropped.
+    """
+    if not target.is_dir():
+        with atomic_folder(target, replace=False) as tmp:
+            build(tmp)
     return target
 
 

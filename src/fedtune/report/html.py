@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import html
 import logging
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from fedtune.errors import FedtuneError
+from fedtune.io import atomic_folder
 from fedtune.report.plots import human_bytes, plot_bytes, plot_client_eval_loss, plot_global_loss
 from fedtune.report.runs import ClientLoss, RunTotals, loss_table, read_metrics, run_totals
+from fedtune.rundir import REPORT_PAGE, RunDir
 
-__all__ = ["CONFIG_FILE", "REPORT_DIR", "render_html", "write_report"]
+__all__ = ["render_html", "write_report"]
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.toml"
-REPORT_DIR = "report"
 _PLOTS = (
     ("client_eval_loss.png", plot_client_eval_loss, "Eval loss per client"),
     ("global_loss.png", plot_global_loss, "Global train and eval loss"),
@@ -112,42 +110,23 @@ def write_report(run_dir: Path | str) -> Path:
     FedtuneError
         ``config.toml`` or ``metrics.jsonl`` is missing, or a metrics line is malformed.
     """
-    run_dir = Path(run_dir)
-    config_path = run_dir / CONFIG_FILE
+    run = RunDir(run_dir)
     try:
-        config_text = config_path.read_text(encoding="utf-8")
+        config_text = run.config_file.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise FedtuneError(f"{config_path}: not found (is {run_dir} a fedtune run directory?)") from None
-    records = read_metrics(run_dir)
+        raise FedtuneError(f"{run.config_file}: not found (is {run.path} a fedtune run directory?)") from None
+    records = read_metrics(run.path)
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{REPORT_DIR}-", dir=run_dir))
-    try:
+    with atomic_folder(run.report_dir) as staging:
         for filename, plot, _ in _PLOTS:
             plot(records, staging / filename)
         page = render_html(
-            run_dir,
+            run.path,
             config_text,
             loss_table(records),
             run_totals(records),
             [(filename, alt) for filename, _, alt in _PLOTS],
         )
-        (staging / "index.html").write_text(page, encoding="utf-8")
-        _swap_in(staging, run_dir / REPORT_DIR)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    out = run_dir / REPORT_DIR / "index.html"
-    logger.info("wrote report %s", out)
-    return out
-
-
-def _swap_in(staging: Path, target: Path) -> None:
-    # rename() cannot replace a non-empty directory, so move the old one aside first.
-    old: Path | None = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
-        old.rmdir()
-        target.rename(old)
-    staging.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        (staging / REPORT_PAGE).write_text(page, encoding="utf-8")
+    logger.info("wrote report %s", run.report_page)
+    return run.report_page

@@ -15,6 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from fedtune.io import atomic_file
 from fedtune.report.runs import (
     MetricRecord,
     bytes_per_round,
@@ -59,8 +60,8 @@ def _save(fig: Figure, ax: Axes, path: Path | str, empty: str) -> Path:
     else:
         ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes, color="grey")
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
+    with atomic_file(out) as tmp:
+        fig.savefig(tmp, format="png")
     return out
 
 

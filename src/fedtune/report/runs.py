@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple, TypedDict, cast
 
 from fedtune.errors import FedtuneError
+from fedtune.rundir import RunDir
 
 __all__ = [
-    "METRICS_FILE",
     "ClientLoss",
     "MetricRecord",
     "RunTotals",
@@ -29,8 +29,6 @@ __all__ = [
     "run_totals",
     "server_curve",
 ]
-
-METRICS_FILE = "metrics.jsonl"
 
 
 class MetricRecord(TypedDict, total=False):
@@ -111,7 +109,7 @@ def read_metrics(run_dir: Path | str) -> list[MetricRecord]:
     FedtuneError
         The file is missing, or ``metrics.jsonl:LINE`` is not a JSON object of the schema.
     """
-    path = Path(run_dir) / METRICS_FILE
+    path = RunDir(run_dir).metrics_file
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:

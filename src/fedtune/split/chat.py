@@ -2,9 +2,10 @@
 
 ``fedtune chat RUN_DIR`` on a split run generates across the split, as a deployed split client
 would: this process runs the head and the tail with the run's client-side adapter, and the trunk
-runs on a trunk service, either one given by address (``--trunk HOST:PORT``, e.g. ``python -m
-fedtune.split.serve_trunk --adapter RUN_DIR/final ...``) or one started here on loopback with the
-run's trunk adapter. Every part keeps its own KV cache (:func:`~fedtune.split.split_generate`).
+runs on a trunk service, either one given by address (``--trunk HOST:PORT``, e.g. ``fedtune
+serve-trunk --config RUN_DIR/config.toml --adapter RUN_DIR/final``) or one started in this process
+on loopback with the run's trunk adapter. Every part keeps its own KV cache
+(:func:`~fedtune.split.split_generate`).
 """
 
 from __future__ import annotations

@@ -1,94 +1,99 @@
-"""Run the trunk service as its own process: ``python -m fedtune.split.serve_trunk --help``.
+"""A trunk service as a process of its own: what ``fedtune serve-trunk`` runs.
 
-Loads the base model and the LoRA adapter, cuts it, keeps only the trunk and serves it until
-SIGTERM / SIGINT; then it stops taking sessions, lets running ones finish (``--grace``), and
-writes the trained trunk adapter to ``--save-trunk``.
+It reads the same config as a run: ``model`` (base model, dtype, RoPE scaling and, without
+an adapter folder, the fresh LoRA seeded with ``seed``), ``split.n_head`` / ``split.n_tail``
+(the cut), ``split.host`` / ``split.port`` / ``split.tls_*`` / ``split.max_message_mib`` (the
+endpoint), ``split.trunk_lr`` (else ``train.lr``), ``train.weight_decay`` and
+``train.grad_accum`` (BACKWARDs per optimiser step) for the trunk's optimiser, and
+``train.num_threads``. One process serves one trunk, its sessions in turn (the ServerApp's
+``split.mode`` and ``split.groups`` are not read here: start one process per replica).
+
+It serves until SIGTERM / SIGINT; then it stops taking sessions, lets running ones finish
+(``grace`` seconds), and writes the trained trunk adapter (``save_trunk``).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import signal
 import threading
 from pathlib import Path
 
 import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
 
-from fedtune.config import LoraConfig
-from fedtune.models.adapters import attach_lora
-from fedtune.models.load import resolve_model_path
+from fedtune.config import Config
+from fedtune.io import atomic_file, write_text_atomic
+from fedtune.models.adapters import attach_lora, load_adapter_folder
+from fedtune.models.load import load_model
 from fedtune.split.partition_model import Trunk, cut_model
 from fedtune.split.server import TrunkOptim, TrunkService, serve
 
 log = logging.getLogger(__name__)
 
 
-def load_trunk(model: str, adapter: str | None, n_head: int, n_tail: int, lora_r: int, seed: int) -> Trunk:
-    """The trunk of ``model`` with ``adapter`` (a peft folder) or a fresh rank-``lora_r`` LoRA."""
-    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(model), dtype=torch.float32)
-    if adapter:
-        peft_model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
+def load_trunk(cfg: Config, adapter: str | Path | None = None) -> Trunk:
+    """The trunk of ``cfg.model`` cut at ``cfg.split``, with ``adapter`` (a peft folder, trainable)
+    or a fresh ``cfg.model.lora`` drawn from ``cfg.seed``."""
+    base = load_model(cfg.model)
+    if adapter is not None:
+        peft_model = load_adapter_folder(base, adapter, trainable=True)
     else:
-        peft_model = attach_lora(base, LoraConfig(r=lora_r, alpha=2 * lora_r, dropout=0.0), seed=seed)
-    return cut_model(peft_model, n_head, n_tail).trunk  # head and tail are dropped with the model
+        peft_model = attach_lora(base, cfg.model.lora, seed=cfg.seed)
+    return cut_model(peft_model, cfg.split.n_head, cfg.split.n_tail).trunk  # head and tail go with the model
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def serve_trunk(
+    cfg: Config,
+    *,
+    adapter: str | Path | None = None,
+    ready_file: str | Path | None = None,
+    save_trunk: str | Path | None = None,
+    grace: float = 5.0,
+) -> TrunkService:
+    """Serve the trunk until SIGTERM / SIGINT; returns the stopped service.
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedtune.split.serve_trunk", description=__doc__)
-    parser.add_argument("--model", required=True, help="model.name: built-in, hub id or local folder")
-    parser.add_argument("--adapter", help="peft adapter folder to start from (default: a fresh LoRA)")
-    parser.add_argument("--lora-r", type=int, default=8, help="rank of a fresh LoRA")
-    parser.add_argument("--seed", type=int, default=0, help="seed of a fresh LoRA")
-    parser.add_argument("--n-head", type=int, required=True, help="split.n_head")
-    parser.add_argument("--n-tail", type=int, required=True, help="split.n_tail")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="0: any free port (see --ready-file)")
-    parser.add_argument("--ready-file", type=Path, help="written with the bound port once serving")
-    parser.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key)")
-    parser.add_argument("--tls-key", type=Path, help="PEM private key")
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--step-every", type=int, default=1, help="BACKWARDs per optimiser step")
-    parser.add_argument("--max-message-mib", type=float, default=256.0)
-    parser.add_argument("--save-trunk", type=Path, help="safetensors file for the trunk adapter at exit")
-    parser.add_argument("--grace", type=float, default=5.0, help="seconds running sessions get at exit")
-    parser.add_argument("--threads", type=int, help="torch threads")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if (args.tls_cert is None) != (args.tls_key is None):
-        parser.error("--tls-cert and --tls-key go together")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    trunk = load_trunk(args.model, args.adapter, args.n_head, args.n_tail, args.lora_r, args.seed)
-    optim = TrunkOptim(lr=args.lr, weight_decay=args.weight_decay, step_every=args.step_every)
-    service = TrunkService(trunk, optim, max_message_bytes=int(args.max_message_mib * 2**20))
-    tls = (args.tls_cert.read_bytes(), args.tls_key.read_bytes()) if args.tls_cert else None
+    Parameters
+    ----------
+    adapter
+        Peft adapter folder to start from (e.g. ``RUN_DIR/final``); default a fresh LoRA.
+    ready_file
+        Written (atomically) with the bound port once serving: ``split.port = 0`` binds any free one.
+    save_trunk
+        Safetensors file for the trunk adapter at exit.
+    grace
+        Seconds running sessions get to finish at exit.
+    """
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    split = cfg.split
+    trunk = load_trunk(cfg, adapter)
+    optim = TrunkOptim(
+        lr=split.trunk_lr or cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+        step_every=cfg.train.grad_accum,
+    )
+    service = TrunkService(trunk, optim, max_message_bytes=int(split.max_message_mib * 2**20))
+    tls = None
+    if split.tls_cert and split.tls_key:
+        tls = (Path(split.tls_cert).read_bytes(), Path(split.tls_key).read_bytes())
     stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    server, port = serve(service, args.host, args.port, tls)
-    if args.ready_file:
-        _write_atomically(args.ready_file, str(port))
-    while not stop.wait(0.5):  # a timed wait lets the signal handler run promptly
-        pass
-    log.info("stopping the trunk service (grace %s s)", args.grace)
-    server.stop(args.grace).wait()
-    if args.save_trunk:
-        log.info("trunk adapter after %d optimiser steps -> %s", service.steps_taken, args.save_trunk)
-        service.save_adapter(args.save_trunk)
-    return 0
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server, port = serve(service, split.host, split.port, tls)
+        if ready_file is not None:
+            write_text_atomic(ready_file, str(port))
+        while not stop.wait(0.5):  # a timed wait lets the signal handler run promptly
+            pass
+        log.info("stopping the trunk service (grace %s s)", grace)
+        server.stop(grace).wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if save_trunk is not None:
+        log.info("trunk adapter after %d optimiser steps -> %s", service.steps_taken, save_trunk)
+        with atomic_file(save_trunk) as tmp:
+            service.save_adapter(tmp)
+    return service
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+__all__ = ["load_trunk", "serve_trunk"]

@@ -2,8 +2,9 @@
 
 Each component runs in its own session (one process group, killed as a whole) with its
 own ``FLWR_HOME`` (where Flower installs the FAB) and log under a root directory; the
-SuperNodes learn their partition from ``--node-config``. For the deployment test and
-``bench/deployment.py``: ``with LoopbackDeployment(root, 2) as dep: env = dep.connect("x")``,
+SuperNodes learn their partition from ``--node-config``. A harness for
+``tests/federated/test_deployment.py`` and ``bench/deployment.py`` (``import loopback`` with
+``tests/`` on the path): ``with LoopbackDeployment(root, 2) as dep: env = dep.connect("x")``,
 then ``flwr run APP x`` with ``env``.
 """
 
