@@ -7,7 +7,6 @@ partitions the corpus once.
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from typing import Any
 
@@ -94,16 +93,3 @@ def client_tokenized(
         "max_target_length": cfg.data.max_target_length,
     }
     return tokenize_dataset(train, tokenizer, **kw), tokenize_dataset(test, tokenizer, **kw)
-
-
-def data_key(cfg: Config, partition_id: int, data_path: str | None) -> str:
-    """What a client's tokenized data depends on (for caching it in a worker)."""
-    return json.dumps(
-        [
-            cfg.data.model_dump(mode="json"),
-            cfg.partition.model_dump(mode="json"),
-            cfg.seed,
-            partition_id,
-            data_path,
-        ]
-    )
