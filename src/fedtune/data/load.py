@@ -10,8 +10,6 @@ import csv
 import io
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from fedtune.data.builtin import BUILTINS
 from fedtune.data.formats import WRITERS, convert_record, to_format
 from fedtune.data.types import WHERE, Conversation
 from fedtune.errors import FedtuneError
+from fedtune.io import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -235,20 +234,13 @@ def write_records(records: Iterable[Mapping[str, Any]], path: str | Path) -> int
     folder, which replaces ``path`` only once everything is written. Returns the count.
     """
     path = _writable(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     rows = list(records)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            if path.suffix.lower() == ".jsonl":
-                out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-            else:
-                json.dump(rows, out, ensure_ascii=False, indent=2)
-                out.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, tmp.open("w", encoding="utf-8") as out:
+        if path.suffix.lower() == ".jsonl":
+            out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        else:
+            json.dump(rows, out, ensure_ascii=False, indent=2)
+            out.write("\n")
     return len(rows)
 
 
