@@ -28,7 +28,6 @@ Last line: ``deployment_round_overhead_s: X`` (deployment round - simulation rou
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -37,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from fedtune.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the loopback deployment is a test harness, not library code
@@ -63,8 +64,9 @@ print(t1 - t0, t2 - t1, time.perf_counter() - t2)
 
 
 def _metrics(out_dir: Path) -> list[dict[str, Any]]:
-    (path,) = out_dir.glob("*/metrics.jsonl")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The metrics of the one run directory under ``out_dir``."""
+    (run,) = (RunDir.open(p) for p in out_dir.iterdir() if p.is_dir())
+    return run.metrics()
 
 
 def _round(metrics: list[dict[str, Any]], server_round: int = 1) -> dict[str, Any]:
