@@ -4,8 +4,8 @@ Adapters have SmolLM2-135M-like shapes: 30 layers x (q, k, v, o), hidden 576, k/
 projecting to 192 (3 KV heads x 64). At r = 8 an adapter has
 30 x 2 x (8 x 576 + 576 x 8 + 8 x 576 + 192 x 8) = 921,600 parameters (~0.92M).
 
-- FedAvg (``fedtune.federated.aggregate.fedavg``): 100 rank-8 adapters;
-- stacking (``fedtune.federated.hetero.stack``): 100 adapters with FLoRA's ranks
+- FedAvg (``fedtune.federated.aggregation.fedavg.fedavg``): 100 rank-8 adapters;
+- stacking (``fedtune.federated.aggregation.ranks.stack``): 100 adapters with FLoRA's ranks
   (64, 32, 16, 16, 8, 8, 4, 4, 4, 4 cycled; mean rank 16, so twice FedAvg's input),
   giving one adapter of rank 1,600.
 
@@ -25,8 +25,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from fedtune.federated.aggregate import fedavg
-from fedtune.federated.hetero import rank_rule, stack
+from fedtune.federated.aggregation.fedavg import fedavg
+from fedtune.federated.aggregation.ranks import rank_rule, stack
 
 LAYERS = 30
 HIDDEN = 576

@@ -299,9 +299,9 @@ def fused_personal(global_dir: Path, personal_dir: Path, cfg: Config, scratch: P
     """A folder holding global + personal as one adapter (FF-LoRA's fused model).
 
     If ``personal_dir`` already holds the fusion (its leading B columns are the global
-    B, as :func:`fedtune.federated.hetero.fuse` lays them out) it is used as is.
+    B, as :func:`fedtune.federated.aggregation.ranks.fuse` lays them out) it is used as is.
     """
-    from fedtune.federated.hetero import fuse, module_ranks
+    from fedtune.federated.aggregation.ranks import fuse, module_ranks
 
     g = {k: v.numpy() for k, v in read_adapter_folder(global_dir).items()}
     p = {k: v.numpy() for k, v in read_adapter_folder(personal_dir).items()}

@@ -15,56 +15,20 @@ from fedtune.config import Config
 from fedtune.data.pipeline import client_conversations, partitions
 from fedtune.data.tokenize import tokenize_conversation
 from fedtune.errors import FedtuneError
-from fedtune.federated.strategies import strategy_class
+from fedtune.federated.strategies import check_strategy
 from fedtune.models.adapters import initial_adapter_state
 from fedtune.models.load import load_tokenizer
 from fedtune.rundir import RunDir
+from fedtune.split.rounds import check_split
 
 log = logging.getLogger(__name__)
 
 
-# strategies whose clients all get the same adapter: they carry over to split runs unchanged
-SPLIT_STRATEGIES = (
-    *("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"),
-    *("median", "trimmed-mean", "krum"),
-)
-
-
-def preflight_split(cfg: Config) -> None:
-    """A split run's strategy, model and cut make sense (no weights loaded)."""
-    from fedtune.models.load import load_model_config
-    from fedtune.split.partition_model import GPT2_FAMILY, LLAMA_FAMILY
-
-    if cfg.fed.strategy not in SPLIT_STRATEGIES:
-        raise FedtuneError(
-            f"fed.strategy: {cfg.fed.strategy!r} does not apply to split runs (split.enabled); "
-            f"use one of {', '.join(SPLIT_STRATEGIES)}"
-        )
-    if cfg.model.lora.ranks is not None:
-        raise FedtuneError("model.lora.ranks: per-client ranks do not apply to split runs")
-    config = load_model_config(cfg.model)
-    if config.model_type not in LLAMA_FAMILY | GPT2_FAMILY:
-        raise FedtuneError(
-            f"model.name: split learning supports {sorted(LLAMA_FAMILY | GPT2_FAMILY)} models, "
-            f"not {config.model_type!r}"
-        )
-    layers = int(config.num_hidden_layers)
-    if cfg.split.n_head + cfg.split.n_tail >= layers:
-        raise FedtuneError(
-            f"split.n_head + split.n_tail: {cfg.split.n_head} + {cfg.split.n_tail} leaves no block "
-            f"for the trunk of a {layers}-layer model"
-        )
-    for key in ("tls_cert", "tls_key", "tls_root_cert"):
-        value = getattr(cfg.split, key)
-        if value is not None and not Path(value).is_file():
-            raise FedtuneError(f"split.{key}: {value} is not a file")
-
-
 def preflight(cfg: Config) -> None:
     """Raise FedtuneError for anything in ``cfg`` that would fail later in the run."""
-    strategy_class(cfg)
+    check_strategy(cfg)
     if cfg.split.enabled:
-        preflight_split(cfg)
+        check_split(cfg)
     tokenizer = load_tokenizer(cfg.model)
     initial_adapter_state(cfg.model, seed=cfg.seed)  # model config + LoRA targets, no weights
     parts = partitions(cfg)

@@ -1,39 +1,47 @@
-"""Flower ClientApp: receive the global adapter, train or evaluate locally, reply.
+"""Flower ClientApp: read the instruction, route it to the handler of its job, reply.
 
-Every message carries the run's resolved config (``fedtune-config``), so the client
-needs nothing but its node config: ``partition-id`` and ``num-partitions`` (set by the
-simulation runtime, or ``--node-config`` on a SuperNode), and optionally ``data-path``,
-a file of the client's own that replaces the partition of the shared source.
+Every instruction carries the run's resolved config (:mod:`~fedtune.federated.protocol`),
+so the client needs nothing but its node config: ``partition-id`` and ``num-partitions``
+(set by the simulation runtime, or ``--node-config`` on a SuperNode), optionally
+``data-path``, a file of the client's own that replaces the partition of the shared
+source, and ``state-dir``, where it keeps state between rounds (FF-LoRA, FLoRA's stack).
 
-The base model is loaded once per process and only the adapter weights are swapped
-per message. In simulation Ray workers live for the whole run, so that cache saves a
-model load per client per round; in deployment the SuperNode starts a fresh process
-per message and the cache cannot help (see README, "Deployment").
+The base model is loaded once per process and only the adapter weights are swapped per
+message; the caches key on the frozen config sections themselves. In simulation Ray
+workers live for the whole run, so that cache saves a model load per client per round; in
+deployment the SuperNode starts a fresh process per message and the cache cannot help
+(see docs/deployment.md).
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import datasets
 import torch
 import transformers
-from datasets import Dataset
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from fedtune.config import Config, ModelConfig, config_from_toml_text
-from fedtune.data.pipeline import client_tokenized
+from fedtune.config import ModelConfig
 from fedtune.federated import stack_cache
-from fedtune.federated.personal import load_personal, save_personal, state_root
+from fedtune.federated.personal import load_personal, save_personal
+from fedtune.federated.protocol import EvaluateReply, Job, Query, QueryReply, TrainReply, reply_message
 from fedtune.federated.records import from_record, to_record, to_torch
+from fedtune.federated.task import (
+    Task,
+    client_data,
+    client_seed,
+    evaluate_reply,
+    make_task,
+    node_identity,
+    tokenizer_for,
+    train_reply,
+)
 from fedtune.models.adapters import (
     activate,
     adapter_state,
@@ -43,9 +51,8 @@ from fedtune.models.adapters import (
     parameter_names,
     reset_adapter,
 )
-from fedtune.models.load import load_model, load_tokenizer
-from fedtune.training.local import EvalResult, TrainResult, evaluate, train
-from fedtune.training.schedule import at_round
+from fedtune.models.load import load_model
+from fedtune.training.local import evaluate, train
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -53,8 +60,6 @@ app = ClientApp()
 # Worker processes print to the driver's terminal: keep per-dataset bars out of it.
 datasets.disable_progress_bars()
 transformers.utils.logging.disable_progress_bar()
-
-CONFIG_KEY = "fedtune-config"
 
 
 @dataclass
@@ -64,260 +69,180 @@ class Runtime:
 
 
 @lru_cache(maxsize=1)
-def _runtime(model_json: str) -> Runtime:
-    cfg = ModelConfig.model_validate_json(model_json)
-    tokenizer = _tokenizer(model_json)
-    model = attach_lora(load_model(cfg), cfg.lora)
+def _runtime(model_cfg: ModelConfig) -> Runtime:
+    model = attach_lora(load_model(model_cfg), model_cfg.lora)
     model.eval()
-    log.info("Loaded base model %s in this process", cfg.name)
-    return Runtime(model=model, tokenizer=tokenizer)
+    log.info("Loaded base model %s in this process", model_cfg.name)
+    return Runtime(model=model, tokenizer=tokenizer_for(model_cfg))
 
 
-@lru_cache(maxsize=1)
-def _tokenizer(model_json: str) -> PreTrainedTokenizerBase:
-    return load_tokenizer(ModelConfig.model_validate_json(model_json))
+# -- adapters ---------------------------------------------------------------------
+def _received(task: Task, record: ArrayRecord | None, held: int | None) -> dict[str, torch.Tensor]:
+    """An adapter from the instruction; FLoRA's merge mode may send only the part beyond the
+    stack of rank ``held`` this client keeps (``held`` 0: the whole stack, cached)."""
+    sent = to_torch(from_record(record)) if record is not None else None
+    if held is None:
+        if sent is None:
+            raise ValueError("instruction carries no adapter")
+        return sent
+    return stack_cache.receive(sent, held or None, task.state_dir, task.partition_id)
 
 
-@lru_cache(maxsize=32)
-def _data(config_text: str, partition_id: int, data_path: str | None) -> tuple[Dataset, Dataset]:
-    cfg = config_from_toml_text(config_text, source="message config")
-    tokenizer = _tokenizer(cfg.model.model_dump_json())
-    return client_tokenized(cfg, tokenizer, partition_id, data_path=data_path)
+def _put(
+    model: PeftModel,
+    task: Task,
+    name: str,
+    state: dict[str, torch.Tensor],
+    rank: int | None,
+    alpha: float | None = None,
+) -> str:
+    if rank is not None:  # scaling 1 for a global (alpha = r); the client's own alpha otherwise
+        lora = task.cfg.model.lora
+        spec = lora.model_copy(update={"r": rank, "alpha": alpha or rank, "ranks": None})
+        ensure_adapter(model, name, spec if alpha else spec.model_copy(update={"dropout": 0.0}))
+    load_adapter_state(model, state, name)
+    return name
 
 
-def _node(context: Context) -> tuple[int, str | None]:
-    node = context.node_config
-    if "partition-id" not in node:
-        raise ValueError("node config lacks 'partition-id' (SuperNode --node-config \"partition-id=0 ...\")")
-    data_path = node.get("data-path")
-    return int(node["partition-id"]), (str(data_path) if data_path else None)
+def install(model: PeftModel, task: Task) -> str:
+    """Load the instruction's adapter(s) into the model by its job; returns the one that trains.
 
-
-def _message_config(msg: Message) -> tuple[Config, str]:
-    config: ConfigRecord = msg.content["config"]  # type: ignore[assignment]
-    text = str(config[CONFIG_KEY])
-    # the round's learning rate under fed.lr_schedule (SCAFFOLD's server uses the same)
-    cfg = at_round(config_from_toml_text(text, source="message config"), int(config["server-round"]))  # type: ignore[arg-type]
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-    return cfg, text
-
-
-def _setup(cfg: Config, context: Context) -> tuple[Runtime, int, str | None]:
-    partition_id, data_path = _node(context)
-    runtime = _runtime(cfg.model.model_dump_json())
-    return runtime, partition_id, data_path
-
-
-def _install(model: PeftModel, msg: Message, cfg: Config, context: Context, pid: int) -> str:
-    """Load the message's adapter(s) into the model; returns the adapter that trains.
-
-    Plain strategies send the global adapter ("default"). Heterogeneous-rank ones send
-    the client's own rank-``rank`` adapter, optionally on top of a frozen global update
-    (``frozen``, rank ``frozen-rank``, scaling 1), and for evaluation the global
-    adapter alone (``global-rank``, scaling 1). FLoRA's merge mode may send either stack as
-    the part beyond what this client holds (``<key>-from``, see :mod:`stack_cache`).
+    ``PLAIN``: the global adapter ("default"). ``FFLORA``: "default" + a "personal" adapter
+    (filled by :func:`_personal`), fused. ``GLOBAL``: a mixed-rank global at scaling 1.
+    ``RANKED``: the client's own rank-``rank`` adapter, optionally on top of a frozen global.
     """
-    config: ConfigRecord = msg.content["config"]  # type: ignore[assignment]
-    lora = cfg.model.lora
-
-    def received(key: str) -> dict[str, torch.Tensor]:
-        sent = to_torch(from_record(msg.content[key])) if key in msg.content else None  # type: ignore[arg-type]
-        if f"{key}-from" not in config:
-            if sent is None:
-                raise KeyError(key)
-            return sent
-        node_dir = context.node_config.get("state-dir")
-        root = state_root(str(node_dir) if node_dir else None, str(config.get("run-dir", "")))
-        held = int(config[f"{key}-from"])  # type: ignore[arg-type]
-        return stack_cache.receive(sent, held or None, root, pid)
-
-    def put(name: str, key: str, rank: int | None, alpha: float | None = None) -> str:
-        if rank is not None:  # scaling 1 for the global (alpha = r); the client's own alpha otherwise
-            spec = lora.model_copy(update={"r": rank, "alpha": alpha or rank, "ranks": None})
-            ensure_adapter(model, name, spec if alpha else spec.model_copy(update={"dropout": 0.0}))
-        load_adapter_state(model, received(key), name)
-        return name
-
-    if "personal-rank" in config:  # FF-LoRA: global ("default") + personal, fused
-        put("default", "arrays", None)
-        personal = lora.model_copy(update={"r": int(config["personal-rank"]), "ranks": None})  # type: ignore[arg-type]
-        ensure_adapter(model, "personal", personal)
+    inst = task.inst
+    adapter = _received(task, inst.adapter, inst.adapter_from)
+    if inst.job is Job.FFLORA:
+        _put(model, task, "default", adapter, None)
+        ensure_adapter(
+            model, "personal", task.cfg.model.lora.model_copy(update={"r": inst.rank, "ranks": None})
+        )
         activate(model, ["default", "personal"], trainable=["default", "personal"])
         return "default"
-    if "global-rank" in config:
-        activate(model, [put("global", "arrays", int(config["global-rank"]))], trainable=None)  # type: ignore[arg-type]
+    if inst.job is Job.GLOBAL:
+        activate(model, [_put(model, task, "global", adapter, inst.rank)], trainable=None)
         return "global"
-    if "rank" in config:
-        rank = int(config["rank"])  # type: ignore[arg-type]
-        own = put(f"r{rank}", "arrays", rank, lora.alpha)
+    if inst.job is Job.RANKED:
+        assert inst.rank is not None
+        own = _put(model, task, f"r{inst.rank}", adapter, inst.rank, task.cfg.model.lora.alpha)
         names = [own]
-        if "frozen-rank" in config:
-            names.insert(0, put("global", "frozen", int(config["frozen-rank"])))  # type: ignore[arg-type]
+        if inst.frozen_rank is not None:
+            frozen = _received(task, inst.frozen, inst.frozen_from)
+            names.insert(0, _put(model, task, "global", frozen, inst.frozen_rank))
         activate(model, names, trainable=own)
         return own
-    activate(model, [put("default", "arrays", None)], trainable="default")
+    activate(model, [_put(model, task, "default", adapter, None)], trainable="default")
     return "default"
 
 
-def client_seed(seed: int, server_round: int, partition_id: int) -> int:
-    """Distinct, reproducible randomness per (run seed, round, client)."""
-    return (seed * 1_000_003 + server_round * 10_007 + partition_id) % (2**31)
-
-
-@app.query()
-def query(msg: Message, context: Context) -> Message:
-    """Tell the server who this client is and how much data it holds."""
-    _, text = _message_config(msg)
-    partition_id, data_path = _node(context)
-    train_ds, test_ds = _data(text, partition_id, data_path)
-    metrics = MetricRecord(
-        {"partition-id": partition_id, "num-train": len(train_ds), "num-test": len(test_ds)}
-    )
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
-
-
-def _personal(
-    runtime: Runtime, cfg: Config, config: ConfigRecord, context: Context, pid: int, *, trained: bool
-) -> Path | None:
+def _personal(runtime: Runtime, task: Task, *, trained: bool) -> None:
     """FF-LoRA: load this client's personal adapter from its own disk (fresh if none yet).
 
     Training in round N starts from the one saved after round N-1; evaluating round N
     (``trained``) uses the one saved after round N itself.
     """
-    if "personal-rank" not in config:
-        return None
-    node_dir = context.node_config.get("state-dir")
-    root = state_root(str(node_dir) if node_dir else None, str(config.get("run-dir", "")))
-    server_round = int(config["server-round"])  # type: ignore[arg-type]
-    state = load_personal(root, pid, before_round=server_round + int(trained))
+    before = task.inst.server_round + int(trained)
+    state = load_personal(task.state_dir, task.partition_id, before_round=before)
     if state is None:  # seeded A, zero B: the fused model starts as the global one
-        reset_adapter(runtime.model, "personal", seed=client_seed(cfg.seed, 0, pid))
+        reset_adapter(runtime.model, "personal", seed=client_seed(task.cfg.seed, 0, task.partition_id))
     else:
         load_adapter_state(runtime.model, state, "personal")
-    return root
 
 
-def _train_reply(
-    msg: Message,
-    arrays: ArrayRecord,
-    result: TrainResult,
-    partition_id: int,
-    start: float,
-    lr: float,
-    extra: Mapping[str, float] | None = None,
-) -> Message:
-    """The reply to a train message: the adapter record and the round's training metrics."""
-    metrics = MetricRecord(
-        {
-            "num-examples": result.num_examples,
-            "train-loss": result.loss,
-            "steps": result.steps,
-            "first-step-at": result.first_step_at,
-            "partition-id": partition_id,
-            "lr": lr,
-            "seconds": time.perf_counter() - start,
-            **(extra or {}),
-        }
-    )
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
-
-
-def _train_split(msg: Message, context: Context, cfg: Config, text: str, start: float) -> Message:
-    from fedtune.federated.split_client import split_train
-
-    config: ConfigRecord = msg.content["config"]  # type: ignore[assignment]
-    partition_id, data_path = _node(context)
-    server_round = int(config["server-round"])  # type: ignore[arg-type]
-    tokenizer = _tokenizer(cfg.model.model_dump_json())
-    train_ds, _ = _data(text, partition_id, data_path)
-    seed = client_seed(cfg.seed, server_round, partition_id)
-    proximal_mu = float(config.get("proximal-mu", 0.0))  # type: ignore[arg-type]
-    result, arrays, traffic = split_train(
-        cfg, msg, partition_id, train_ds, tokenizer, seed=seed, proximal_mu=proximal_mu
-    )
-    return _train_reply(msg, arrays, result, partition_id, start, cfg.train.lr, traffic)
-
-
-def _evaluate_split(msg: Message, context: Context, cfg: Config, text: str, start: float) -> Message:
-    from fedtune.federated.split_client import split_evaluate
-
-    partition_id, data_path = _node(context)
-    tokenizer = _tokenizer(cfg.model.model_dump_json())
-    _, test_ds = _data(text, partition_id, data_path)
-    config: ConfigRecord = msg.content["config"]  # type: ignore[assignment]
-    seed = client_seed(cfg.seed, int(config["server-round"]), partition_id) + 1  # type: ignore[arg-type]
-    result = split_evaluate(cfg, msg, partition_id, test_ds, tokenizer, seed=seed)
-    return Message(RecordDict({"metrics": _eval_metrics(result, partition_id, start, {})}), reply_to=msg)
-
-
-def _eval_metrics(
-    result: EvalResult, partition_id: int, start: float, extra: dict[str, float]
-) -> MetricRecord:
-    return MetricRecord(
-        {
-            **extra,
-            "num-examples": result.num_examples,
-            "eval-loss": result.loss,
-            "perplexity": result.perplexity,
-            "num-tokens": result.num_tokens,
-            "partition-id": partition_id,
-            "seconds": time.perf_counter() - start,
-        }
-    )
-
-
-@app.train()
-def train_handler(msg: Message, context: Context) -> Message:
-    start = time.perf_counter()
-    cfg, text = _message_config(msg)
-    if cfg.split.enabled:
-        return _train_split(msg, context, cfg, text, start)
-    runtime, partition_id, data_path = _setup(cfg, context)
-    config: ConfigRecord = msg.content["config"]  # type: ignore[assignment]
-    server_round = int(config["server-round"])  # type: ignore[arg-type]
-    proximal_mu = float(config.get("proximal-mu", 0.0))  # type: ignore[arg-type]  # set by FedProx
-    adapter = _install(runtime.model, msg, cfg, context, partition_id)
-    personal = _personal(runtime, cfg, config, context, partition_id, trained=False)
+# -- handlers ---------------------------------------------------------------------
+def train_adapter(task: Task) -> TrainReply:
+    """PLAIN, RANKED and FFLORA training on the process's one peft model."""
+    runtime = _runtime(task.cfg.model)
+    name = install(runtime.model, task)
+    if task.inst.job is Job.FFLORA:
+        _personal(runtime, task, trained=False)
     correction = None
-    if "correction" in msg.content:  # SCAFFOLD: c - c_i, added to the adapter's gradients
-        values = to_torch(from_record(msg.content["correction"]))  # type: ignore[arg-type]
-        correction = {parameter_names(values, adapter)[k]: v for k, v in values.items()}
-    train_ds, _ = _data(text, partition_id, data_path)
+    if task.inst.correction is not None:  # SCAFFOLD: c - c_i, added to the adapter's gradients
+        values = to_torch(from_record(task.inst.correction))
+        correction = {parameter_names(values, name)[k]: v for k, v in values.items()}
+    train_ds, _ = task.data()
     result = train(
         runtime.model,
         train_ds,
         runtime.tokenizer,
-        cfg.train,
-        seed=client_seed(cfg.seed, server_round, partition_id),
-        proximal_mu=proximal_mu,
+        task.cfg.train,
+        seed=task.seed(),
+        proximal_mu=task.inst.proximal_mu,
         correction=correction,
     )
-    arrays: ArrayRecord = to_record(adapter_state(runtime.model, adapter), cfg.fed.wire_dtype)
-    if personal is not None:  # stays on this client
-        lora = cfg.model.lora.model_copy(update={"r": int(config["personal-rank"]), "ranks": None})  # type: ignore[arg-type]
+    arrays = to_record(adapter_state(runtime.model, name), task.cfg.fed.wire_dtype)
+    if task.inst.job is Job.FFLORA:  # the personal adapter stays on this client
+        lora = task.cfg.model.lora.model_copy(update={"r": task.inst.rank, "ranks": None})
         state = adapter_state(runtime.model, "personal")
-        save_personal(state, lora, cfg.model, personal, partition_id, server_round)
-    return _train_reply(msg, arrays, result, partition_id, start, cfg.train.lr)
+        save_personal(state, lora, task.cfg.model, task.state_dir, task.partition_id, task.inst.server_round)
+    return train_reply(task, arrays, result)
+
+
+def evaluate_adapter(task: Task) -> EvaluateReply:
+    """Held-out loss of the installed adapter(s); FF-LoRA also the global and personal alone."""
+    runtime = _runtime(task.cfg.model)
+    install(runtime.model, task)
+    _, test_ds = task.data()
+    batch = task.cfg.train.eval_batch_size
+    extra: dict[str, float] = {}
+    if task.inst.job is Job.FFLORA:  # the personal adapter after the round just trained
+        _personal(runtime, task, trained=True)
+        activate(runtime.model, ["default"], trainable=None)
+        extra["eval_loss_global"] = evaluate(runtime.model, test_ds, runtime.tokenizer, batch).loss
+        activate(runtime.model, ["personal"], trainable=None)
+        extra["eval_loss_personal"] = evaluate(runtime.model, test_ds, runtime.tokenizer, batch).loss
+        activate(runtime.model, ["default", "personal"], trainable=None)
+    result = evaluate(runtime.model, test_ds, runtime.tokenizer, batch)
+    return evaluate_reply(task, result, **extra)
+
+
+def _split_train(task: Task) -> TrainReply:
+    from fedtune.federated.split_client import split_train
+
+    return split_train(task)
+
+
+def _split_evaluate(task: Task) -> EvaluateReply:
+    from fedtune.federated.split_client import split_evaluate
+
+    return split_evaluate(task)
+
+
+# the handler of each job; GLOBAL only evaluates
+TRAIN = {
+    Job.PLAIN: train_adapter,
+    Job.RANKED: train_adapter,
+    Job.FFLORA: train_adapter,
+    Job.SPLIT: _split_train,
+}
+EVALUATE = {
+    Job.PLAIN: evaluate_adapter,
+    Job.GLOBAL: evaluate_adapter,
+    Job.RANKED: evaluate_adapter,
+    Job.FFLORA: evaluate_adapter,
+    Job.SPLIT: _split_evaluate,
+}
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server who this client is and how much data it holds."""
+    cfg = Query.from_content(msg.content, where="query").config
+    partition_id, data_path = node_identity(context)
+    train_ds, test_ds = client_data(cfg, partition_id, data_path)
+    return reply_message(QueryReply(partition_id, len(train_ds), len(test_ds)), msg)
+
+
+@app.train()
+def train_handler(msg: Message, context: Context) -> Message:
+    task = make_task(msg, context)
+    if task.inst.job not in TRAIN:
+        raise ValueError(f"train instruction: job {task.inst.job.value!r} does not train")
+    return reply_message(TRAIN[task.inst.job](task), msg)
 
 
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
-    start = time.perf_counter()
-    cfg, text = _message_config(msg)
-    if cfg.split.enabled:
-        return _evaluate_split(msg, context, cfg, text, start)
-    runtime, partition_id, data_path = _setup(cfg, context)
-    _install(runtime.model, msg, cfg, context, partition_id)
-    config: ConfigRecord = msg.content["config"]  # type: ignore[assignment]
-    _, test_ds = _data(text, partition_id, data_path)
-    extra: dict[str, float] = {}
-    if _personal(runtime, cfg, config, context, partition_id, trained=True) is not None:
-        # the personal adapter after the round just trained: evaluate it alone and the global alone
-        for name in ("default", "personal"):
-            activate(runtime.model, [name], trainable=None)
-            loss = evaluate(runtime.model, test_ds, runtime.tokenizer, cfg.train.eval_batch_size).loss
-            extra["eval-loss-global" if name == "default" else "eval-loss-personal"] = loss
-        activate(runtime.model, ["default", "personal"], trainable=None)
-    result = evaluate(runtime.model, test_ds, runtime.tokenizer, cfg.train.eval_batch_size)
-    return Message(RecordDict({"metrics": _eval_metrics(result, partition_id, start, extra)}), reply_to=msg)
+    task = make_task(msg, context)
+    return reply_message(EVALUATE[task.inst.job](task), msg)

@@ -1,10 +1,10 @@
 """Flower ServerApp: rounds of train -> aggregate -> evaluate, checkpointed every round.
 
-The round loop is Flower's ``Strategy.start`` loop with what an LLM run needs
-around it: a discovery query (partition id and data size of every node), a
-round-0 evaluation of the starting adapter, a checkpoint of the global adapter and
-the round's metrics after every round, and a start from the last complete round
-when resuming. Two ways in:
+The round loop is Flower's ``Strategy.start`` loop with what an LLM run needs around it:
+a discovery query (partition id and data size of every node), a round-0 evaluation of
+the starting adapter, a checkpoint of the global adapter and the round's metrics after
+every round, a start from the last complete round when resuming, and progress within a
+round. Split learning joins through one :class:`~fedtune.split.rounds.RoundHook`. Two ways in:
 
 - ``fedtune run`` builds the app with :func:`make_server_app` over a run directory it
   created (or one it resumes) and starts Flower's simulation runtime;
@@ -17,28 +17,54 @@ from __future__ import annotations
 import logging
 import shlex
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable
+from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.common.config import flatten_dict, get_project_dir
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedtune.config import Config, apply_overrides, config_from_run_config
 from fedtune.errors import FedtuneError
+from fedtune.federated.progress import RoundProgress
+from fedtune.federated.protocol import ProtocolError, QueryReply, RoundMetrics, query_message, read_reply
 from fedtune.federated.records import from_record, to_record, to_torch
 from fedtune.federated.strategies import AdapterStrategy, build_strategy
+from fedtune.metrics import server_line
 from fedtune.models.adapters import initial_adapter_state
 from fedtune.rundir import RunDir
-
-if TYPE_CHECKING:
-    from fedtune.split.host import TrunkHost
+from fedtune.split.rounds import RoundHook, round_hook
 
 log = logging.getLogger(__name__)
 
 
-def discover(grid: Grid, cfg: Config, *, poll: float = 0.5) -> dict[int, int]:
-    """Wait for the clients and ask each for its partition id: node id -> partition id."""
+def collect(
+    grid: Grid,
+    messages: Iterable[Message],
+    timeout: float,
+    on_reply: Callable[[int, int], None],
+    poll: float = 0.2,
+) -> list[Message]:
+    """Send ``messages`` and gather the replies until all are in or ``timeout`` seconds pass.
+
+    Flower's ``Grid.send_and_receive`` with a callback per reply (progress within a round)
+    and a shorter poll; built on the Grid's public ``push_messages`` / ``pull_messages``.
+    """
+    pending = set(grid.push_messages(messages))
+    total, replies = len(pending), []
+    on_reply(0, total)
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        got = list(grid.pull_messages(pending))
+        if got:
+            replies.extend(got)
+            pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            on_reply(len(replies), total)
+        elif pending:
+            time.sleep(poll)
+    return replies
+
+
+def _wait_for_nodes(grid: Grid, cfg: Config, poll: float) -> list[int]:
     expected = cfg.fed.min_available_clients or cfg.partition.num_partitions
     start = time.monotonic()
     next_note = start + 30
@@ -55,169 +81,145 @@ def discover(grid: Grid, cfg: Config, *, poll: float = 0.5) -> dict[int, int]:
             )
             next_note = now + 30
         time.sleep(poll)
-    config = ConfigRecord({"server-round": 0, "fedtune-config": cfg.to_toml()})
-    messages = [
-        Message(content=RecordDict({"config": config}), message_type=MessageType.QUERY, dst_node_id=node)
-        for node in nodes
-    ]
+    return nodes
+
+
+def discover(grid: Grid, cfg: Config, *, poll: float = 0.5) -> dict[int, int]:
+    """Wait for the clients and ask each for its partition id: node id -> partition id."""
+    nodes = _wait_for_nodes(grid, cfg, poll)
     clients: dict[int, int] = {}
-    for reply in grid.send_and_receive(messages, timeout=cfg.fed.timeout):
+    for reply in grid.send_and_receive([query_message(cfg, n) for n in nodes], timeout=cfg.fed.timeout):
+        node = reply.metadata.src_node_id
         if reply.has_error():
-            raise FedtuneError(
-                f"client on node {reply.metadata.src_node_id} failed to start: {reply.error.reason}"
-            )
-        pid = int(reply.content["metrics"]["partition-id"])  # type: ignore[index, arg-type]
+            raise FedtuneError(f"client on node {node} failed to start: {reply.error.reason}")
+        try:
+            pid = read_reply(reply, QueryReply).partition_id
+        except ProtocolError as err:
+            raise FedtuneError(f"client on node {node} is not a fedtune client: {err}") from None
         if pid in clients.values():
             raise FedtuneError(f"two nodes claim partition-id {pid}")
-        clients[reply.metadata.src_node_id] = pid
+        clients[node] = pid
     log.debug("clients (node -> partition): %s", clients)
     return clients
 
 
-def _server_line(
-    server_round: int, entries: list[dict[str, Any]], train: Any, evaluate: Any, seconds: float
-) -> dict:
-    line: dict[str, Any] = {
-        "round": server_round,
-        "phase": "server",
-        "client": None,
-        "bytes_up": sum(e["bytes_up"] for e in entries),
-        "bytes_down": sum(e["bytes_down"] for e in entries),
-        "seconds": seconds,
-    }
-    if train is not None:
-        line["train_loss"] = float(train["train-loss"])
-        line["num_clients"] = int(train["num-clients"])
-    if evaluate is not None:
-        line["eval_loss"] = float(evaluate["eval-loss"])
-    return line
+class Federation:
+    """The rounds of one run: a strategy, a round hook, the run directory and progress."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        cfg: Config,
+        run: RunDir,
+        clients: dict[int, int],
+        hook: RoundHook,
+        progress: RoundProgress,
+    ) -> None:
+        self.grid, self.cfg, self.run, self.hook, self.progress = grid, cfg, run, hook, progress
+        self.strategy: AdapterStrategy = build_strategy(cfg, clients)
+        self.strategy.run_dir = str(run.path.resolve())  # where simulated clients may keep state
+        self.strategy.instruction_fields = hook.instruction_fields()
+
+    def _phase(self, configure: Any, server_round: int, arrays: ArrayRecord, phase: str) -> list[Message]:
+        messages = configure(server_round, arrays, ConfigRecord(), self.grid)
+        return collect(
+            self.grid,
+            messages,
+            self.cfg.fed.timeout,
+            lambda done, total: self.progress.phase(phase, done, total),
+        )
+
+    def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        replies = self._phase(self.strategy.configure_evaluate, server_round, arrays, "evaluate")
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def train(self, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, MetricRecord | None]:
+        self.hook.begin_round()
+        replies = self._phase(self.strategy.configure_train, server_round, arrays, "train")
+        new_arrays, trained = self.strategy.aggregate_train(server_round, replies)
+        if new_arrays is None:
+            raise FedtuneError(f"round {server_round}: no client returned an update (see the log)")
+        # float32 as checkpointed: a resumed run must continue from exactly what is on disk
+        return to_record(from_record(new_arrays), "float32"), trained
+
+    def _log(self, server_round: int, t0: float, train: Any, evaluated: Any, **extra: Any) -> dict[str, Any]:
+        """Append the round's client lines and its server line to metrics.jsonl."""
+        fit = RoundMetrics.from_record(train) if train is not None else None
+        ev = RoundMetrics.from_record(evaluated) if evaluated is not None else None
+        line = server_line(
+            server_round,
+            self.strategy.round_log,
+            time.perf_counter() - t0,
+            train_loss=fit.loss if fit else None,
+            num_clients=fit.num_clients if fit else None,
+            eval_loss=ev.loss if ev else None,
+            **extra,
+        )
+        self.run.append_metrics([*self.strategy.round_log, line])
+        self.strategy.round_log.clear()
+        return dict(line)
+
+    def rounds(self, current: dict[str, Any]) -> None:
+        """Round 0 (when fresh), then every remaining round, each checkpointed; then ``final/``."""
+        last = self.run.last_round()
+        current = self.hook.client_state(current)
+        self.strategy.load_server_state(
+            self.run.load_server_state(max(last, 0)), {k: v.numpy() for k, v in current.items()}
+        )
+        arrays = to_record(current, "float32")
+        with self.progress.running(max(last, 0)):
+            if last < 0:
+                t0 = time.perf_counter()
+                if self.cfg.fed.evaluate_before:
+                    self.progress.start_round(0)
+                    self._log(0, t0, None, self.evaluate(0, arrays))
+                self.run.mark_complete(0)
+                last = 0
+            for server_round in range(last + 1, self.cfg.fed.rounds + 1):
+                arrays = self._round(server_round, arrays)
+        state = from_record(arrays)
+        lora = self.strategy.global_lora(state)
+        self.run.save_final(self.hook.whole(to_torch(state)), self.cfg, lora=lora)
+
+    def _round(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        t0 = time.perf_counter()
+        self.progress.start_round(server_round)
+        arrays, trained = self.train(server_round, arrays)
+        stats = self.hook.end_round()
+        evaluated = self.evaluate(server_round, arrays)
+        state = from_record(arrays)
+        self.run.save_round(
+            server_round,
+            self.hook.whole(to_torch(state)),
+            self.cfg,
+            lora=self.strategy.global_lora(state),  # heterogeneous ranks: the global's own rank
+            server_state=self.strategy.server_state(),
+        )
+        line = self._log(server_round, t0, trained, evaluated, **stats)
+        self.run.mark_complete(server_round)
+        self.progress.end_round(server_round, line)
+        return arrays
 
 
-def run_federation(grid: Grid, cfg: Config, run: RunDir, *, progress: bool = True) -> None:
-    """Run (or continue) the federation described by ``cfg`` into ``run``."""
+def run_federation(
+    grid: Grid, cfg: Config, run: RunDir, *, progress: bool = True, logger: logging.Logger | None = None
+) -> None:
+    """Run (or continue) the federation described by ``cfg`` into ``run``.
+
+    ``progress``: a bar in a terminal, else one line per round to ``logger``.
+    """
     clients = discover(grid, cfg)
     last = run.last_round()
     if last < 0:  # fresh run: seeded starting adapter, evaluated as round 0
         run.save_round(0, initial_adapter_state(cfg.model, seed=cfg.seed), cfg)
     run.rollback_to(max(last, 0))
     current = run.load_round(max(last, 0))
-    trunk = start_trunk_host(cfg, current) if cfg.split.enabled else None
+    hook = round_hook(cfg, current)
     try:
-        _rounds(grid, cfg, run, clients, current, trunk, progress=progress)
+        shown = RoundProgress(cfg.fed.rounds, enabled=progress, logger=logger)
+        Federation(grid, cfg, run, clients, hook, shown).rounds(current)
     finally:
-        if trunk is not None:
-            trunk.stop()
-
-
-def _rounds(
-    grid: Grid,
-    cfg: Config,
-    run: RunDir,
-    clients: dict[int, int],
-    current: dict[str, Any],
-    trunk: TrunkHost | None,
-    *,
-    progress: bool,
-) -> None:
-    """The round loop. In a split run Flower carries only the client-side (head + tail) adapter;
-    the trunk's lives in ``trunk`` and joins it in every checkpoint."""
-    strategy: AdapterStrategy = build_strategy(cfg, clients)
-    strategy.run_dir = str(run.path.resolve())  # where simulated clients may keep personal state
-    last = run.last_round()
-    extra = ConfigRecord()
-    if trunk is not None:
-        current = {k: v for k, v in current.items() if k not in trunk.keys}
-        extra = ConfigRecord({"trunk-addresses": list(trunk.addresses)})
-
-    def whole(state: Any) -> dict[str, Any]:  # torch state dict of every adapter weight
-        return {**to_torch(state), **(trunk.adapter_state() if trunk is not None else {})}
-
-    strategy.load_server_state(
-        run.load_server_state(max(last, 0)), {k: v.numpy() for k, v in current.items()}
-    )
-    arrays = to_record(current, "float32")
-    if last < 0:
-        if cfg.fed.evaluate_before:
-            t0 = time.perf_counter()
-            evaluated = strategy.aggregate_evaluate(
-                0,
-                grid.send_and_receive(
-                    strategy.configure_evaluate(0, arrays, extra, grid), timeout=cfg.fed.timeout
-                ),
-            )
-            run.append_metrics(
-                [
-                    *strategy.round_log,
-                    _server_line(0, strategy.round_log, None, evaluated, time.perf_counter() - t0),
-                ]
-            )
-            strategy.round_log.clear()
-        run.mark_complete(0)
-        last = 0
-    bar = Progress(
-        TextColumn("[bold]federated rounds"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} {task.description}"),
-        TimeElapsedColumn(),
-        disable=not progress,
-    )
-    with bar:
-        task = bar.add_task("", total=cfg.fed.rounds, completed=last)
-        for server_round in range(last + 1, cfg.fed.rounds + 1):
-            t0 = time.perf_counter()
-            if trunk is not None:
-                trunk.begin_round()
-            replies = grid.send_and_receive(
-                strategy.configure_train(server_round, arrays, extra, grid), timeout=cfg.fed.timeout
-            )
-            new_arrays, trained = strategy.aggregate_train(server_round, replies)
-            if new_arrays is None:
-                raise FedtuneError(f"round {server_round}: no client returned an update (see the log)")
-            trunk_stats = {}
-            if trunk is not None:
-                trunk_stats = trunk.round_stats()
-                trunk.end_round()  # hierarchical: the replicas' trunk adapters averaged
-            # float32 as checkpointed: Flower's optimisers can return float64 (numpy scalar
-            # promotion), and a resumed run must continue from exactly what is on disk
-            arrays = to_record(from_record(new_arrays), "float32")
-            evaluated = strategy.aggregate_evaluate(
-                server_round,
-                grid.send_and_receive(
-                    strategy.configure_evaluate(server_round, arrays, extra, grid),
-                    timeout=cfg.fed.timeout,
-                ),
-            )
-            line = _server_line(
-                server_round, strategy.round_log, trained, evaluated, time.perf_counter() - t0
-            )
-            line.update(trunk_stats)
-            state = from_record(arrays)
-            run.save_round(
-                server_round,
-                whole(state),
-                cfg,
-                lora=strategy.global_lora(state),  # heterogeneous ranks: the global's own rank
-                server_state=strategy.server_state(),
-            )
-            run.append_metrics([*strategy.round_log, line])
-            run.mark_complete(server_round)
-            strategy.round_log.clear()
-            loss = (
-                f"eval {line['eval_loss']:.3f}" if "eval_loss" in line else f"train {line['train_loss']:.3f}"
-            )
-            bar.update(task, completed=server_round, description=loss)
-    state = from_record(arrays)
-    run.save_final(whole(state), cfg, lora=strategy.global_lora(state))
-
-
-def start_trunk_host(cfg: Config, state: dict[str, Any]) -> TrunkHost:
-    """Load the model, keep its trunk with the adapter ``state`` and serve it (``split.mode``)."""
-    from fedtune.split.host import TrunkHost
-    from fedtune.split.lm import parts_from_config
-
-    trunk = parts_from_config(cfg).trunk
-    trunk.load_adapter_state_dict(state)
-    return TrunkHost(trunk, cfg.split, cfg.split.trunk_lr or cfg.train.lr, cfg.train.grad_accum)
+        hook.stop()
 
 
 def make_server_app(cfg: Config, run: RunDir, *, progress: bool = True) -> ServerApp:
@@ -229,6 +231,28 @@ def make_server_app(cfg: Config, run: RunDir, *, progress: bool = True) -> Serve
         run_federation(grid, cfg, run, progress=progress)
 
     return server
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"fed": {"rounds": 2}}`` -> ``{"fed.rounds": 2}``."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _app_dir(grid: Grid) -> str:
+    """Where the submitted app (the FAB) is installed on this host.
+
+    Flower 1.41 has no public API for it; ``flwr.common.config.get_project_dir`` is the one
+    function of a non-public Flower module fedtune uses (docs/architecture.md, Departures).
+    """
+    from flwr.common.config import get_project_dir
+
+    return str(get_project_dir(grid.run.fab_id, grid.run.fab_version, grid.run.fab_hash))
 
 
 app = ServerApp()
@@ -254,10 +278,10 @@ def main(grid: Grid, context: Context) -> None:
         run = RunDir.open(resume)
         cfg = run.config()
     else:
-        run_config.update(flatten_dict(apply_overrides({}, overrides)))
-        app_dir = get_project_dir(grid.run.fab_id, grid.run.fab_version, grid.run.fab_hash)
-        cfg = config_from_run_config(run_config, app_dir=app_dir)
+        run_config.update(_flat(apply_overrides({}, overrides)))
+        cfg = config_from_run_config(run_config, app_dir=_app_dir(grid))
         run = RunDir.create(cfg)
     # Flower forwards only its own logger's records to `flwr run --stream` and `flwr log`.
-    logging.getLogger("flwr").info("fedtune run directory: %s", run.path.resolve())
-    run_federation(grid, cfg, run, progress=False)
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.info("fedtune run directory: %s", run.path.resolve())
+    run_federation(grid, cfg, run, progress=True, logger=flwr_log)

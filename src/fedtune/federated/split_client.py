@@ -17,15 +17,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
-
 from fedtune.config import Config, ModelConfig, SplitConfig
+from fedtune.federated.protocol import EvaluateReply, TrainReply
 from fedtune.federated.records import from_record, to_record, to_torch
+from fedtune.federated.task import Task, evaluate_reply, tokenizer_for
 from fedtune.split.client import RemoteTrunk, TrunkClient
 from fedtune.split.lm import SplitLM, parts_from_config
 from fedtune.split.partition_model import Head, Tail, client_adapter_state_dict
 from fedtune.split.protect import ProtectConfig, protect_parts
-from fedtune.training.local import EvalResult, TrainResult, evaluate, train
+from fedtune.training.local import evaluate, train
 
 log = logging.getLogger(__name__)
 
@@ -37,23 +37,18 @@ class SplitRuntime:
 
 
 @lru_cache(maxsize=1)
-def _runtime(model_json: str, split_json: str, seed: int) -> SplitRuntime:
-    cfg = Config(
-        model=ModelConfig.model_validate_json(model_json),
-        split=SplitConfig.model_validate_json(split_json),
-        seed=seed,
-    )
+def _runtime(model: ModelConfig, split: SplitConfig, seed: int) -> SplitRuntime:
+    cfg = Config(model=model, split=split, seed=seed)
     parts = parts_from_config(cfg, client_only=True)
     log.info("Loaded head + tail of %s in this process", cfg.model.name)
     return SplitRuntime(head=parts.head, tail=parts.tail)
 
 
 def split_runtime(cfg: Config) -> SplitRuntime:
-    return _runtime(cfg.model.model_dump_json(), cfg.split.model_dump_json(), cfg.seed)
+    return _runtime(cfg.model, cfg.split, cfg.seed)
 
 
-def _connect(cfg: Config, config: ConfigRecord, partition_id: int, hidden_size: int) -> TrunkClient:
-    addresses = [str(a) for a in config["trunk-addresses"]]  # type: ignore[union-attr]
+def _connect(cfg: Config, addresses: tuple[str, ...], partition_id: int, hidden_size: int) -> TrunkClient:
     split = cfg.split
     return TrunkClient(
         addresses[partition_id % len(addresses)],
@@ -76,49 +71,45 @@ def _protection(cfg: Config, runtime: SplitRuntime, seed: int):  # type: ignore[
     return protect_parts(runtime.head, runtime.tail, config)
 
 
-def split_train(
-    cfg: Config,
-    msg: Message,
-    partition_id: int,
-    train_ds,
-    tokenizer,
-    *,
-    seed: int,
-    proximal_mu: float,  # type: ignore[no-untyped-def]
-) -> tuple[TrainResult, ArrayRecord, dict[str, float]]:
-    """One round of split training; returns (result, head + tail adapter record, transport metrics)."""
-    with _global_split_model(cfg, msg, partition_id, seed) as (model, client):
+def split_train(task: Task) -> TrainReply:
+    """One round of split training; replies with the head + tail adapter and the bytes that crossed."""
+    from fedtune.federated.client_app import tokenizer_for, train_reply
+
+    cfg, seed = task.cfg, task.seed()
+    train_ds, _ = task.data()
+    with _global_split_model(task, seed) as (model, client):
         for name, param in model.named_parameters():
             param.requires_grad_("lora_" in name)
-        result = train(model, train_ds, tokenizer, cfg.train, seed=seed, proximal_mu=proximal_mu)
-        traffic = {"trunk-bytes-up": float(client.bytes_up), "trunk-bytes-down": float(client.bytes_down)}
+        result = train(
+            model, train_ds, tokenizer_for(cfg.model), cfg.train, seed=seed, proximal_mu=task.inst.proximal_mu
+        )
+        traffic = {"trunk_bytes_up": float(client.bytes_up), "trunk_bytes_down": float(client.bytes_down)}
     arrays = to_record(client_adapter_state_dict(model.head, model.tail), cfg.fed.wire_dtype)
-    return result, arrays, traffic
+    return train_reply(task, arrays, result, **traffic)
 
 
 @contextmanager
-def _global_split_model(
-    cfg: Config, msg: Message, partition_id: int, seed: int
-) -> Iterator[tuple[SplitLM, TrunkClient]]:
-    """The message's global head + tail around a connected, protected remote trunk."""
-    runtime = split_runtime(cfg)
-    config: ConfigRecord = msg.content["config"]  # type: ignore[assignment]
-    state = to_torch(from_record(msg.content["arrays"]))  # type: ignore[arg-type]
+def _global_split_model(task: Task, seed: int) -> Iterator[tuple[SplitLM, TrunkClient]]:
+    """The instruction's global head + tail around a connected, protected remote trunk."""
+    runtime = split_runtime(task.cfg)
+    assert task.inst.adapter is not None
+    state = to_torch(from_record(task.inst.adapter))
     runtime.head.load_adapter_state_dict(state)
     runtime.tail.load_adapter_state_dict(state)
+    addresses = task.inst.trunk_addresses
     with (
-        _connect(cfg, config, partition_id, runtime.head.hidden_size) as client,
-        _protection(cfg, runtime, seed),
+        _connect(task.cfg, addresses, task.partition_id, runtime.head.hidden_size) as client,
+        _protection(task.cfg, runtime, seed),
     ):
         yield SplitLM(runtime.head, RemoteTrunk(client), runtime.tail), client
 
 
-def split_evaluate(
-    cfg: Config, msg: Message, partition_id: int, test_ds, tokenizer, *, seed: int
-) -> EvalResult:  # type: ignore[no-untyped-def]
+def split_evaluate(task: Task) -> EvaluateReply:
     """Held-out loss of the global head + tail around the (averaged) trunk."""
-    with _global_split_model(cfg, msg, partition_id, seed) as (model, _):
-        return evaluate(model, test_ds, tokenizer, cfg.train.eval_batch_size)
+    _, test_ds = task.data()
+    with _global_split_model(task, task.seed() + 1) as (model, _):
+        result = evaluate(model, test_ds, tokenizer_for(task.cfg.model), task.cfg.train.eval_batch_size)
+    return evaluate_reply(task, result)
 
 
 __all__ = ["split_evaluate", "split_runtime", "split_train"]

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from fedtune.errors import FedtuneError
-from fedtune.federated.aggregate import fedavg, weighted_mean
+from fedtune.federated.aggregation.fedavg import fedavg, weighted_mean
 
 
 def test_fedavg_hand_worked() -> None:

@@ -1,4 +1,4 @@
-from fedtune.federated.strategies import sample_clients
+from fedtune.federated.strategies.base import sample_clients
 
 
 def test_full_participation_takes_everyone_in_order() -> None:

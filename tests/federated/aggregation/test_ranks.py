@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from fedtune.errors import FedtuneError
-from fedtune.federated.aggregate import fedavg
-from fedtune.federated.hetero import (
+from fedtune.federated.aggregation.fedavg import fedavg
+from fedtune.federated.aggregation.ranks import (
     aggregate_delta,
     delta_w,
     fuse,

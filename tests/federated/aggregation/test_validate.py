@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from fedtune.errors import FedtuneError
-from fedtune.federated.aggregate import fedavg
-from fedtune.federated.validate import check_update, clip_update, filter_updates, update_norm
+from fedtune.federated.aggregation.fedavg import fedavg
+from fedtune.federated.aggregation.validate import check_update, clip_update, filter_updates, update_norm
 
 REF = {
     "a": np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype=np.float32),

@@ -1,0 +1,297 @@
+"""The server <-> client protocol: typed instructions and replies <-> Flower records.
+
+Every message fedtune sends is one of the dataclasses below, and every record key is
+written once, here: a field ``server_round`` travels as ``server-round``. Scalars go in the
+message's ``config`` record (instructions) or ``metrics`` record (replies); adapter arrays
+in an ``ArrayRecord`` each, named after their field. An instruction names its job
+explicitly (:class:`Job`), so a client never guesses what it was asked from which keys are
+present, and carries the run's resolved config, parsed once per message.
+
+Decoding checks the schema: the protocol version, every required field present, every
+value of its declared type, no unknown field. A message from a foreign or older app is
+refused with a :class:`ProtocolError` naming the field, so a client answers it with an
+error reply and the server leaves such a reply out; the round goes on either way.
+
+::
+
+    server                                 client
+    Query(config)                 ->       QueryReply(partition_id, num_train, num_test)
+    Instruction(job, round, ...)  ->       TrainReply(adapter, num_examples, ...)  (train)
+                                           EvaluateReply(eval_loss, ...)           (evaluate)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+from fedtune.config import Config, config_from_toml_text
+from fedtune.errors import FedtuneError
+
+PROTOCOL = 1  # bump when a field changes meaning: peers of another version are then refused
+
+
+class ProtocolError(FedtuneError):
+    """A message that does not follow this protocol (foreign app, older version, bad field)."""
+
+
+class Job(enum.StrEnum):
+    """What a train or evaluate instruction asks of the client."""
+
+    PLAIN = "plain"  # the global adapter, trained or evaluated as it is
+    RANKED = "ranked"  # an own-rank adapter, optionally on top of a frozen global update
+    GLOBAL = "global"  # evaluate a heterogeneous-rank global adapter at scaling 1
+    FFLORA = "fflora"  # the global adapter fused with the client's personal one
+    SPLIT = "split"  # head + tail adapters around the server's trunk service
+
+
+_PROTOCOL_KEY = "fedtune-protocol"
+_T = TypeVar("_T", bound="_Wire")
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class _Wire:
+    """Field-by-field conversion between a dataclass and a Flower RecordDict."""
+
+    scalars: ClassVar[str]  # the record that holds the scalar fields: "config" or "metrics"
+
+    def to_content(self) -> RecordDict:
+        scalars: dict[str, Any] = {_PROTOCOL_KEY: PROTOCOL}
+        arrays: dict[str, ArrayRecord] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if value is None or value == _default(f):  # absent means the default (Flower refuses [])
+                continue
+            if isinstance(value, ArrayRecord):
+                arrays[_key(f.name)] = value
+            elif isinstance(value, Config):
+                scalars[_key(f.name)] = value.to_toml()
+            elif isinstance(value, tuple):
+                scalars[_key(f.name)] = list(value)
+            else:
+                scalars[_key(f.name)] = value.value if isinstance(value, enum.Enum) else value
+        record = ConfigRecord(scalars) if self.scalars == "config" else MetricRecord(scalars)
+        return RecordDict({self.scalars: record, **arrays})
+
+    @classmethod
+    def from_content(cls: type[_T], content: RecordDict, *, where: str = "message") -> _T:
+        scalars = content.get(cls.scalars)
+        if not isinstance(scalars, ConfigRecord | MetricRecord):
+            raise ProtocolError(f"{where}: not a fedtune message (no {cls.scalars!r} record)")
+        version = scalars.get(_PROTOCOL_KEY)
+        if version is None:
+            raise ProtocolError(f"{where}: not a fedtune message (no field {_PROTOCOL_KEY!r})")
+        if version != PROTOCOL:
+            raise ProtocolError(
+                f"{where}: field {_PROTOCOL_KEY!r} is {version!r}, this side speaks {PROTOCOL!r}"
+            )
+        hints = typing.get_type_hints(cls)
+        known = {_key(f.name) for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(scalars) - known - {_PROTOCOL_KEY})
+        unknown += sorted(k for k in content if k != cls.scalars and k not in known)
+        if unknown:
+            raise ProtocolError(f"{where}: unknown field {unknown[0]!r} ({cls.__name__})")
+        values = {}
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            key = _key(f.name)
+            raw = content.get(key) if _is_arrays(hints[f.name]) else scalars.get(key)
+            if raw is None:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    raise ProtocolError(f"{where}: missing field {key!r} ({cls.__name__})")
+                continue
+            values[f.name] = _decode(raw, hints[f.name], f"{where}: field {key!r}")
+        return cls(**values)
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _is_arrays(tp: Any) -> bool:
+    return tp is ArrayRecord or ArrayRecord in typing.get_args(tp)
+
+
+def _decode(raw: Any, tp: Any, where: str) -> Any:
+    """``raw`` as type ``tp`` (a field's annotation), or a ProtocolError naming the field."""
+    options = typing.get_args(tp) if isinstance(tp, types.UnionType) else (tp,)
+    options = tuple(o for o in options if o is not type(None))
+    for option in options:
+        if option is ArrayRecord and isinstance(raw, ArrayRecord):
+            return raw
+        if option is Config and isinstance(raw, str):
+            return config_from_toml_text(raw, source=where)
+        if isinstance(option, type) and issubclass(option, enum.Enum) and isinstance(raw, str):
+            try:
+                return option(raw)
+            except ValueError:
+                raise ProtocolError(f"{where}: unknown value {raw!r}") from None
+        if option is bool and isinstance(raw, bool):
+            return raw
+        if option is int and isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        if option is float and isinstance(raw, int | float) and not isinstance(raw, bool):
+            return float(raw)
+        if option is str and isinstance(raw, str):
+            return raw
+        is_strings = isinstance(raw, list) and all(isinstance(v, str) for v in raw)
+        if typing.get_origin(option) is tuple and is_strings:
+            return tuple(raw)
+    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ProtocolError(f"{where}: expected {names}, got {type(raw).__name__} {raw!r}"[:300])
+
+
+@dataclass(frozen=True)
+class Query(_Wire):
+    """Discovery: who is this client and how much data does it hold."""
+
+    scalars: ClassVar[str] = "config"
+    config: Config
+
+
+@dataclass(frozen=True)
+class QueryReply(_Wire):
+    scalars: ClassVar[str] = "metrics"
+    partition_id: int
+    num_train: int
+    num_test: int
+
+
+@dataclass(frozen=True)
+class Instruction(_Wire):
+    """A train or evaluate instruction (the Flower message type says which).
+
+    ``adapter`` is the adapter to start from (global, own-rank start state, or head + tail);
+    ``rank`` is its rank where it has its own (``RANKED``, ``GLOBAL``) or the personal
+    adapter's (``FFLORA``). FLoRA's merge mode may send ``adapter`` / ``frozen`` as the part
+    beyond the stack of rank ``*_from`` that the client keeps (see ``stack_cache``).
+    """
+
+    scalars: ClassVar[str] = "config"
+    job: Job
+    server_round: int
+    config: Config
+    adapter: ArrayRecord | None = None
+    adapter_from: int | None = None
+    rank: int | None = None
+    frozen: ArrayRecord | None = None  # RANKED: a global update trained on top of, frozen
+    frozen_rank: int | None = None
+    frozen_from: int | None = None
+    correction: ArrayRecord | None = None  # SCAFFOLD: c - c_i, added to every local gradient
+    proximal_mu: float = 0.0  # FedProx: weight of mu/2 ||w - w_global||^2
+    run_dir: str | None = None  # where a simulated client keeps its state (personal, stack)
+    trunk_addresses: tuple[str, ...] = field(default_factory=tuple)  # SPLIT: the trunk services
+
+    def check(self) -> Instruction:
+        """The fields this job needs are present (a well-typed but incomplete message is refused)."""
+        need = {
+            Job.RANKED: ("rank",),
+            Job.GLOBAL: ("rank",),
+            Job.FFLORA: ("rank",),
+            Job.SPLIT: ("trunk_addresses",),
+        }.get(self.job, ())
+        for name in need:
+            if not getattr(self, name):
+                raise ProtocolError(f"instruction: job {self.job.value!r} needs field {_key(name)!r}")
+        if self.adapter is None and self.adapter_from is None:
+            raise ProtocolError("instruction: missing field 'adapter'")
+        if self.frozen is not None and self.frozen_rank is None:
+            raise ProtocolError("instruction: field 'frozen' needs field 'frozen-rank'")
+        return self
+
+
+@dataclass(frozen=True)
+class TrainReply(_Wire):
+    scalars: ClassVar[str] = "metrics"
+    partition_id: int
+    num_examples: int
+    adapter: ArrayRecord
+    train_loss: float
+    steps: int  # optimiser steps taken (SCAFFOLD divides by them)
+    lr: float  # the learning rate the client trained at this round
+    first_step_at: float
+    seconds: float
+    trunk_bytes_up: float | None = None  # SPLIT: what crossed the cut
+    trunk_bytes_down: float | None = None
+
+
+@dataclass(frozen=True)
+class EvaluateReply(_Wire):
+    scalars: ClassVar[str] = "metrics"
+    partition_id: int
+    num_examples: int
+    eval_loss: float
+    perplexity: float
+    num_tokens: int
+    seconds: float
+    eval_loss_global: float | None = None  # FFLORA: the global adapter alone
+    eval_loss_personal: float | None = None  # FFLORA: the personal adapter alone
+
+
+@dataclass(frozen=True)
+class RoundMetrics:
+    """What a strategy's ``aggregate_train`` / ``aggregate_evaluate`` tell the round loop.
+
+    ``loss`` is the clients' example-weighted train or eval loss; ``num_clients`` how many
+    replies it is over. Travels as Flower's ``MetricRecord`` (the ``Strategy`` interface).
+    """
+
+    loss: float
+    num_clients: int
+
+    def to_record(self) -> MetricRecord:
+        return MetricRecord({"loss": self.loss, "num-clients": self.num_clients})
+
+    @classmethod
+    def from_record(cls, record: MetricRecord) -> RoundMetrics:
+        return cls(float(record["loss"]), int(record["num-clients"]))  # type: ignore[arg-type]
+
+
+def instruction_message(inst: Instruction, message_type: str, node_id: int) -> Message:
+    return Message(content=inst.to_content(), message_type=message_type, dst_node_id=node_id)
+
+
+def read_instruction(msg: Message) -> Instruction:
+    """The instruction in a train/evaluate message; ProtocolError names what is wrong."""
+    return Instruction.from_content(msg.content, where=f"{msg.metadata.message_type} instruction").check()
+
+
+def read_reply(msg: Message, kind: type[_T]) -> _T:
+    """A client's reply as ``kind``; ProtocolError names the node and the field."""
+    return kind.from_content(msg.content, where=f"reply from node {msg.metadata.src_node_id}")
+
+
+def reply_message(reply: _Wire, to: Message) -> Message:
+    return Message(reply.to_content(), reply_to=to)
+
+
+def query_message(cfg: Config, node_id: int) -> Message:
+    return Message(content=Query(cfg).to_content(), message_type=MessageType.QUERY, dst_node_id=node_id)
+
+
+__all__ = [
+    "PROTOCOL",
+    "EvaluateReply",
+    "Instruction",
+    "Job",
+    "ProtocolError",
+    "Query",
+    "QueryReply",
+    "RoundMetrics",
+    "TrainReply",
+    "instruction_message",
+    "query_message",
+    "read_instruction",
+    "read_reply",
+    "reply_message",
+]

@@ -1,0 +1,126 @@
+"""fedtune's strategies: one per file, one checked registry whose entries carry capabilities.
+
+A run names its strategy with ``fed.strategy``; :func:`check_strategy` looks it up and checks
+that it fits the run (mixed ranks, split learning) before anything is started, reading the
+entry's :class:`Capabilities` — nobody keeps a second list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedtune.config import Config
+from fedtune.errors import FedtuneError
+from fedtune.federated.aggregation.ranks import rank_rule
+from fedtune.federated.strategies.base import AdapterStrategy, sample_clients
+from fedtune.federated.strategies.fedavg import FedAvgStrategy
+from fedtune.federated.strategies.fedprox import FedProxStrategy
+from fedtune.federated.strategies.fflora import FFLoraStrategy
+from fedtune.federated.strategies.robust import KrumStrategy, MedianStrategy, TrimmedMeanStrategy
+from fedtune.federated.strategies.scaffold import ScaffoldStrategy
+from fedtune.federated.strategies.server_opt import (
+    FedAdagradStrategy,
+    FedAdamStrategy,
+    FedAvgMStrategy,
+    FedYogiStrategy,
+)
+from fedtune.federated.strategies.stack import StackStrategy
+from fedtune.federated.strategies.zero_pad import ZeroPadStrategy
+from fedtune.registry import Registry
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a strategy works with; checks read these, nobody keeps a second list.
+
+    Attributes
+    ----------
+    split
+        Works with split learning (every client gets the same head + tail adapter).
+    mixed_ranks
+        Clients may train different LoRA ranks (``model.lora.ranks``).
+    client_state
+        Clients keep state on their own disk between rounds (FF-LoRA's personal adapter,
+        FLoRA's cached stack).
+    weighted_sum
+        The aggregate is a weighted sum of the client updates, so secure aggregation and
+        client-level DP (clip each update, noise the sum) apply.
+    """
+
+    split: bool = False
+    mixed_ranks: bool = False
+    client_state: bool = False
+    weighted_sum: bool = False
+
+
+@dataclass(frozen=True)
+class StrategyEntry:
+    cls: type[AdapterStrategy]
+    capabilities: Capabilities
+
+    @property
+    def summary(self) -> str:
+        return (self.cls.__doc__ or "").strip().splitlines()[0]
+
+
+STRATEGIES: Registry[StrategyEntry] = Registry("strategy")
+
+_SHARED = Capabilities(split=True, weighted_sum=True)  # same adapter for all, a weighted mean
+_ROBUST = Capabilities(split=True)  # same adapter for all, not a sum
+for _name, _entry in {
+    "fedavg": StrategyEntry(FedAvgStrategy, _SHARED),
+    "fedprox": StrategyEntry(FedProxStrategy, _SHARED),
+    # the server step is applied to the clients' weighted mean, which is a sum
+    "fedavgm": StrategyEntry(FedAvgMStrategy, _SHARED),
+    "fedadam": StrategyEntry(FedAdamStrategy, _SHARED),
+    "fedyogi": StrategyEntry(FedYogiStrategy, _SHARED),
+    "fedadagrad": StrategyEntry(FedAdagradStrategy, _SHARED),
+    "median": StrategyEntry(MedianStrategy, _ROBUST),
+    "trimmed-mean": StrategyEntry(TrimmedMeanStrategy, _ROBUST),
+    "krum": StrategyEntry(KrumStrategy, _ROBUST),
+    "fflora": StrategyEntry(FFLoraStrategy, Capabilities(client_state=True, weighted_sum=True)),
+    # stacking concatenates factors: not a sum
+    "stack": StrategyEntry(StackStrategy, Capabilities(mixed_ranks=True, client_state=True)),
+    # a weighted sum of zero-padded A's and of zero-padded B's
+    "zero-pad": StrategyEntry(ZeroPadStrategy, Capabilities(mixed_ranks=True, weighted_sum=True)),
+    # the server needs every client's own update for its control variate
+    "scaffold": StrategyEntry(ScaffoldStrategy, Capabilities()),
+}.items():
+    STRATEGIES.add(_name, _entry)
+
+
+def check_strategy(cfg: Config) -> StrategyEntry:
+    """The entry named by ``fed.strategy``, checked against the run's ranks and split setting."""
+    entry = STRATEGIES.get(cfg.fed.strategy, where="fed.strategy")
+    caps = entry.capabilities
+    lora, n = cfg.model.lora, cfg.partition.num_partitions
+    if caps.mixed_ranks:
+        rank_rule(lora.ranks if lora.ranks is not None else [lora.r] * n, n)
+    elif lora.ranks is not None:
+        mixed = " or ".join(repr(k) for k in STRATEGIES if STRATEGIES.get(k).capabilities.mixed_ranks)
+        raise FedtuneError(
+            f"model.lora.ranks: per-client ranks need fed.strategy {mixed}, not {cfg.fed.strategy!r}"
+        )
+    if cfg.split.enabled and not caps.split:
+        fits = ", ".join(k for k in STRATEGIES if STRATEGIES.get(k).capabilities.split)
+        raise FedtuneError(
+            f"fed.strategy: {cfg.fed.strategy!r} does not apply to split runs (split.enabled); "
+            f"use one of {fits}"
+        )
+    return entry
+
+
+def build_strategy(cfg: Config, clients: dict[int, int]) -> AdapterStrategy:
+    """The strategy named by ``fed.strategy`` for ``clients`` (node id -> partition id)."""
+    return check_strategy(cfg).cls(cfg, clients)
+
+
+__all__ = [
+    "STRATEGIES",
+    "AdapterStrategy",
+    "Capabilities",
+    "StrategyEntry",
+    "build_strategy",
+    "check_strategy",
+    "sample_clients",
+]

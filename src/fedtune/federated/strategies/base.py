@@ -1,0 +1,255 @@
+"""The base of every fedtune strategy: Flower's ``Strategy`` interface over LoRA adapters.
+
+:class:`AdapterStrategy` implements Flower's public Message-API ``Strategy`` (configure /
+aggregate train and evaluate) with what an LLM run needs:
+
+- clients are sampled by partition id from an RNG seeded per (seed, round) (node ids
+  are random per run, so Flower's sampling could not be resumed exactly);
+- each client gets a typed :class:`~fedtune.federated.protocol.Instruction`; the adapter is
+  cast to the wire dtype on the way down, the server keeps float32;
+- every reply is read through the protocol (a malformed or foreign one is logged and left
+  out) and every update checked (keys, shapes, dtype, NaN/Inf, optionally huge norm or
+  norm-clipped); a bad update is logged and left out, the round goes on;
+- updates are aggregated in partition order by :meth:`aggregate_updates` (pure maths from
+  :mod:`fedtune.federated.aggregation`), so results do not depend on reply order;
+- per-client metric lines (:class:`~fedtune.metrics.MetricLine`) go to ``round_log``.
+
+A strategy overrides one or two hooks: :meth:`instruction` (what one client is sent) and
+:meth:`aggregate_updates` (the rule); stateful ones also :meth:`server_state` /
+:meth:`load_server_state`, which the round loop checkpoints with every round.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedtune.config import Config, LoraConfig
+from fedtune.federated.aggregation.fedavg import fedavg, weighted_mean
+from fedtune.federated.aggregation.validate import clip_update, filter_updates
+from fedtune.federated.protocol import (
+    EvaluateReply,
+    Instruction,
+    Job,
+    ProtocolError,
+    RoundMetrics,
+    TrainReply,
+    instruction_message,
+    read_reply,
+)
+from fedtune.federated.records import from_record, to_record
+from fedtune.metrics import MetricLine, line_from_reply
+
+log = logging.getLogger(__name__)
+
+Arrays = dict[str, np.ndarray]
+_R = TypeVar("_R", TrainReply, EvaluateReply)
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of a message's payload: tensor data, keys, configs and metrics."""
+    return sum(record.count_bytes() for record in content.values())
+
+
+def sample_clients(
+    partition_ids: Iterable[int], fraction: float, minimum: int, seed: int, server_round: int
+) -> list[int]:
+    """A reproducible sample: ``max(minimum, floor(fraction * n))`` ids, drawn per (seed, round)."""
+    ids = sorted(partition_ids)
+    size = min(len(ids), max(minimum, math.floor(fraction * len(ids))))
+    if size >= len(ids):
+        return ids
+    rng = random.Random(f"fedtune-{seed}-{server_round}")
+    return sorted(rng.sample(ids, size))
+
+
+@dataclass(frozen=True)
+class Update:
+    """One accepted client update, as the aggregation rule sees it."""
+
+    pid: int
+    state: Arrays
+    weight: int
+    reply: TrainReply
+
+
+class AdapterStrategy(Strategy):
+    """FedAvg over adapter state dicts, weighted by each client's training examples.
+
+    ``clients`` maps node id -> partition id (from discovery). ``instruction_fields`` are
+    added to every instruction (the round loop sets the run directory and, in split runs,
+    the trunk services' addresses).
+    """
+
+    def __init__(self, cfg: Config, clients: dict[int, int]) -> None:
+        self.cfg = cfg
+        self.node_of = {pid: node for node, pid in clients.items()}  # partition id -> node id
+        self.round_log: list[MetricLine] = []
+        self.instruction_fields: dict[str, Any] = {}
+        self.run_dir: str | None = None  # where simulated clients keep state (FF-LoRA, stack cache)
+        self.current_round = 0  # the round being configured or aggregated
+        self._sent: dict[int, int] = {}  # node id -> bytes sent this phase
+        self._references: dict[int, Arrays] = {}  # partition id -> start state sent this round
+        self._wire_global: ArrayRecord | None = None
+        self._global: Arrays = {}  # the global adapter at the start of this round
+
+    def summary(self) -> None:
+        log.info("%s over %s clients", type(self).__name__, len(self.node_of))
+
+    def global_lora(self, state: Arrays) -> LoraConfig:
+        """The LoRA config under which the global adapter ``state`` is saved and served."""
+        return self.cfg.model.lora
+
+    # -- sending ------------------------------------------------------------------
+    def wire_global(self, state: Arrays) -> ArrayRecord:
+        """``state`` in the wire dtype, encoded once per phase and shared by every client."""
+        if self._wire_global is None:
+            self._wire_global = to_record(state, self.cfg.fed.wire_dtype)
+        return self._wire_global
+
+    def instruction(self, pid: int, global_state: Arrays, message_type: str) -> tuple[Instruction, Arrays]:
+        """What client ``pid`` is sent, and the start state its update is checked against.
+
+        Every client gets the global adapter here; strategies whose clients differ
+        (heterogeneous ranks, control variates) override this and call ``super()``.
+        """
+        job = Job.SPLIT if self.cfg.split.enabled else Job.PLAIN
+        inst = self.make_instruction(job, adapter=self.wire_global(global_state))
+        return inst, global_state
+
+    def make_instruction(self, job: Job, **fields: Any) -> Instruction:
+        """An instruction for this phase with the round loop's ``instruction_fields``."""
+        return Instruction(
+            job=job, server_round=self.current_round, config=self.cfg, **self.instruction_fields, **fields
+        )
+
+    def _messages(
+        self, global_state: Arrays, message_type: str, fraction: float, minimum: int
+    ) -> list[Message]:
+        if fraction == 0.0:
+            return []
+        chosen = sample_clients(self.node_of, fraction, minimum, self.cfg.seed, self.current_round)
+        self._wire_global = None
+        self._sent = {}
+        messages = []
+        for pid in chosen:
+            inst, reference = self.instruction(pid, global_state, message_type)
+            msg = instruction_message(inst, message_type, self.node_of[pid])
+            self._sent[self.node_of[pid]] = payload_bytes(msg.content)
+            if message_type == MessageType.TRAIN:
+                self._references[pid] = reference
+            messages.append(msg)
+        log.debug("round %s %s: clients %s", self.current_round, message_type, chosen)
+        return messages
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.current_round = server_round
+        self._references = {}
+        self._global = from_record(arrays)
+        fed = self.cfg.fed
+        return self._messages(self._global, MessageType.TRAIN, fed.fraction_train, fed.min_train_clients)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.current_round = server_round
+        fed = self.cfg.fed
+        return self._messages(
+            from_record(arrays), MessageType.EVALUATE, fed.fraction_evaluate, fed.min_evaluate_clients
+        )
+
+    # -- receiving ----------------------------------------------------------------
+    def read_replies(self, replies: Iterable[Message], kind: type[_R]) -> list[tuple[Message, _R]]:
+        """Replies that carry no error and follow the protocol, in partition order."""
+        good: list[tuple[Message, _R]] = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                log.warning("client on node %s failed: %s", node, msg.error.reason)
+                continue
+            try:
+                good.append((msg, read_reply(msg, kind)))
+            except ProtocolError as err:
+                log.warning("round %s: reply left out: %s", self.current_round, err)
+        good.sort(key=lambda pair: pair[1].partition_id)
+        self.replies_read({reply.partition_id for _, reply in good})
+        return good
+
+    def replies_read(self, fine: set[int]) -> None:
+        """Hook: the partitions whose replies came back fine this phase."""
+
+    def _line(self, phase: str, msg: Message, reply: TrainReply | EvaluateReply) -> MetricLine:
+        line = line_from_reply(
+            self.current_round,
+            phase,
+            reply,
+            bytes_up=payload_bytes(msg.content),
+            bytes_down=self._sent.get(msg.metadata.src_node_id, 0),
+        )
+        self.round_log.append(line)
+        return line
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        self.current_round = server_round
+        read = self.read_replies(replies, TrainReply)
+        start = len(self.round_log)
+        lines = [self._line("train", msg, reply) for msg, reply in read]
+        states = [from_record(reply.adapter, check_finite=False) for _, reply in read]
+        pids = [reply.partition_id for _, reply in read]
+        kept, reasons = filter_updates(
+            states,
+            [self._references[p] for p in pids],
+            where=[f"client {p}" for p in pids],
+            max_norm=None,
+            norm_factor=self.cfg.fed.outlier_norm_factor,
+        )
+        for i, reason in zip(sorted(set(range(len(states))) - set(kept)), reasons, strict=True):
+            self.round_log[start + i] = {**lines[i], "rejected": reason}
+            log.warning("round %s: update rejected: %s", server_round, reason)
+        if not kept:
+            return None, None
+        updates = [Update(pids[i], states[i], read[i][1].num_examples, read[i][1]) for i in kept]
+        if self.cfg.fed.clip_norm is not None:
+            clip = self.cfg.fed.clip_norm
+            updates = [replace(u, state=clip_update(u.state, self._references[u.pid], clip)) for u in updates]
+        merged = self.aggregate_updates(updates)
+        if merged.keys() == self._global.keys():  # the global's key order, whatever the replies'
+            merged = {k: merged[k] for k in self._global}
+        weights = [u.weight for u in updates]
+        loss = weighted_mean([u.reply.train_loss for u in updates], weights)
+        return to_record(merged, "float32"), RoundMetrics(loss, len(updates)).to_record()
+
+    def aggregate_updates(self, updates: list[Update]) -> Arrays:
+        """The aggregation rule over the accepted updates (FedAvg here)."""
+        return fedavg([u.state for u in updates], [u.weight for u in updates])
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        self.current_round = server_round
+        read = self.read_replies(replies, EvaluateReply)
+        if not read:
+            return None
+        for msg, reply in read:
+            self._line("evaluate", msg, reply)
+        loss = weighted_mean([r.eval_loss for _, r in read], [r.num_examples for _, r in read])
+        return RoundMetrics(loss, len(read)).to_record()
+
+    # -- server state (for exact resume) -------------------------------------------
+    def server_state(self) -> Arrays:
+        """State to checkpoint with the round ({} for stateless strategies)."""
+        return {}
+
+    def load_server_state(self, state: Arrays, current: Arrays) -> None:
+        """Restore :meth:`server_state` output; ``current`` is the global adapter it goes with."""
