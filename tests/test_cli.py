@@ -169,13 +169,14 @@ def test_data_convert_error_writes_nothing(capsys, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("override", "key"),
+    ("overrides", "key"),
     [
-        ("split.n_head=0", "split.n_head"),
-        ("split.port=seventy", "split.port"),
-        ("split.nhead=1", "split.nhead"),
+        (["split.n_head=0"], "split.n_head"),
+        (["split.port=seventy"], "split.port"),
+        (["split.nhead=1"], "split.nhead"),
+        (["split.tls_cert='no.pem'", "split.tls_key='k'", "split.tls_root_cert='ca'"], "split.tls_cert"),
     ],
 )
-def test_serve_trunk_bad_setting_names_the_key(capsys, override: str, key: str) -> None:
-    code, _, err = cli(capsys, "serve-trunk", "--set", override)
+def test_serve_trunk_bad_setting_names_the_key(capsys, overrides: list[str], key: str) -> None:
+    code, _, err = cli(capsys, "serve-trunk", *[x for o in overrides for x in ("--set", o)])
     assert code == 2 and key in err

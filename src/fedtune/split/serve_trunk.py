@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from fedtune.config import Config
+from fedtune.errors import FedtuneError
 from fedtune.io import atomic_file, write_text_atomic
 from fedtune.models.adapters import attach_lora, load_adapter_folder
 from fedtune.models.load import load_model
@@ -66,6 +67,13 @@ def serve_trunk(
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     split = cfg.split
+    tls = None
+    if split.tls_cert and split.tls_key:  # read before the model loads, so a wrong path fails at once
+        cert, key = Path(split.tls_cert), Path(split.tls_key)
+        for name, path in (("split.tls_cert", cert), ("split.tls_key", key)):
+            if not path.is_file():
+                raise FedtuneError(f"{name}: {path} is not a file")
+        tls = (cert.read_bytes(), key.read_bytes())
     trunk = load_trunk(cfg, adapter)
     optim = TrunkOptim(
         lr=split.trunk_lr or cfg.train.lr,
@@ -73,9 +81,6 @@ def serve_trunk(
         step_every=cfg.train.grad_accum,
     )
     service = TrunkService(trunk, optim, max_message_bytes=int(split.max_message_mib * 2**20))
-    tls = None
-    if split.tls_cert and split.tls_key:
-        tls = (Path(split.tls_cert).read_bytes(), Path(split.tls_key).read_bytes())
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
