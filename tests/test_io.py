@@ -101,3 +101,10 @@ def test_replace_folder_into_a_new_place(tmp_path: Path) -> None:
     (staging / "index.html").write_text("page")
     assert replace_folder_atomic(staging, tmp_path / "report") == tmp_path / "report"
     assert [p.name for p in tmp_path.iterdir()] == ["report"]
+
+
+def test_new_files_get_the_permissions_of_a_plain_write(tmp_path: Path) -> None:
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    atomic = write_text_atomic(tmp_path / "atomic", "x")
+    assert atomic.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777

@@ -16,6 +16,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def _fsync(path: Path) -> None:
 def atomic_file(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
     """A temporary path beside ``path``; on a clean exit it is renamed over ``path``.
 
-    The writer must create (or overwrite) the temporary file; the parent folder is created.
+    The writer must create the temporary file; the parent folder is created.
 
     Parameters
     ----------
@@ -52,9 +53,9 @@ def atomic_file(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    # a fresh name, not a file made by mkstemp: the writer creates it, so it gets the usual
+    # permissions (mkstemp's are 0600)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         yield tmp
         if fsync:
