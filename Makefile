@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
 	FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 RAY_DEDUP_LOGS=0
 
-.PHONY: setup demo test test-all lint bench
+.PHONY: setup demo test test-fast test-all lint bench
 setup: $(VENV)/.fedtune-installed
 
 # torch first, from the pinned CPU wheel, so nothing later pulls CUDA builds;
@@ -23,6 +23,10 @@ demo: setup
 
 test: setup
 	$(OFFLINE) $(VENV)/bin/pytest -q -m "not slow"
+
+# The edit-test loop: no simulation runs, no extra processes (under a minute on 2 cores).
+test-fast: setup
+	$(OFFLINE) $(VENV)/bin/pytest -q -m "not slow and not integration"
 
 test-all: setup
 	$(OFFLINE) $(VENV)/bin/pytest -q

@@ -10,8 +10,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 
 import pytest
+import torch
 
 from fedtune.config import Config, load_config
+
+# The test models are a few layers 8-64 wide: intra-op threads cost more in hand-offs than they
+# bring, and on a busy 2-core machine they spin against other processes (the fast tier took 130 s
+# with 2 threads, 61 s with 1). Runs started as subprocesses keep their own train.num_threads.
+torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -17,6 +17,8 @@ from fedtune.config import load_config
 from fedtune.inference import evaluate_clients, load_run
 from fedtune.models.load import load_model
 
+pytestmark = pytest.mark.integration  # every test runs `fedtune run` through Flower's simulation (Ray)
+
 
 def fedtune(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
