@@ -51,11 +51,9 @@ def _check(key: str, value: Any, where: str) -> Any:
     kinds = typing.get_args(_HINTS[key]) or (_HINTS[key],)
     if value is None and type(None) in kinds:
         return None
-    if isinstance(value, bool):
-        raise FedtuneError(f"{where}: {key!r} must be {_HINTS[key]}, got {value!r}")
-    if int in kinds and isinstance(value, int):
+    if int in kinds and isinstance(value, int) and not isinstance(value, bool):
         return value
-    if float in kinds and isinstance(value, int | float):
+    if float in kinds and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     if str in kinds and isinstance(value, str):
         return value

@@ -29,7 +29,9 @@ def strategy(*overrides: str, clients: int = 3) -> AdapterStrategy:
     return build_strategy(cfg, {NODE + i: i for i in range(clients)})
 
 
-def send(s: AdapterStrategy, server_round: int, global_state: Mapping[str, np.ndarray], *, train: bool = True):
+def send(
+    s: AdapterStrategy, server_round: int, global_state: Mapping[str, np.ndarray], *, train: bool = True
+):
     """The strategy's messages for a phase: ``{pid: (instruction, message)}``."""
     configure = s.configure_train if train else s.configure_evaluate
     out = {}
@@ -57,7 +59,12 @@ def train_reply(msg: Message, pid: int, state: Mapping[str, np.ndarray], n: int,
 
 def eval_reply(msg: Message, pid: int, loss: float = 1.0, n: int = 1) -> Message:
     reply = EvaluateReply(
-        partition_id=pid, num_examples=n, eval_loss=loss, perplexity=float(np.exp(loss)), num_tokens=n, seconds=0.0
+        partition_id=pid,
+        num_examples=n,
+        eval_loss=loss,
+        perplexity=float(np.exp(loss)),
+        num_tokens=n,
+        seconds=0.0,
     )
     return reply_message(reply, msg)
 

@@ -13,17 +13,18 @@ from typing import ClassVar
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedtune.config import load_config
 from fedtune.data.pipeline import client_conversations, client_tokenized
 from fedtune.federated import client_app, split_client
+from fedtune.federated.protocol import Instruction, Job, TrainReply, instruction_message
 from fedtune.federated.records import to_record
-from fedtune.federated.server_app import start_trunk_host
 from fedtune.models.adapters import initial_adapter_state
 from fedtune.models.load import load_tokenizer
 from fedtune.split.client import TrunkClient
+from fedtune.split.rounds import SplitRounds
 
 SPLIT = ["model.name='tiny-llama-4l'", "split.enabled=true", "split.n_head=1", "split.n_tail=1"]
 
@@ -45,25 +46,25 @@ def _one_round(monkeypatch, *overrides: str):  # type: ignore[no-untyped-def]
     """One split training round of client 0: (config, Flower reply, trunk clients, client keys)."""
     cfg = load_config("configs/tiny.toml", [*SPLIT, *overrides])
     state = initial_adapter_state(cfg.model, seed=cfg.seed)
-    host = start_trunk_host(cfg, state)
+    hook = SplitRounds(cfg, state)
     monkeypatch.setattr(split_client, "TrunkClient", _Recording)
     for field in ("_run_id", "_node_id", "_task_id"):  # what Flower's runtime sets in its processes
         monkeypatch.setattr(TaskIdentity, field, 1)
     _Recording.made = []
     try:
-        client_part = {k: v for k, v in state.items() if k not in host.keys}
-        config = ConfigRecord(
-            {"server-round": 1, "fedtune-config": cfg.to_toml(), "trunk-addresses": list(host.addresses)}
+        client_part = hook.client_state(state)
+        inst = Instruction(
+            job=Job.SPLIT,
+            server_round=1,
+            config=cfg,
+            adapter=to_record(client_part, "float32"),
+            **hook.instruction_fields(),
         )
-        msg = Message(
-            content=RecordDict({"config": config, "arrays": to_record(client_part, "float32")}),
-            message_type=MessageType.TRAIN,
-            dst_node_id=1,
-        )
+        msg = instruction_message(inst, MessageType.TRAIN, 1)
         context = Context(1, 1, {"partition-id": 0, "num-partitions": 3}, RecordDict(), {})
         reply = client_app.train_handler(msg, context)
     finally:
-        host.stop()
+        hook.stop()
     return cfg, reply, _Recording.made, set(client_part)
 
 
@@ -108,7 +109,12 @@ def test_flower_reply_carries_the_client_side_adapter_and_numeric_metrics_only(r
     assert all(np.issubdtype(a.numpy().dtype, np.floating) for a in arrays.values())
     metrics: MetricRecord = reply.content["metrics"]  # type: ignore[assignment]
     assert all(isinstance(v, int | float) for v in metrics.values())
-    assert metrics["trunk-bytes-up"] > 0 and torch.isfinite(torch.tensor(float(metrics["train-loss"])))
+    parsed = TrainReply.from_content(reply.content)
+    assert (
+        parsed.trunk_bytes_up
+        and parsed.trunk_bytes_up > 0
+        and torch.isfinite(torch.tensor(parsed.train_loss))
+    )
 
 
 def _first_h1(client: TrunkClient) -> torch.Tensor:

@@ -5,17 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from federated.test_hetero_strategies import (  # noqa: F401  (fixture too)
-    _adapter,
-    _round,
-    _strategy,
-    _task_identity,
-)
+from federated.fakes import eval_round
+from federated.strategies.test_ranked import _adapter, _round, _strategy
 from fedtune.errors import FedtuneError
 from fedtune.federated import stack_cache
-from fedtune.federated.records import from_record, to_record, to_torch
+from fedtune.federated.records import from_record, to_torch
 
 
 def test_tail_and_extend_are_inverse_by_hand() -> None:
@@ -47,46 +42,34 @@ def test_receive_builds_on_the_cached_stack_and_refuses_a_missing_one(tmp_path) 
         stack_cache.receive(more, 2, tmp_path, 0)
 
 
-def _eval_round(strategy, server_round: int, global_state, fail: set[int] = frozenset()):  # type: ignore[no-untyped-def]
-    sent = list(
-        strategy.configure_evaluate(server_round, to_record(global_state, "float32"), ConfigRecord(), None)
-    )
-    out, replies = {}, []
-    for msg in sent:
-        pid = msg.metadata.dst_node_id - 100
-        out[pid] = (dict(msg.content["config"]), msg.content)
-        msg.metadata.__dict__["_message_id"] = f"e{pid}"
-        metrics = MetricRecord({"num-examples": 1, "eval-loss": 1.0, "partition-id": pid, "seconds": 0.0})
-        if pid in fail:
-            from flwr.app import Error
+@pytest.fixture
+def _task_identity():
+    from federated.fakes import task_identity
 
-            replies.append(Message(Error(code=0, reason="client lost its disk"), reply_to=msg))
-        else:
-            replies.append(Message(RecordDict({"metrics": metrics}), reply_to=msg))
-    strategy.aggregate_evaluate(server_round, replies)
-    return out
+    yield from task_identity()
 
 
-def test_merge_mode_sends_each_client_only_what_it_lacks(tmp_path) -> None:
+@pytest.mark.usefixtures("_task_identity")
+def test_merge_mode_sends_each_client_only_what_it_lacks() -> None:
     rng = np.random.default_rng(0)
     ranks, sizes = [4, 2], [1, 1]
     strategy = _strategy("stack", ranks)
     zero = {"m.lora_A.weight": np.ones((4, 10), np.float32), "m.lora_B.weight": np.zeros((6, 4), np.float32)}
-    start = _eval_round(strategy, 0, zero)  # the zero start is not part of the stack to come
-    assert all("arrays-from" not in config for config, _ in start.values())
+    start = eval_round(strategy, 0, zero)  # the zero start is not part of the stack to come
+    assert all(inst.adapter_from is None for inst in start.values())
     g1, _ = _round(strategy, 1, zero, [_adapter(rng, r) for r in ranks], sizes)
-    first = _eval_round(strategy, 1, g1, fail={1})  # client 1's reply is lost
-    assert all(config["arrays-from"] == 0 for config, _ in first.values())  # whole: nobody held any
+    first = eval_round(strategy, 1, g1, fail={1})  # client 1's reply is lost
+    assert all(inst.adapter_from == 0 for inst in first.values())  # whole: nobody held any
     # round 2: client 0 holds the rank-6 stack (nothing new to send), client 1 gets it whole
     g2, starts = _round(strategy, 2, g1, [_adapter(rng, r) for r in ranks], sizes)
-    (_, c0, content0), (_, c1, content1) = starts[0], starts[1]
-    assert c0["frozen-from"] == 6 and "frozen" not in content0
-    assert c1["frozen-from"] == 0 and from_record(content1["frozen"]).keys() == g1.keys()
+    (_, c0), (_, c1) = starts[0], starts[1]
+    assert c0.frozen_from == 6 and c0.frozen is None
+    assert c1.frozen_from == 0 and from_record(c1.frozen).keys() == g1.keys()
     # evaluation after round 2: both hold rank 6 now and get only the 6 new ranks
-    second = _eval_round(strategy, 2, g2)
-    for config, content in second.values():
-        assert config["arrays-from"] == 6
-        tail = from_record(content["arrays"])
+    second = eval_round(strategy, 2, g2)
+    for inst in second.values():
+        assert inst.adapter_from == 6
+        tail = from_record(inst.adapter)
         assert tail["m.lora_A.weight"].shape == (6, 10) and tail["m.lora_B.weight"].shape == (6, 6)
         held = {k: torch.tensor(v) for k, v in g1.items()}
         whole = stack_cache.extend(held, to_torch(tail))

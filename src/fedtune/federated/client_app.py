@@ -30,7 +30,15 @@ from transformers import PreTrainedTokenizerBase
 from fedtune.config import ModelConfig
 from fedtune.federated import stack_cache
 from fedtune.federated.personal import load_personal, save_personal
-from fedtune.federated.protocol import EvaluateReply, Job, Query, QueryReply, TrainReply, reply_message
+from fedtune.federated.protocol import (
+    EvaluateReply,
+    Job,
+    ProtocolError,
+    Query,
+    QueryReply,
+    TrainReply,
+    reply_message,
+)
 from fedtune.federated.records import from_record, to_record, to_torch
 from fedtune.federated.task import (
     Task,
@@ -238,7 +246,7 @@ def query(msg: Message, context: Context) -> Message:
 def train_handler(msg: Message, context: Context) -> Message:
     task = make_task(msg, context)
     if task.inst.job not in TRAIN:
-        raise ValueError(f"train instruction: job {task.inst.job.value!r} does not train")
+        raise ProtocolError(f"train instruction: job {task.inst.job.value!r} does not train")
     return reply_message(TRAIN[task.inst.job](task), msg)
 
 

@@ -55,8 +55,13 @@ _PROTOCOL_KEY = "fedtune-protocol"
 _T = TypeVar("_T", bound="_Wire")
 
 
-def _key(name: str) -> str:
-    return name.replace("_", "-")
+def _key(f: dataclasses.Field[Any]) -> str:
+    """A field's record key: its ``key`` metadata, else its name with dashes."""
+    return str(f.metadata.get("key", f.name.replace("_", "-")))
+
+
+# Flower's own strategies and mods look for the model in the ArrayRecord named "arrays"
+_ARRAYS = {"key": "arrays"}
 
 
 class _Wire:
@@ -72,13 +77,13 @@ class _Wire:
             if value is None or value == _default(f):  # absent means the default (Flower refuses [])
                 continue
             if isinstance(value, ArrayRecord):
-                arrays[_key(f.name)] = value
+                arrays[_key(f)] = value
             elif isinstance(value, Config):
-                scalars[_key(f.name)] = value.to_toml()
+                scalars[_key(f)] = value.to_toml()
             elif isinstance(value, tuple):
-                scalars[_key(f.name)] = list(value)
+                scalars[_key(f)] = list(value)
             else:
-                scalars[_key(f.name)] = value.value if isinstance(value, enum.Enum) else value
+                scalars[_key(f)] = value.value if isinstance(value, enum.Enum) else value
         record = ConfigRecord(scalars) if self.scalars == "config" else MetricRecord(scalars)
         return RecordDict({self.scalars: record, **arrays})
 
@@ -95,14 +100,14 @@ class _Wire:
                 f"{where}: field {_PROTOCOL_KEY!r} is {version!r}, this side speaks {PROTOCOL!r}"
             )
         hints = typing.get_type_hints(cls)
-        known = {_key(f.name) for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        known = {_key(f) for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(scalars) - known - {_PROTOCOL_KEY})
         unknown += sorted(k for k in content if k != cls.scalars and k not in known)
         if unknown:
             raise ProtocolError(f"{where}: unknown field {unknown[0]!r} ({cls.__name__})")
         values = {}
         for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-            key = _key(f.name)
+            key = _key(f)
             raw = content.get(key) if _is_arrays(hints[f.name]) else scalars.get(key)
             if raw is None:
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
@@ -130,7 +135,10 @@ def _decode(raw: Any, tp: Any, where: str) -> Any:
         if option is ArrayRecord and isinstance(raw, ArrayRecord):
             return raw
         if option is Config and isinstance(raw, str):
-            return config_from_toml_text(raw, source=where)
+            try:
+                return config_from_toml_text(raw, source=where)
+            except FedtuneError as err:  # a config this version does not accept
+                raise ProtocolError(str(err)) from None
         if isinstance(option, type) and issubclass(option, enum.Enum) and isinstance(raw, str):
             try:
                 return option(raw)
@@ -181,7 +189,7 @@ class Instruction(_Wire):
     job: Job
     server_round: int
     config: Config
-    adapter: ArrayRecord | None = None
+    adapter: ArrayRecord | None = field(default=None, metadata=_ARRAYS)
     adapter_from: int | None = None
     rank: int | None = None
     frozen: ArrayRecord | None = None  # RANKED: a global update trained on top of, frozen
@@ -202,12 +210,15 @@ class Instruction(_Wire):
         }.get(self.job, ())
         for name in need:
             if not getattr(self, name):
-                raise ProtocolError(f"instruction: job {self.job.value!r} needs field {_key(name)!r}")
+                raise ProtocolError(f"instruction: job {self.job.value!r} needs field {_FIELDS[name]!r}")
         if self.adapter is None and self.adapter_from is None:
-            raise ProtocolError("instruction: missing field 'adapter'")
+            raise ProtocolError("instruction: missing field 'arrays' (the adapter)")
         if self.frozen is not None and self.frozen_rank is None:
             raise ProtocolError("instruction: field 'frozen' needs field 'frozen-rank'")
         return self
+
+
+_FIELDS = {f.name: _key(f) for f in dataclasses.fields(Instruction)}
 
 
 @dataclass(frozen=True)
@@ -215,7 +226,7 @@ class TrainReply(_Wire):
     scalars: ClassVar[str] = "metrics"
     partition_id: int
     num_examples: int
-    adapter: ArrayRecord
+    adapter: ArrayRecord = field(metadata=_ARRAYS)
     train_loss: float
     steps: int  # optimiser steps taken (SCAFFOLD divides by them)
     lr: float  # the learning rate the client trained at this round

@@ -1,21 +1,21 @@
 """Read a run directory's ``metrics.jsonl`` and reduce it to tables (pure, no plotting).
 
-One JSON object per line; the keys fedtune writes are those of :class:`MetricRecord`
-and any other key is dropped. ``phase`` is ``"train"`` or ``"evaluate"`` for one
-client's result and ``"server"`` for a round's aggregate; round 0 evaluates the
-starting adapter before any training.
+One JSON object per line, of the type :class:`~fedtune.metrics.MetricLine` that the round
+loop writes (checked key by key against it; keys it does not know are dropped).
+``phase`` is ``"train"`` or ``"evaluate"`` for one client's result and ``"server"`` for a
+round's aggregate; round 0 evaluates the starting adapter before any training.
 """
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, TypedDict, cast
+from typing import Literal, NamedTuple
 
 from fedtune.errors import FedtuneError
+from fedtune.metrics import MetricLine, parse_line
 from fedtune.rundir import RunDir
 
 __all__ = [
@@ -31,20 +31,7 @@ __all__ = [
 ]
 
 
-class MetricRecord(TypedDict, total=False):
-    """One line of ``metrics.jsonl``; every key may be absent."""
-
-    round: int
-    phase: str
-    client: int | None
-    train_loss: float
-    eval_loss: float
-    perplexity: float
-    num_examples: int
-    num_clients: int
-    bytes_up: int
-    bytes_down: int
-    seconds: float
+MetricRecord = MetricLine  # one line of metrics.jsonl: the type the round loop writes
 
 
 class ClientLoss(NamedTuple):
@@ -65,42 +52,6 @@ class RunTotals:
     seconds: float
 
 
-_INT_KEYS = ("round", "num_examples", "num_clients", "bytes_up", "bytes_down")
-_FLOAT_KEYS = ("train_loss", "eval_loss", "perplexity", "seconds")
-
-
-def _parse_line(text: str, where: str) -> MetricRecord:
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise FedtuneError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-    if not isinstance(raw, dict):
-        raise FedtuneError(f"{where}: expected a JSON object, got {type(raw).__name__}")
-    record: dict[str, Any] = {}
-    for key in _INT_KEYS:
-        if key in raw:
-            value = raw[key]
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise FedtuneError(f"{where}: {key!r} must be an integer, got {value!r}")
-            record[key] = value
-    for key in _FLOAT_KEYS:
-        if key in raw:
-            value = raw[key]
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise FedtuneError(f"{where}: {key!r} must be a number, got {value!r}")
-            record[key] = float(value)
-    if "phase" in raw:
-        if not isinstance(raw["phase"], str):
-            raise FedtuneError(f"{where}: 'phase' must be a string, got {raw['phase']!r}")
-        record["phase"] = raw["phase"]
-    if "client" in raw:
-        client = raw["client"]
-        if client is not None and (isinstance(client, bool) or not isinstance(client, int)):
-            raise FedtuneError(f"{where}: 'client' must be an integer or null, got {client!r}")
-        record["client"] = client
-    return cast(MetricRecord, record)
-
-
 def read_metrics(run_dir: Path | str) -> list[MetricRecord]:
     """Read ``run_dir/metrics.jsonl``; blank lines are skipped, unknown keys dropped.
 
@@ -114,7 +65,7 @@ def read_metrics(run_dir: Path | str) -> list[MetricRecord]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise FedtuneError(f"{path}: not found (is {run_dir} a fedtune run directory?)") from None
-    return [_parse_line(text, f"{path}:{n}") for n, text in enumerate(lines, start=1) if text.strip()]
+    return [parse_line(text, f"{path}:{n}") for n, text in enumerate(lines, start=1) if text.strip()]
 
 
 def _client_evals(records: Iterable[MetricRecord]) -> dict[int, dict[int, float]]:

@@ -105,7 +105,10 @@ def test_evaluation_lines_and_weighted_loss() -> None:
     replies = [eval_reply(msg, pid, loss=[1.0, 4.0][pid], n=[1, 3][pid]) for pid, (_, msg) in sent.items()]
     metrics = RoundMetrics.from_record(s.aggregate_evaluate(2, replies))
     assert metrics.loss == (1.0 * 1 + 4.0 * 3) / 4 and metrics.num_clients == 2
-    assert [(e["client"], e["eval_loss"], e["phase"]) for e in s.round_log] == [(0, 1.0, "evaluate"), (1, 4.0, "evaluate")]
+    assert [(e["client"], e["eval_loss"], e["phase"]) for e in s.round_log] == [
+        (0, 1.0, "evaluate"),
+        (1, 4.0, "evaluate"),
+    ]
     assert all(e["bytes_down"] > 0 and e["bytes_up"] > 0 for e in s.round_log)
 
 

@@ -5,27 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
+from federated.fakes import NODE, send, train_reply
 from fedtune.config import LoraConfig, ModelConfig, load_config
 from fedtune.errors import FedtuneError
-from fedtune.federated.hetero import aggregate_delta, fuse
-from fedtune.federated.hetero_strategies import state_rank
-from fedtune.federated.records import from_record, to_record
-from fedtune.federated.strategies import build_strategy
+from fedtune.federated.aggregation.ranks import aggregate_delta, fuse
+from fedtune.federated.protocol import Job
+from fedtune.federated.records import from_record
+from fedtune.federated.strategies import build_strategy, check_strategy
+from fedtune.federated.strategies.ranks import state_rank
 from fedtune.models.adapters import activate, attach_lora, ensure_adapter, load_adapter_state
 from fedtune.models.load import load_model
 
 OUT, IN = 6, 10  # a non-square module
-
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = None, None, None
 
 
 def _adapter(rng: np.random.Generator, rank: int) -> dict[str, np.ndarray]:
@@ -41,23 +33,14 @@ def _strategy(name: str, ranks: list[int], *extra: str):
         [f"partition.num_partitions={len(ranks)}", f"model.lora.ranks={ranks}", "model.lora.alpha=16",
          f"fed.strategy='{name}'", "fed.wire_dtype='float32'", *extra],
     )  # fmt: skip
-    return build_strategy(cfg, {100 + i: i for i in range(len(ranks))})
+    return build_strategy(cfg, {NODE + i: i for i in range(len(ranks))})
 
 
 def _round(strategy, server_round: int, global_state, updates, sizes):
-    sent = list(
-        strategy.configure_train(server_round, to_record(global_state, "float32"), ConfigRecord(), None)
-    )
-    starts, replies = {}, []
-    for msg in sent:
-        pid = msg.metadata.dst_node_id - 100
-        starts[pid] = (from_record(msg.content["arrays"]), dict(msg.content["config"]), msg.content)
-        metrics = MetricRecord(
-            {"num-examples": sizes[pid], "train-loss": 1.0, "partition-id": pid, "seconds": 0.0}
-        )
-        msg.metadata.__dict__["_message_id"] = f"m{pid}"
-        content = RecordDict({"arrays": to_record(updates[pid], "float32"), "metrics": metrics})
-        replies.append(Message(content, reply_to=msg))
+    """One train phase; returns (aggregate, {pid: (start state, instruction)})."""
+    sent = send(strategy, server_round, global_state)
+    starts = {pid: (from_record(inst.adapter), inst) for pid, (inst, _) in sent.items()}
+    replies = [train_reply(msg, pid, updates[pid], sizes[pid]) for pid, (_, msg) in sent.items()]
     arrays, _ = strategy.aggregate_train(server_round, replies)
     return from_record(arrays), starts
 
@@ -84,15 +67,17 @@ def test_stack_merge_is_exact_and_accumulates() -> None:
     g1, starts = _round(strategy, 1, zero, ups1, sizes)
     np.testing.assert_allclose(_dw(g1), _exact(ups1, sizes, ranks), atol=1e-5)
     assert state_rank(g1) == sum(ranks)
-    assert all("frozen" not in content for *_, content in starts.values())  # nothing to merge yet
+    assert all(inst.frozen is None for _, inst in starts.values())  # nothing to merge yet
     ups2 = [_adapter(rng, r) for r in ranks]
     g2, starts = _round(strategy, 2, g1, ups2, sizes)
     np.testing.assert_allclose(_dw(g2), _exact(ups1, sizes, ranks) + _exact(ups2, sizes, ranks), atol=1e-4)
     # round 2: fresh rank-r_k adapters (B = 0) on top of the frozen global update
-    for pid, (start, config, content) in starts.items():
-        assert config["rank"] == ranks[pid] and start["m.lora_A.weight"].shape == (ranks[pid], IN)
-        assert not start["m.lora_B.weight"].any()
-        np.testing.assert_allclose(_dw(from_record(content["frozen"])), _dw(g1), atol=1e-5)
+    for pid, (start, inst) in starts.items():
+        assert inst.job is Job.RANKED and inst.rank == ranks[pid]
+        assert start["m.lora_A.weight"].shape == (ranks[pid], IN) and not start["m.lora_B.weight"].any()
+        # merge mode sends the stack as a whole the first time (the client caches it)
+        assert inst.frozen_from == 0 and inst.frozen_rank == state_rank(g1)
+        np.testing.assert_allclose(_dw(from_record(inst.frozen)), _dw(g1), atol=1e-5)
 
 
 def test_stack_svd_warm_start_projects_to_each_rank() -> None:
@@ -109,11 +94,11 @@ def test_stack_svd_warm_start_projects_to_each_rank() -> None:
     np.testing.assert_allclose(_dw(g1), delta, atol=1e-5)
     _, starts = _round(strategy, 2, g1, ups, sizes)
     u, s, vt = np.linalg.svd(delta)
-    for pid, (start, _config, content) in starts.items():
+    for pid, (start, inst) in starts.items():
         r = ranks[pid]
         best = (u[:, :r] * s[:r]) @ vt[:r]
         np.testing.assert_allclose((16.0 / r) * _dw(start), best, atol=1e-4)
-        assert "frozen" not in content
+        assert inst.frozen is None and inst.frozen_rank is None
 
 
 def test_zero_pad_is_the_inexact_baseline() -> None:
@@ -127,6 +112,8 @@ def test_zero_pad_is_the_inexact_baseline() -> None:
     ups = [_adapter(rng, r) for r in ranks]
     g1, _ = _round(strategy, 1, zero, ups, sizes)
     assert state_rank(g1) == 4
+    evaluate = send(strategy, 1, g1, train=False)
+    assert {(inst.job, inst.rank) for inst, _ in evaluate.values()} == {(Job.GLOBAL, 4)}
     # (B_pad mean)(A_pad mean) != mean of the products: the cross terms stay
     assert not np.allclose(_dw(g1), _exact(ups, sizes, ranks), atol=1e-3)
     a = np.zeros((4, IN))
@@ -138,19 +125,17 @@ def test_zero_pad_is_the_inexact_baseline() -> None:
 
 
 def test_ranks_need_a_heterogeneous_strategy_and_one_rank_per_client() -> None:
-    from fedtune.federated.strategies import strategy_class
-
     with pytest.raises(FedtuneError, match=r"model\.lora\.ranks: per-client ranks need"):
         _strategy("fedavg", [4, 2])
     cfg = load_config("configs/tiny.toml", ["model.lora.ranks=[4, 2]", "fed.strategy='stack'"])  # 3 clients
     with pytest.raises(FedtuneError, match=r"model\.lora\.ranks: 2 ranks for 3 clients"):
-        strategy_class(cfg)
+        check_strategy(cfg)
 
 
 def test_peft_applies_the_fused_adapter_as_the_sum_of_two() -> None:
     """Client side: a stacked adapter at scaling 1 in peft == two adapters active together."""
     tiny = ModelConfig(
-        name="tiny-llama", lora=LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+        name="tiny-llama", lora=LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj"))
     )
     model = attach_lora(load_model(tiny), tiny.lora, seed=0)
     ensure_adapter(model, "two", tiny.lora.model_copy(update={"r": 2, "alpha": 8}))
