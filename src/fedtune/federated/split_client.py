@@ -20,7 +20,7 @@ from functools import lru_cache
 from fedtune.config import Config, ModelConfig, SplitConfig
 from fedtune.federated.protocol import EvaluateReply, TrainReply
 from fedtune.federated.records import from_record, to_record, to_torch
-from fedtune.federated.task import Task, evaluate_reply, tokenizer_for
+from fedtune.federated.task import Task, evaluate_reply, tokenizer_for, train_reply
 from fedtune.split.client import RemoteTrunk, TrunkClient
 from fedtune.split.lm import SplitLM, parts_from_config
 from fedtune.split.partition_model import Head, Tail, client_adapter_state_dict
@@ -73,8 +73,6 @@ def _protection(cfg: Config, runtime: SplitRuntime, seed: int):  # type: ignore[
 
 def split_train(task: Task) -> TrainReply:
     """One round of split training; replies with the head + tail adapter and the bytes that crossed."""
-    from fedtune.federated.client_app import tokenizer_for, train_reply
-
     cfg, seed = task.cfg, task.seed()
     train_ds, _ = task.data()
     with _global_split_model(task, seed) as (model, client):

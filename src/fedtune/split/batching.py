@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fedtune.split import protocol as wire
+import fedtune.split.protocol as wire
 from fedtune.split.partition_model import Trunk
 from fedtune.split.protocol import Message, ProtocolError
 from fedtune.split.server import TrunkOptim, TrunkService, _Pending

@@ -26,7 +26,7 @@ import grpc
 import torch
 from torch import Tensor
 
-from fedtune.split import protocol as wire
+import fedtune.split.protocol as wire
 from fedtune.split.partition_model import Head, Tail, valid_counts
 from fedtune.split.protocol import Kind, Limits, Message
 from fedtune.split.server import METHOD, grpc_options

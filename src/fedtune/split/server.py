@@ -33,7 +33,7 @@ import grpc
 import torch
 from torch import Tensor
 
-from fedtune.split import protocol as wire
+import fedtune.split.protocol as wire
 from fedtune.split.partition_model import PartCache, Trunk
 from fedtune.split.protocol import Kind, Limits, Message, ProtocolError
 

@@ -1,0 +1,53 @@
+"""The one typed config tree (:mod:`.sections`) and how configs are read (:mod:`.load`).
+
+TOML file + dotted overrides -> :class:`Config`; Flower's flat ``run_config`` is parsed in
+:func:`config_from_run_config`.
+"""
+
+from fedtune.config.load import (
+    apply_overrides,
+    config_from_run_config,
+    config_from_toml_text,
+    load_config,
+    read_toml,
+    set_dotted,
+    validate,
+)
+from fedtune.config.sections import (
+    Config,
+    DataConfig,
+    FedConfig,
+    LoraConfig,
+    ModelConfig,
+    PartitionConfig,
+    RopeScalingConfig,
+    RunSection,
+    Schedule,
+    SimulationConfig,
+    SplitConfig,
+    SplitProtectConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "FedConfig",
+    "LoraConfig",
+    "ModelConfig",
+    "PartitionConfig",
+    "RopeScalingConfig",
+    "RunSection",
+    "Schedule",
+    "SimulationConfig",
+    "SplitConfig",
+    "SplitProtectConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_run_config",
+    "config_from_toml_text",
+    "load_config",
+    "read_toml",
+    "set_dotted",
+    "validate",
+]
