@@ -50,11 +50,12 @@ def _task_identity():
 def test_bit_for_bit_flowers_strategy(kind: str) -> None:
     from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvgM, FedYogi
 
+    one = {"min_available_nodes": 1, "min_train_nodes": 1}  # else Flower waits for a second node
     flower = {
-        "avgm": FedAvgM(server_learning_rate=1.5, server_momentum=0.9),
-        "adam": FedAdam(),
-        "yogi": FedYogi(),
-        "adagrad": FedAdagrad(),
+        "avgm": FedAvgM(server_learning_rate=1.5, server_momentum=0.9, **one),
+        "adam": FedAdam(**one),
+        "yogi": FedYogi(**one),
+        "adagrad": FedAdagrad(**one),
     }[kind]
     eta, b1, b2, tau = DEFAULTS[kind]
     ours = ServerOptimizer(kind, eta=1.5 if kind == "avgm" else eta, beta_1=b1, beta_2=b2, tau=tau,
