@@ -24,11 +24,11 @@ from fedtune.errors import FedtuneError
 
 
 @lru_cache(maxsize=4)
-def _partitions(data_json: str, partition_json: str, seed: int) -> tuple[Dataset, ...]:
-    data = DataConfig.model_validate_json(data_json)
-    part = PartitionConfig.model_validate_json(partition_json)
+def _partitions(data: DataConfig, part: PartitionConfig, seed: int) -> tuple[Dataset, ...]:
     check_names(data, part)
     ds = load_conversations(data.source, data.format, split=data.split, category_field=part.column)
+    if part.column not in ds.column_names:  # the field was read into "category": name it as the user did
+        ds = ds.rename_column("category", part.column)
     return tuple(
         partition_dataset(
             ds,
@@ -53,7 +53,7 @@ def check_names(data: DataConfig, part: PartitionConfig) -> None:
 
 def partitions(cfg: Config) -> list[Dataset]:
     """Every client's conversations (before the held-out split)."""
-    return list(_partitions(cfg.data.model_dump_json(), cfg.partition.model_dump_json(), cfg.seed))
+    return list(_partitions(cfg.data, cfg.partition, cfg.seed))
 
 
 def _cap(ds: Dataset, limit: int | None) -> Dataset:
