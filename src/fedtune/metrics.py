@@ -15,6 +15,7 @@ import typing
 from typing import Any, TypedDict
 
 from fedtune.errors import FedtuneError
+from fedtune.scalars import NO_MATCH, match_scalar
 
 __all__ = ["MetricLine", "line_from_reply", "parse_line", "server_line"]
 
@@ -49,14 +50,9 @@ _HINTS = typing.get_type_hints(MetricLine)
 
 def _check(key: str, value: Any, where: str) -> Any:
     kinds = typing.get_args(_HINTS[key]) or (_HINTS[key],)
-    if value is None and type(None) in kinds:
-        return None
-    if int in kinds and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if float in kinds and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if str in kinds and isinstance(value, str):
-        return value
+    got = match_scalar(value, kinds)
+    if got is not NO_MATCH:
+        return got
     names = {int: "an integer", float: "a number", str: "a string"}
     expected = " or ".join(names.get(k, "null") for k in kinds)
     raise FedtuneError(f"{where}: {key!r} must be {expected}, got {value!r}")

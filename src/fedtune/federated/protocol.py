@@ -33,6 +33,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 
 from fedtune.config import Config, config_from_toml_text
 from fedtune.errors import FedtuneError
+from fedtune.scalars import NO_MATCH, match_scalar
 
 PROTOCOL = 1  # bump when a field changes meaning: peers of another version are then refused
 
@@ -144,14 +145,8 @@ def _decode(raw: Any, tp: Any, where: str) -> Any:
                 return option(raw)
             except ValueError:
                 raise ProtocolError(f"{where}: unknown value {raw!r}") from None
-        if option is bool and isinstance(raw, bool):
-            return raw
-        if option is int and isinstance(raw, int) and not isinstance(raw, bool):
-            return raw
-        if option is float and isinstance(raw, int | float) and not isinstance(raw, bool):
-            return float(raw)
-        if option is str and isinstance(raw, str):
-            return raw
+        if (got := match_scalar(raw, [option])) is not NO_MATCH:
+            return got
         is_strings = isinstance(raw, list) and all(isinstance(v, str) for v in raw)
         if typing.get_origin(option) is tuple and is_strings:
             return tuple(raw)
