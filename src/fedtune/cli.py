@@ -19,6 +19,7 @@ from rich.table import Table
 from fedtune.errors import FedtuneError
 
 if TYPE_CHECKING:
+    from fedtune.config import Config
     from fedtune.inference import Loaded
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -57,7 +58,7 @@ def _quiet_libraries() -> None:
     datasets.disable_progress_bars()
 
 
-def _config(config: Path | None, overrides: list[str] | None):  # type: ignore[no-untyped-def]
+def _config(config: Path | None, overrides: list[str] | None) -> Config:
     from fedtune.config import load_config
 
     return load_config(config, overrides or [])

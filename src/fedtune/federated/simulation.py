@@ -5,14 +5,18 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from typing import TYPE_CHECKING
 
 from fedtune.config import Config
 from fedtune.rundir import RunDir
 
+if TYPE_CHECKING:
+    from flwr.app import ConfigRecordValues
+
 log = logging.getLogger(__name__)
 
 
-def backend_config(cfg: Config) -> dict:
+def backend_config(cfg: Config) -> dict[str, dict[str, ConfigRecordValues]]:
     """Ray resources: by default one client at a time with every core (no oversubscription).
 
     Split runs in client-batch and hierarchical mode run every client at once by default: those
@@ -42,5 +46,5 @@ def simulate(cfg: Config, run: RunDir, *, progress: bool = True) -> None:
             server_app=make_server_app(cfg, run, progress=progress),
             client_app=client_app,
             num_supernodes=num_supernodes,
-            backend_config=backend_config(cfg),  # type: ignore[arg-type]
+            backend_config=backend_config(cfg),
         )

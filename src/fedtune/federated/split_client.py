@@ -24,7 +24,7 @@ from fedtune.federated.task import Task, evaluate_reply, tokenizer_for, train_re
 from fedtune.split.client import RemoteTrunk, TrunkClient
 from fedtune.split.lm import SplitLM, parts_from_config
 from fedtune.split.partition_model import Head, Tail, client_adapter_state_dict
-from fedtune.split.protect import ProtectConfig, protect_parts
+from fedtune.split.protect import ProtectConfig, Protection, protect_parts
 from fedtune.training.local import evaluate, train
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def _connect(cfg: Config, addresses: tuple[str, ...], partition_id: int, hidden_
     )
 
 
-def _protection(cfg: Config, runtime: SplitRuntime, seed: int):  # type: ignore[no-untyped-def]
+def _protection(cfg: Config, runtime: SplitRuntime, seed: int) -> Protection:
     p = cfg.split.protect
     config = ProtectConfig(
         p.activation_sigma,

@@ -41,7 +41,7 @@ def attach_lora(model: PreTrainedModel, cfg: LoraConfig, *, seed: int = 0) -> Pe
         peft_model = get_peft_model(model, peft_lora_config(cfg))
     except ValueError as err:  # e.g. target modules not found in the model
         raise FedtuneError(f"model.lora.target_modules: {err}") from None
-    return peft_model  # type: ignore[return-value]
+    return peft_model
 
 
 def adapter_state(model: PeftModel, name: str = "default") -> StateDict:
@@ -167,8 +167,8 @@ def initial_adapter_state(model: ModelConfig, *, seed: int) -> StateDict:
         if isinstance(module, LoraLayer):
             module.lora_A.to_empty(device="cpu")
             module.lora_B.to_empty(device="cpu")
-    reset_adapter(peft_model, "default", seed=seed)  # type: ignore[arg-type]
-    return adapter_state(peft_model)  # type: ignore[arg-type]
+    reset_adapter(peft_model, "default", seed=seed)
+    return adapter_state(peft_model)
 
 
 def reset_adapter(model: PeftModel, name: str, *, seed: int) -> None:

@@ -177,7 +177,7 @@ def load_model_config(cfg: ModelConfig) -> Any:
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    tok = _from_pretrained(cfg, "the tokenizer of ", AutoTokenizer)
+    tok: PreTrainedTokenizerBase = _from_pretrained(cfg, "the tokenizer of ", AutoTokenizer)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

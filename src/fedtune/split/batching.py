@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -65,7 +67,7 @@ class BatchingTrunkService(TrunkService):
         self._forming: _Batch | None = None
         self.batch_sizes: list[int] = []  # members per trunk pass (for tests and benchmarks)
 
-    def session(self, requests, context=None):  # type: ignore[no-untyped-def]
+    def session(self, requests: Iterator[bytes], context: Any = None) -> Iterator[bytes]:
         with self._cv:
             self._open += 1
         try:

@@ -130,7 +130,7 @@ class TrunkClient:
                 self._replies.put(data)
             self._replies.put(ConnectionError("trunk service closed the stream"))
         except grpc.RpcError as err:
-            code, details = err.code(), err.details()  # type: ignore[attr-defined]
+            code, details = err.code(), err.details()
             self._replies.put(ConnectionError(f"trunk service: {code.name}: {details}"))
 
     # -- messages ----------------------------------------------------------------------------------
@@ -273,7 +273,8 @@ class RemoteTrunk:
         if cache is None and torch.is_grad_enabled():
             if not hidden.requires_grad:  # a head without trainable weights: the trunk still trains
                 hidden = hidden.detach().requires_grad_()
-            return _AcrossTheCut.apply(hidden, valid, self.client)  # type: ignore[no-any-return]
+            h2: Tensor = _AcrossTheCut.apply(hidden, valid, self.client)
+            return h2
         mode: str | None = None
         if cache is not None:
             if cache.prefilled and cache is not self._live:

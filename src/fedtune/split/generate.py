@@ -38,6 +38,7 @@ def _forward(
     head, trunk, tail = parts
     h1 = head(ids, valid, cache=caches[0])
     h2 = trunk(h1, valid, cache=caches[1])
+    logits: Tensor
     logits, _ = tail(h2, valid, cache=caches[2])
     return logits
 

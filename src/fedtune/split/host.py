@@ -32,27 +32,24 @@ from torch import Tensor
 from fedtune.config import SplitConfig
 from fedtune.split.batching import BatchingTrunkService
 from fedtune.split.partition_model import Trunk
+from fedtune.split.protocol import Message
 from fedtune.split.server import TrunkOptim, TrunkService, _Pending, serve
 
 log = logging.getLogger(__name__)
 
 
-class _CountSamples:
-    """Counts the samples each BACKWARD trained on (the replica's averaging weight)."""
+class _Counting(TrunkService):
+    """A trunk service that counts the samples each BACKWARD trained on (the replica's averaging weight)."""
 
     samples = 0
 
-    def _backward(self, message, pending: _Pending):  # type: ignore[no-untyped-def]
-        out = super()._backward(message, pending)  # type: ignore[misc]
+    def _backward(self, message: Message, pending: _Pending) -> Message:
+        out = super()._backward(message, pending)
         self.samples += int(pending.h1.shape[0])
         return out
 
 
-class _Counting(_CountSamples, TrunkService):
-    pass
-
-
-class _CountingBatch(_CountSamples, BatchingTrunkService):
+class _CountingBatch(_Counting, BatchingTrunkService):
     pass
 
 

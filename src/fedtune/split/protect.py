@@ -225,7 +225,7 @@ def clip_and_noise_gradients(
     """
     norms = g.detach().float().flatten(1).norm(dim=1)  # (B,)
     factor = (clip_norm / (norms + _EPS)).clamp(max=1.0)
-    clipped = g * factor.to(g.dtype).view(-1, *([1] * (g.ndim - 1)))
+    clipped: Tensor = g * factor.to(g.dtype).view(-1, *([1] * (g.ndim - 1)))
     if noise_multiplier == 0:
         return clipped
     return clipped + (noise_multiplier * clip_norm) * _gaussian(g, generator)

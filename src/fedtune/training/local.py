@@ -44,11 +44,11 @@ class EvalResult:
 
 def make_loader(
     ds: Dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int, *, shuffle: bool, seed: int = 0
-) -> DataLoader:
+) -> DataLoader[dict[str, torch.Tensor]]:
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
-        ds.select_columns(MODEL_COLUMNS),  # type: ignore[arg-type]
+        ds.select_columns(MODEL_COLUMNS),
         batch_size=batch_size,
         shuffle=shuffle,
         collate_fn=collator,
@@ -56,7 +56,7 @@ def make_loader(
     )
 
 
-def _cycle(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
+def _cycle(loader: DataLoader[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
     while True:
         yield from loader
 
