@@ -1,3 +1,5 @@
+"""``python -m fedtune``: the ``fedtune`` command."""
+
 from fedtune.cli import main
 
 main()

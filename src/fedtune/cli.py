@@ -235,6 +235,7 @@ def serve_trunk(
 
 
 def main() -> None:
+    """The ``fedtune`` entry point; a FedtuneError is printed as one line and exits with status 2."""
     _quiet_libraries()
     try:
         app(standalone_mode=False)

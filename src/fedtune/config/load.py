@@ -49,9 +49,12 @@ def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 
 
 def _blame(loc: tuple[str, ...], overrides: Sequence[str], source: str) -> str:
-    """Who set the value at ``loc``: the last ``--set`` of it or of a table above it (a later
-    one replaces what an earlier one set), else ``source``, then naming the overrides inside
-    ``loc`` (a check over a whole section may fail because of one of them)."""
+    """Who set the value at ``loc``, as an error message names it.
+
+    The last ``--set`` of it or of a table above it (a later one replaces what an earlier one
+    set), else ``source``, then naming the overrides inside ``loc`` (a check over a whole section
+    may fail because of one of them).
+    """
     keys = [tuple(item.partition("=")[0].strip().split(".")) for item in overrides]
     setters = [item for key, item in zip(keys, overrides, strict=True) if loc[: len(key)] == key]
     if setters:
@@ -127,6 +130,7 @@ def config_from_run_config(run_config: Mapping[str, Any], app_dir: str | Path = 
 
 
 def config_from_toml_text(text: str, *, source: str) -> Config:
+    """The Config in TOML ``text``; ``source`` names the text in error messages."""
     try:
         tree = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:

@@ -24,6 +24,8 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
+    """``data``: where the examples come from and how they become token sequences."""
+
     source: str = Field(
         "chatterbot",
         description="'chatterbot' (built-in, offline), a .json/.jsonl/.csv/.parquet file or a datasets name",
@@ -53,6 +55,8 @@ class DataConfig(_Section):
 
 
 class PartitionConfig(_Section):
+    """``partition``: how the examples are divided among the clients."""
+
     name: str = Field(
         "category",
         description="partitioner: iid, dirichlet, category (a client per largest value of column) or shards",
@@ -69,11 +73,15 @@ class PartitionConfig(_Section):
 
 
 class RopeScalingConfig(_Section):
+    """``model.rope_scaling``: transformers' RoPE scaling, applied wherever the model is loaded."""
+
     type: Literal["linear", "dynamic"] = Field(description="transformers' RoPE scaling type")
     factor: float = Field(gt=0, description="scale factor of the positions, e.g. 2.0")
 
 
 class LoraConfig(_Section):
+    """``model.lora``: the LoRA adapter's rank, scaling and targets; per-client and personal ranks."""
+
     r: int = Field(8, gt=0, description="LoRA rank")
     alpha: int = Field(16, gt=0, description="LoRA alpha: the update B A is scaled by alpha / r")
     dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA branch's input")
@@ -91,6 +99,8 @@ class LoraConfig(_Section):
 
 
 class ModelConfig(_Section):
+    """``model``: the base model, its dtype and RoPE scaling, and the LoRA adapter trained on it."""
+
     name: str = Field(
         "smollm2",
         description="'smollm2', 'tiny-llama' (2 random layers), 'tiny-llama-4l' (4), "
@@ -114,6 +124,8 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
+    """``train``: a client's local training in one round (steps or epochs, batches, optimizer, lr)."""
+
     max_steps: int | None = Field(
         None, gt=0, description="optimizer steps per round; set this or epochs (neither: 10 steps)"
     )
@@ -145,6 +157,8 @@ class TrainConfig(_Section):
 
 
 class FedConfig(_Section):
+    """``fed``: the rounds, the strategy and its server optimizer, sampling, update checks."""
+
     rounds: int = Field(3, gt=0, description="federated rounds")
     strategy: str = Field(
         "fedavg",
@@ -201,6 +215,8 @@ class FedConfig(_Section):
 
 
 class SimulationConfig(_Section):
+    """``simulation``: Flower's simulation runtime as ``fedtune run`` starts it (nodes, cores)."""
+
     num_supernodes: int | None = Field(
         None, gt=0, description="simulated SuperNodes (unset: partition.num_partitions)"
     )
@@ -214,6 +230,8 @@ class SimulationConfig(_Section):
 
 
 class SplitProtectConfig(_Section):
+    """``split.protect``: noise on a split client's activations, clipping and noise on its gradients."""
+
     activation_sigma: float = Field(
         0.0, ge=0, description="Gaussian noise on outgoing activations, std = sigma x activation_scale"
     )
@@ -235,6 +253,8 @@ class SplitProtectConfig(_Section):
 
 
 class SplitConfig(_Section):
+    """``split``: split learning's cut, trunk mode and the trunk service's address, TLS and limits."""
+
     enabled: bool = Field(False, description="split learning: clients hold head + tail, the server the trunk")
     n_head: int = Field(2, ge=1, le=5, description="blocks the client runs before the trunk")
     n_tail: int = Field(2, ge=1, le=5, description="blocks the client runs after the trunk")
@@ -282,12 +302,16 @@ class SplitConfig(_Section):
 
 
 class RunSection(_Section):
+    """``run``: where the run directory is written and whether a report goes in it."""
+
     output_dir: str = Field("runs", description="folder the run directories are made in")
     name: str = Field("fedtune", description="run directory name: NAME-YYYYmmdd-HHMMSS")
     report: bool = Field(True, description="write plots and report/index.html when the run ends")
 
 
 class Config(_Section):
+    """A whole fedtune config: the seed and one section per concern; ``to_toml`` writes it back."""
+
     seed: int = Field(
         0, description="seed of the held-out split, partitions, adapter start, client sampling and batches"
     )

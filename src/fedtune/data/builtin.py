@@ -37,8 +37,10 @@ def package_dir(package: str) -> Path:
 
 
 def coerce_turn(turn: object) -> str | None:
-    """One chatterbot turn as text: scalars (YAML reads ``1984`` as int) become strings,
-    a list of strings is joined with spaces, and anything else or blank text gives None."""
+    """One chatterbot turn as text, or None for anything else or blank text.
+
+    Scalars (YAML reads ``1984`` as int) become strings and a list of strings is joined with spaces.
+    """
     if isinstance(turn, bool) or turn is None:
         return None
     if isinstance(turn, int | float):

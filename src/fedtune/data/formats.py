@@ -78,7 +78,7 @@ def from_alpaca(record: Record, where: str) -> Conversation:
 
 @FORMATS.register("explanation")
 def from_explanation(record: Record, where: str) -> Conversation:
-    """An alpaca record with an ``explanation`` field, answered as ``EXPLAIN: ...\\nCONCLUSION: ...``."""
+    r"""An alpaca record with an ``explanation`` field, answered as ``EXPLAIN: ...\nCONCLUSION: ...``."""
     conv = from_alpaca(record, where)
     explanation = _str_field(record, EXPLAIN_FIELD, where)
     conv[-1] = message("assistant", render_explanation(explanation, conv[-1]["content"]))
@@ -169,7 +169,7 @@ def from_openai(record: Record, where: str) -> Conversation:
 
 
 def convert_record(record: object, fmt: str, where: str, *, explain: bool = False) -> Conversation:
-    """Convert one record of format ``fmt`` to a validated conversation.
+    r"""Convert one record of format ``fmt`` to a validated conversation.
 
     Parameters
     ----------
@@ -180,7 +180,7 @@ def convert_record(record: object, fmt: str, where: str, *, explain: bool = Fals
     where
         Where the record is (``"data.jsonl:12"``), for error messages.
     explain
-        If the record has an ``explanation`` field, answer in ``EXPLAIN: ...\\nCONCLUSION: ...``
+        If the record has an ``explanation`` field, answer in ``EXPLAIN: ...\nCONCLUSION: ...``
         form whatever ``fmt`` is (the ``explanation`` format always does).
     """
     converter = FORMATS.get(fmt, where=where)
@@ -222,6 +222,7 @@ def _with_category(record: dict[str, Any], category: str) -> dict[str, Any]:
 
 @WRITERS.register("alpaca")
 def to_alpaca(conv: Conversation, category: str, where: str) -> dict[str, Any]:
+    """One round -> ``{instruction, input: "", output, system?, category?}``."""
     system, user, answer = _single_round(conv, where, "alpaca")
     record = {"instruction": user, "input": "", "output": answer}
     return _with_category({**record, "system": system} if system else record, category)
@@ -229,6 +230,7 @@ def to_alpaca(conv: Conversation, category: str, where: str) -> dict[str, Any]:
 
 @WRITERS.register("dolly")
 def to_dolly(conv: Conversation, category: str, where: str) -> dict[str, Any]:
+    """One round without a system message -> ``{instruction, context: "", response, category}``."""
     system, user, answer = _single_round(conv, where, "dolly")
     if system:
         raise FedtuneError(f"{where}: format 'dolly' has no system message")
@@ -237,6 +239,7 @@ def to_dolly(conv: Conversation, category: str, where: str) -> dict[str, Any]:
 
 @WRITERS.register("chatglm")
 def to_chatglm(conv: Conversation, category: str, where: str) -> dict[str, Any]:
+    """Rounds without a system message -> ``{prompt, response, history: [[q, a], ...], category?}``."""
     system, rounds = _rounds(conv, where, "chatglm")
     if system:
         raise FedtuneError(f"{where}: format 'chatglm' has no system message")
@@ -246,6 +249,7 @@ def to_chatglm(conv: Conversation, category: str, where: str) -> dict[str, Any]:
 
 @WRITERS.register("sharegpt")
 def to_sharegpt(conv: Conversation, category: str, where: str) -> dict[str, Any]:
+    """Any conversation -> ``{conversations: [{from: system|human|gpt, value}, ...], category?}``."""
     names = {"system": "system", "user": "human", "assistant": "gpt"}
     turns = [{"from": names[m["role"]], "value": m["content"]} for m in conv]
     return _with_category({"conversations": turns}, category)
@@ -253,6 +257,7 @@ def to_sharegpt(conv: Conversation, category: str, where: str) -> dict[str, Any]
 
 @WRITERS.register("openai")
 def to_openai(conv: Conversation, category: str, where: str) -> dict[str, Any]:
+    """Any conversation -> ``{messages: [{role, content}, ...], category?}``."""
     return _with_category({"messages": [dict(m) for m in conv]}, category)
 
 

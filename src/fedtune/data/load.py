@@ -245,8 +245,10 @@ def write_records(records: Iterable[Mapping[str, Any]], path: str | Path) -> int
 
 
 def convert_file(src: str, src_format: str, dst: str | Path, dst_format: str, explain: bool = False) -> int:
-    """Convert every record of ``src`` to ``dst_format`` and write ``dst``; nothing is written
-    if any record fails. ``src`` may be a built-in name (``src_format`` is then ignored).
+    """Convert every record of ``src`` to ``dst_format`` and write ``dst``.
+
+    Nothing is written if any record fails. ``src`` may be a built-in name (``src_format`` is
+    then ignored).
 
     Returns
     -------

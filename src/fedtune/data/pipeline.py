@@ -86,6 +86,7 @@ def client_conversations(
 def client_tokenized(
     cfg: Config, tokenizer: PreTrainedTokenizerBase, partition_id: int, *, data_path: str | None = None
 ) -> tuple[Dataset, Dataset]:
+    """One client's (train, test) examples, tokenized with ``data.template`` and its length limits."""
     train, test = client_conversations(cfg, partition_id, data_path=data_path)
     kw: dict[str, Any] = {
         "template_name": cfg.data.template,

@@ -75,8 +75,10 @@ def split_rounds(conv: Conversation, template: str) -> tuple[str, list[Message]]
 
 
 class RoundTemplate(Template):
-    """A template rendered round by round: a user piece that ends with the answer header, then
-    the answer. Subclasses say how the user piece of round ``n`` (from 1) looks."""
+    """A template rendered round by round: a user piece that ends with the answer header, then the answer.
+
+    Subclasses say how the user piece of round ``n`` (from 1) looks.
+    """
 
     answer_prefix = ""
     answer_suffix = ""
@@ -126,7 +128,7 @@ class ChatGLM2Template(RoundTemplate):
 
 @TEMPLATES.register("llama2")
 class Llama2Template(RoundTemplate):
-    """Llama-2-chat: ``<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{q} [/INST] {a} </s>``.
+    r"""Llama-2-chat: ``<s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{q} [/INST] {a} </s>``.
 
     BOS and EOS are the tokenizer's own special-token strings, which its tokenizer maps to
     the special ids (``"<s>"``/``"</s>"`` without a tokenizer).

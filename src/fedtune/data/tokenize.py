@@ -55,8 +55,11 @@ def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 def encode_segments(
     segments: list[Segment], tokenizer: PreTrainedTokenizerBase, template: Template
 ) -> tuple[list[int], list[int]]:
-    """Ids and labels of source segments; answers are labelled and, when the template writes
-    no end-of-turn text, closed with a labelled EOS."""
+    """Ids and labels of source segments.
+
+    Answers are labelled and, when the template writes no end-of-turn text, closed with a
+    labelled EOS.
+    """
     eos = eos_id(tokenizer)
     ids = special_prefix(tokenizer) if template.adds_special_prefix else []
     labels = [IGNORE_INDEX] * len(ids)

@@ -72,6 +72,8 @@ transformers.utils.logging.disable_progress_bar()
 
 @dataclass
 class Runtime:
+    """What a client process keeps across rounds: the base model with its LoRA adapter, the tokenizer."""
+
     model: PeftModel
     tokenizer: PreTrainedTokenizerBase
 
@@ -86,8 +88,11 @@ def _runtime(model_cfg: ModelConfig) -> Runtime:
 
 # -- adapters ---------------------------------------------------------------------
 def _received(task: Task, record: ArrayRecord | None, held: int | None) -> dict[str, torch.Tensor]:
-    """An adapter from the instruction; FLoRA's merge mode may send only the part beyond the
-    stack of rank ``held`` this client keeps (``held`` 0: the whole stack, cached)."""
+    """An adapter from the instruction.
+
+    FLoRA's merge mode may send only the part beyond the stack of rank ``held`` this client keeps
+    (``held`` 0: the whole stack, cached).
+    """
     sent = to_torch(from_record(record)) if record is not None else None
     if held is None:
         if sent is None:
@@ -244,6 +249,7 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
+    """Run the instruction's training job on this client's data; reply with the adapter and metrics."""
     task = make_task(msg, context)
     if task.inst.job not in TRAIN:
         raise ProtocolError(f"train instruction: job {task.inst.job.value!r} does not train")
@@ -252,5 +258,6 @@ def train_handler(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
+    """Evaluate the instruction's adapter on this client's held-out data; reply with loss and perplexity."""
     task = make_task(msg, context)
     return reply_message(EVALUATE[task.inst.job](task), msg)

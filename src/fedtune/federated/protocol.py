@@ -164,6 +164,8 @@ class Query(_Wire):
 
 @dataclass(frozen=True)
 class QueryReply(_Wire):
+    """A client's answer to a :class:`Query`: its partition and its train and test example counts."""
+
     scalars: ClassVar[str] = "metrics"
     partition_id: int
     num_train: int
@@ -218,6 +220,8 @@ _FIELDS = {f.name: _key(f) for f in dataclasses.fields(Instruction)}
 
 @dataclass(frozen=True)
 class TrainReply(_Wire):
+    """A client's trained adapter and what the round loop and the strategies read about its training."""
+
     scalars: ClassVar[str] = "metrics"
     partition_id: int
     num_examples: int
@@ -233,6 +237,8 @@ class TrainReply(_Wire):
 
 @dataclass(frozen=True)
 class EvaluateReply(_Wire):
+    """A client's held-out loss, perplexity and token count for the adapter it was sent."""
+
     scalars: ClassVar[str] = "metrics"
     partition_id: int
     num_examples: int
@@ -264,6 +270,7 @@ class RoundMetrics:
 
 
 def instruction_message(inst: Instruction, message_type: str, node_id: int) -> Message:
+    """A Flower message of ``message_type`` (train or evaluate) carrying ``inst`` to node ``node_id``."""
     return Message(content=inst.to_content(), message_type=message_type, dst_node_id=node_id)
 
 
@@ -278,10 +285,12 @@ def read_reply(msg: Message, kind: type[_T]) -> _T:
 
 
 def reply_message(reply: _Wire, to: Message) -> Message:
+    """A Flower message carrying ``reply`` in answer to ``to``."""
     return Message(reply.to_content(), reply_to=to)
 
 
 def query_message(cfg: Config, node_id: int) -> Message:
+    """A Flower query message carrying ``cfg`` to node ``node_id``."""
     return Message(content=Query(cfg).to_content(), message_type=MessageType.QUERY, dst_node_id=node_id)
 
 

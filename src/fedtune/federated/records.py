@@ -35,4 +35,5 @@ def from_record(record: ArrayRecord, *, check_finite: bool = True) -> dict[str, 
 
 
 def to_torch(state: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """The arrays as float32 torch tensors (copies: the tensors own their memory)."""
     return {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in state.items()}

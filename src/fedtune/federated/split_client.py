@@ -45,6 +45,7 @@ def _runtime(model: ModelConfig, split: SplitConfig, seed: int) -> SplitRuntime:
 
 
 def split_runtime(cfg: Config) -> SplitRuntime:
+    """The process's head + tail for ``cfg``'s model and cut, loaded once and kept."""
     return _runtime(cfg.model, cfg.split, cfg.seed)
 
 

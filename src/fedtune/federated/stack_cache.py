@@ -50,6 +50,7 @@ def cache_file(root: Path, pid: int) -> Path:
 
 
 def load(root: Path, pid: int) -> dict[str, torch.Tensor] | None:
+    """Partition ``pid``'s cached stack, or None when it holds none."""
     path = cache_file(root, pid)
     return load_file(str(path)) if path.is_file() else None
 
@@ -63,8 +64,11 @@ def save(root: Path, pid: int, state: Mapping[str, torch.Tensor]) -> None:
 def receive(
     sent: Mapping[str, torch.Tensor] | None, held_rank: int | None, root: Path, pid: int
 ) -> dict[str, torch.Tensor]:
-    """The whole stack from a message: ``sent`` whole (``held_rank`` None), or the tail beyond
-    ``held_rank`` (None: nothing new) appended to this client's cached copy; cached again."""
+    """The whole stack a message brings, saved as this client's cached copy.
+
+    ``sent`` is the whole stack (``held_rank`` None), or the tail beyond ``held_rank`` (None:
+    nothing new) that is appended to the cached copy.
+    """
     if held_rank is None:
         if sent is None:
             raise FedtuneError("stack: the message carries neither a stack nor a tail")

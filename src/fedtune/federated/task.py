@@ -27,12 +27,13 @@ from fedtune.training.schedule import at_round
 
 @lru_cache(maxsize=1)
 def tokenizer_for(model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, loaded once per process."""
     return load_tokenizer(model_cfg)
 
 
 @lru_cache(maxsize=32)
 def client_data(cfg: Config, partition_id: int, data_path: str | None) -> tuple[Dataset, Dataset]:
-    """This client's tokenized (train, test) split, cached per (config, partition, file)."""
+    """A client's tokenized (train, test) split, cached per (config, partition, file)."""
     return client_tokenized(cfg, tokenizer_for(cfg.model), partition_id, data_path=data_path)
 
 
@@ -60,6 +61,7 @@ class Task:
 
 
 def node_identity(context: Context) -> tuple[int, str | None]:
+    """The SuperNode's ``partition-id`` and its own ``data-path`` (None: a partition of the shared source)."""
     node = context.node_config
     if "partition-id" not in node:
         raise ValueError("node config lacks 'partition-id' (SuperNode --node-config \"partition-id=0 ...\")")
@@ -68,6 +70,7 @@ def node_identity(context: Context) -> tuple[int, str | None]:
 
 
 def make_task(msg: Message, context: Context) -> Task:
+    """A train/evaluate message as a Task (its config at the round's lr); sets torch's thread count."""
     start = time.perf_counter()
     inst = read_instruction(msg)
     cfg = at_round(inst.config, inst.server_round)  # the round's lr; SCAFFOLD's server reads it back
@@ -95,6 +98,7 @@ def train_reply(task: Task, arrays: ArrayRecord, result: TrainResult, **extra: f
 
 
 def evaluate_reply(task: Task, result: EvalResult, **extra: float) -> EvaluateReply:
+    """The reply to an evaluate instruction: the held-out loss, perplexity and token count."""
     return EvaluateReply(
         partition_id=task.partition_id,
         num_examples=result.num_examples,

@@ -50,6 +50,7 @@ def fedavg(states: Sequence[Arrays], weights: Sequence[float]) -> dict[str, np.n
 
 
 def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
+    """``sum(v * w) / sum(w)``; the weights must have a positive sum."""
     total = float(sum(weights))
     if total <= 0:
         raise ValueError("weights must have a positive sum")

@@ -354,8 +354,11 @@ def rank_rule(name_or_list: str | Sequence[int], num_clients: int) -> list[int]:
 
 
 def fresh_like(state: Arrays, rank: int, seed: int) -> dict[str, np.ndarray]:
-    """A new rank-``rank`` adapter for the modules of ``state``: A as peft initialises it
-    (Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))), B zero. Seeded."""
+    """A new rank-``rank`` adapter for the modules of ``state``, drawn from ``seed``.
+
+    A as peft initialises it (Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))),
+    B zero.
+    """
     if rank <= 0:
         raise ValueError(f"rank must be positive, got {rank}")
     rng = np.random.default_rng(seed)

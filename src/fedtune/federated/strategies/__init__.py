@@ -55,6 +55,8 @@ class Capabilities:
 
 @dataclass(frozen=True)
 class StrategyEntry:
+    """A registered strategy: its class and what it supports; ``summary`` is its docstring's first line."""
+
     cls: type[AdapterStrategy]
     capabilities: Capabilities
 

@@ -25,6 +25,7 @@ def is_zero(state: Arrays) -> bool:
 
 
 def state_rank(state: Arrays) -> int:
+    """The adapter's rank: the largest of its modules' ranks."""
     return max(module_ranks(state).values())
 
 
