@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class Loaded:
+    """A model ready for :func:`reply`: the run's config, the model or split session, its tokenizer."""
+
     cfg: Config
     model: torch.nn.Module | None  # None when generating across the split (``split``)
     tokenizer: PreTrainedTokenizerBase
@@ -39,9 +41,11 @@ class Loaded:
 def load_split_run(
     run_dir: str | Path, *, adapter: str | Path | None = None, trunk: str | None = None
 ) -> Loaded:
-    """A split run's head + tail here and its trunk on a service (``trunk``: its address; default:
-    one started here on loopback); :func:`reply` then generates across the split.
-    Close with ``loaded.split.close()``."""
+    """A split run's head + tail here and its trunk on a service; :func:`reply` generates across the split.
+
+    ``trunk`` is the service's address (default: one started here on loopback). Close with
+    ``loaded.split.close()``.
+    """
     from fedtune.split.chat import open_split_session
 
     run = RunDir.open(run_dir)

@@ -24,6 +24,7 @@ StateDict = dict[str, torch.Tensor]
 
 
 def peft_lora_config(cfg: LoraConfig) -> PeftLoraConfig:
+    """``model.lora`` as peft's LoraConfig for a causal LM (no bias terms trained)."""
     return PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -202,7 +203,7 @@ def activate(model: PeftModel, names: list[str], *, trainable: str | list[str] |
 
 
 def parameter_names(state: Mapping[str, torch.Tensor], name: str = "default") -> dict[str, str]:
-    """peft state-dict key -> the model parameter it is (``.lora_A.weight`` -> ``.lora_A.<name>.weight``)."""
+    """Each peft state-dict key -> its model parameter (``.lora_A.weight`` -> ``.lora_A.<name>.weight``)."""
     out = {}
     for key in state:
         for part in (".lora_A.", ".lora_B."):

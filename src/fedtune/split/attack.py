@@ -1,4 +1,4 @@
-"""Inversion attack on the head's activations: how much of a client's text does h1 give away?
+"""Inversion attack on the head's activations: how much of a client's text h1 gives away.
 
 The attacker (the trunk server, which sees every h1) trains a per-position decoder from h1[t] to
 the token id[t] on *public* data pushed through the same head, then reads the client's *private*

@@ -41,6 +41,8 @@ class TrunkError(RuntimeError):
 
 @dataclass(frozen=True)
 class TensorInfo:
+    """One tensor of a sent message as its header lists it: name, dtype, shape and size in bytes."""
+
     name: str
     dtype: str
     shape: tuple[int, ...]

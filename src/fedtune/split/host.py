@@ -146,7 +146,7 @@ class TrunkHost:
         return service._backwards
 
     def round_stats(self) -> dict[str, int]:
-        """This round's trunk work: samples trained on and training passes, over all replicas."""
+        """The round's trunk work: samples trained on and training passes, over all replicas."""
         before = getattr(self, "_passes_before", [0] * len(self.services))
         return {
             "trunk_samples": sum(int(getattr(s, "samples", 0)) for s in self.services),

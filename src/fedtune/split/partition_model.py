@@ -87,7 +87,7 @@ class _Part(nn.Module):
     # -- adapters -------------------------------------------------------------------------------
 
     def adapter_state_dict(self) -> dict[str, Tensor]:
-        """This part's LoRA weights under peft's state-dict names, as detached fp32 copies."""
+        """The part's LoRA weights under peft's state-dict names, as detached fp32 copies."""
         params = dict(self.named_parameters())
         return {
             key: params[local].detach().to(torch.float32).clone() for local, key in self._adapter_keys.items()
@@ -277,6 +277,8 @@ class Tail(_Part):
 
 
 class SplitParts(NamedTuple):
+    """A model cut in three: the client's head and tail, the server's trunk."""
+
     head: Head
     trunk: Trunk
     tail: Tail

@@ -61,6 +61,8 @@ class ProtocolError(FedtuneError):
 
 
 class Kind(StrEnum):
+    """A message's kind (its header's ``kind``); the module docstring's table says who sends which."""
+
     FORWARD = "FORWARD"
     ACTIVATION = "ACTIVATION"
     BACKWARD = "BACKWARD"
@@ -109,22 +111,27 @@ class Message:
 def forward(
     step: int, hidden: Tensor, valid: Tensor, *, train: bool = True, cache: str | None = None
 ) -> Message:
+    """Client -> server: h1 (B, T, H) and each sample's valid length (B,), for step ``step``."""
     return Message(Kind.FORWARD, step, {"hidden": hidden, "valid": valid}, train=train, cache=cache)
 
 
 def activation(step: int, hidden: Tensor) -> Message:
+    """Server -> client: the trunk's output h2 for step ``step``."""
     return Message(Kind.ACTIVATION, step, {"hidden": hidden})
 
 
 def backward(step: int, grad: Tensor) -> Message:
+    """Client -> server: dL/dh2 for step ``step``."""
     return Message(Kind.BACKWARD, step, {"grad": grad})
 
 
 def gradient(step: int, grad: Tensor) -> Message:
+    """Server -> client: dL/dh1 for step ``step``."""
     return Message(Kind.GRADIENT, step, {"grad": grad})
 
 
 def error(step: int, text: str) -> Message:
+    """Server -> client: what went wrong at step ``step``, cut to ``MAX_ERROR_CHARS`` characters."""
     return Message(Kind.ERROR, step, error=text[:MAX_ERROR_CHARS])
 
 

@@ -83,8 +83,10 @@ def round_hook(cfg: Config, state: Mapping[str, torch.Tensor]) -> RoundHook:
 
 
 def check_split(cfg: Config) -> None:
-    """A split run's model and cut make sense (no weights loaded); the strategy is checked by
-    its registry entry (``Capabilities.split``)."""
+    """Check that a split run's model and cut make sense, without loading weights.
+
+    The strategy is checked by its registry entry (``Capabilities.split``).
+    """
     from fedtune.models.load import load_model_config
     from fedtune.split.partition_model import GPT2_FAMILY, LLAMA_FAMILY
 

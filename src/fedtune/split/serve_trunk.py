@@ -33,8 +33,10 @@ log = logging.getLogger(__name__)
 
 
 def load_trunk(cfg: Config, adapter: str | Path | None = None) -> Trunk:
-    """The trunk of ``cfg.model`` cut at ``cfg.split``, with ``adapter`` (a peft folder, trainable)
-    or a fresh ``cfg.model.lora`` drawn from ``cfg.seed``."""
+    """The trunk of ``cfg.model`` cut at ``cfg.split``, with a trainable LoRA adapter.
+
+    The adapter is ``adapter`` (a peft folder) or a fresh ``cfg.model.lora`` drawn from ``cfg.seed``.
+    """
     base = load_model(cfg.model)
     if adapter is not None:
         peft_model = load_adapter_folder(base, adapter, trainable=True)

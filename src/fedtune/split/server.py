@@ -45,6 +45,7 @@ GRPC_SLACK_BYTES = 64 * 1024  # gRPC's own cap sits just above ours, so an overs
 
 
 def grpc_options(limits: Limits) -> list[tuple[str, int]]:
+    """The channel and server options for gRPC: message size caps just above ``limits.max_message_bytes``."""
     cap = limits.max_message_bytes + GRPC_SLACK_BYTES
     return [("grpc.max_receive_message_length", cap), ("grpc.max_send_message_length", cap)]
 

@@ -28,6 +28,8 @@ class Crossing:
 
 @dataclass
 class StepResult:
+    """One split training step: its loss, the tokens it is over and what crossed the cuts."""
+
     loss: float
     num_tokens: int  # labelled (non -100) target tokens after the shift, for weighting
     crossings: list[Crossing] = field(default_factory=list)

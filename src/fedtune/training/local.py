@@ -26,6 +26,8 @@ MODEL_COLUMNS = ["input_ids", "labels", "attention_mask"]
 
 @dataclass(frozen=True)
 class TrainResult:
+    """What a round of local training reports: loss, steps, examples and timing."""
+
     loss: float  # mean of the per-step losses
     steps: int
     num_examples: int  # examples in the client's training set (the FedAvg weight)
@@ -35,6 +37,8 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class EvalResult:
+    """What an evaluation on held-out data reports: loss, perplexity, examples, tokens and time."""
+
     loss: float  # token-weighted mean cross-entropy over labelled tokens
     perplexity: float
     num_examples: int
@@ -45,6 +49,7 @@ class EvalResult:
 def make_loader(
     ds: Dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int, *, shuffle: bool, seed: int = 0
 ) -> DataLoader[dict[str, torch.Tensor]]:
+    """Batches of ``ds``'s model columns, padded per batch (labels with -100); shuffled from ``seed``."""
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
