@@ -96,11 +96,11 @@ def _message(config: dict) -> Message:
         (
             {"fedtune-protocol": PROTOCOL, "job": "plain", "server-round": "1", "config": CFG.to_toml()},
             "field 'server-round': expected int, got str",
-        ),  # fmt: skip
+        ),
         (
             {"fedtune-protocol": PROTOCOL, "job": "sideways", "server-round": 1, "config": CFG.to_toml()},
             "field 'job': unknown value 'sideways'",
-        ),  # fmt: skip
+        ),
         (
             {
                 "fedtune-protocol": PROTOCOL,
@@ -110,11 +110,11 @@ def _message(config: dict) -> Message:
                 "x-new": 1,
             },
             "unknown field 'x-new'",
-        ),  # fmt: skip
+        ),
         (
             {"fedtune-protocol": PROTOCOL, "job": "ranked", "server-round": 1, "config": CFG.to_toml()},
             "job 'ranked' needs field 'rank'",
-        ),  # fmt: skip
+        ),
         (
             {
                 "fedtune-protocol": PROTOCOL,
@@ -123,7 +123,7 @@ def _message(config: dict) -> Message:
                 "config": "[fed]\nrounds = 0\n",
             },
             "field 'config': fed.rounds",
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_malformed_instructions_are_refused_naming_the_field(config: dict, error: str) -> None:
