@@ -31,7 +31,7 @@ from fedtune.config import Config
 DEFAULT_PATH = "docs/configuration.md"
 
 INTRO = """\
-Every key of a fedtune config, generated from the field descriptions in `src/fedtune/config.py`
+Every key of a fedtune config, generated from the field descriptions in `src/fedtune/config/sections.py`
 (do not edit by hand; regenerate with `{command}`).
 
 A config is one TOML file in which every key is optional (`fedtune run --config FILE`);
