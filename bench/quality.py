@@ -13,7 +13,7 @@ split, and takes the same total number of optimiser steps at the same batch size
 Defaults: K = 2 of N = 8 clients a round (fraction 0.25; FedIT and OpenFedLLM sample a few
 clients a round too), R = 48 rounds of S = 1 step: 96 steps per method, every method at
 ``train.lr`` 2e-3 (``--lr``). Why these (all measured on this bench's union loss, 96 steps,
-constant lr; README has the numbers):
+constant lr; docs/quality.md has the numbers):
 
 - with K*R*S fixed, a federation advances R*S sequential steps while centralised training
   takes K*R*S, so full participation (K = 8: 12 sequential steps) is the slowest federation
@@ -83,6 +83,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedtune.config import Config, LoraConfig, apply_overrides, read_toml, set_dotted, validate
 from fedtune.data.pipeline import client_tokenized, partitions
+from fedtune.errors import FedtuneError
 from fedtune.federated.strategies import STRATEGIES, sample_clients
 from fedtune.launch import run
 from fedtune.models.adapters import (
@@ -95,6 +96,7 @@ from fedtune.models.adapters import (
     save_adapter_folder,
 )
 from fedtune.models.load import load_model, load_tokenizer
+from fedtune.rundir import RunDir
 from fedtune.training.local import EvalResult, evaluate, train
 from fedtune.training.schedule import SCHEDULES
 
@@ -322,6 +324,14 @@ def fused_personal(global_dir: Path, personal_dir: Path, cfg: Config, scratch: P
     return save_adapter_folder(state, lora, cfg.model, scratch / personal_dir.parent.name)
 
 
+def _personal(run_dir: RunDir, pid: int) -> list[Path]:
+    """Client ``pid``'s newest personal adapter folder, or none if it never trained."""
+    try:
+        return [run_dir.latest_personal(pid)]
+    except FedtuneError:
+        return []
+
+
 def run_federated(bench: Bench, method: str, cfg: Config) -> list[Row]:
     """Run the federation, then evaluate its final (and any personal) adapters here."""
     run_dir = run(cfg, progress=False)
@@ -340,19 +350,17 @@ def run_federated(bench: Bench, method: str, cfg: Config) -> list[Row]:
     rows = [Row(name, own, union, steps=steps, note=note, val_union=val_union)]
     if method != "fflora":
         return rows
-    # a client keeps its personal adapter as clients/<pid>/personal-NNNN/ (one per round it
-    # trained); a client never sampled has none and serves the global adapter alone
-    found = [
-        sorted((run_dir.path / "clients" / str(pid)).glob("personal*")) for pid in range(bench.num_clients)
-    ]
+    # a client keeps its personal adapter in the run directory (one per round it trained);
+    # a client never sampled has none and serves the global adapter alone
+    found = [_personal(run_dir, pid) for pid in range(bench.num_clients)]
     if not any(found):
-        return [*rows, Row("fflora", note="skipped: no clients/<pid>/personal*/ adapters in the run")]
+        return [*rows, Row("fflora", note="skipped: no personal adapters in the run")]
     scratch = Path(tempfile.mkdtemp(prefix="fused-", dir=run_dir.path))
     owns, unions = [], []
     for pid, folders in enumerate(found):
         folder = run_dir.final_dir()
         if folders:  # the newest personal adapter, fused with the final global one
-            folder = fused_personal(folder, folders[-1], cfg, scratch)
+            folder = fused_personal(folder, folders[0], cfg, scratch)
         results, _ = bench.folder_losses(folder)
         owns.append(results[pid].loss)
         unions.append(own_and_union(results)[1])
