@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from federated.fakes import eval_round
-from federated.strategies.test_ranked import _adapter, _round, _strategy
+from federated.strategies.test_ranked import _adapter, _round, _strategy, _zero_start
 from fedtune.errors import FedtuneError
 from fedtune.federated import stack_cache
 from fedtune.federated.records import from_record, to_torch
@@ -54,7 +54,7 @@ def test_merge_mode_sends_each_client_only_what_it_lacks() -> None:
     rng = np.random.default_rng(0)
     ranks, sizes = [4, 2], [1, 1]
     strategy = _strategy("stack", ranks)
-    zero = {"m.lora_A.weight": np.ones((4, 10), np.float32), "m.lora_B.weight": np.zeros((6, 4), np.float32)}
+    zero = _zero_start()
     start = eval_round(strategy, 0, zero)  # the zero start is not part of the stack to come
     assert all(inst.adapter_from is None for inst in start.values())
     g1, _ = _round(strategy, 1, zero, [_adapter(rng, r) for r in ranks], sizes)

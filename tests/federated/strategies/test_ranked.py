@@ -51,6 +51,14 @@ def _exact(updates, sizes, ranks, alpha=16.0):
                @ updates[k]["m.lora_A.weight"] for k in range(len(ranks)))  # fmt: skip
 
 
+def _zero_start() -> dict[str, np.ndarray]:
+    """A fresh rank-4 adapter as the run starts: A set, B zero (no update yet)."""
+    return {
+        "m.lora_A.weight": np.ones((4, IN), np.float32),
+        "m.lora_B.weight": np.zeros((OUT, 4), np.float32),
+    }
+
+
 def _dw(state):
     return state["m.lora_B.weight"].astype(np.float64) @ state["m.lora_A.weight"]
 
@@ -59,10 +67,7 @@ def test_stack_merge_is_exact_and_accumulates() -> None:
     rng = np.random.default_rng(0)
     ranks, sizes = [8, 4, 2], [30, 20, 10]
     strategy = _strategy("stack", ranks)
-    zero = {
-        "m.lora_A.weight": np.ones((4, IN), np.float32),
-        "m.lora_B.weight": np.zeros((OUT, 4), np.float32),
-    }
+    zero = _zero_start()
     ups1 = [_adapter(rng, r) for r in ranks]
     g1, starts = _round(strategy, 1, zero, ups1, sizes)
     np.testing.assert_allclose(_dw(g1), _exact(ups1, sizes, ranks), atol=1e-5)
@@ -84,10 +89,7 @@ def test_stack_svd_warm_start_projects_to_each_rank() -> None:
     rng = np.random.default_rng(1)
     ranks, sizes = [4, 2, 1], [1, 1, 1]
     strategy = _strategy("stack", ranks, "fed.stack_mode='svd'")
-    zero = {
-        "m.lora_A.weight": np.ones((4, IN), np.float32),
-        "m.lora_B.weight": np.zeros((OUT, 4), np.float32),
-    }
+    zero = _zero_start()
     ups = [_adapter(rng, r) for r in ranks]
     g1, _ = _round(strategy, 1, zero, ups, sizes)
     delta = _exact(ups, sizes, ranks)
@@ -105,10 +107,7 @@ def test_zero_pad_is_the_inexact_baseline() -> None:
     rng = np.random.default_rng(2)
     ranks, sizes = [4, 2], [1, 1]
     strategy = _strategy("zero-pad", ranks)
-    zero = {
-        "m.lora_A.weight": np.ones((4, IN), np.float32),
-        "m.lora_B.weight": np.zeros((OUT, 4), np.float32),
-    }
+    zero = _zero_start()
     ups = [_adapter(rng, r) for r in ranks]
     g1, _ = _round(strategy, 1, zero, ups, sizes)
     assert state_rank(g1) == 4
