@@ -8,7 +8,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Error, Message
 
 from fedtune.config import load_config
-from fedtune.federated.protocol import EvaluateReply, Instruction, TrainReply, read_instruction, reply_message
+from fedtune.federated.protocol import EvaluateReply, TrainReply, read_instruction, reply_message
 from fedtune.federated.records import to_record
 from fedtune.federated.strategies import AdapterStrategy, build_strategy
 
@@ -92,6 +92,3 @@ def eval_round(s: AdapterStrategy, server_round: int, global_state, fail: set[in
     ]
     s.aggregate_evaluate(server_round, replies)
     return {pid: inst for pid, (inst, _) in sent.items()}
-
-
-__all__ = ["Instruction"]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -65,6 +66,43 @@ def _key(f: dataclasses.Field[Any]) -> str:
 _ARRAYS = {"key": "arrays"}
 
 
+class _Field(typing.NamedTuple):
+    """One dataclass field as the wire sees it."""
+
+    name: str
+    key: str  # its record key
+    hint: Any  # its resolved annotation
+    arrays: bool  # travels as an ArrayRecord of its own
+    required: bool
+    default: Any  # left off the wire when the value equals it
+
+
+_SCHEMAS: dict[type, tuple[_Field, ...]] = {}
+
+
+def _schema(cls: type) -> tuple[_Field, ...]:
+    """``cls``'s fields, resolved once per class (not per message)."""
+    if cls not in _SCHEMAS:
+        hints = typing.get_type_hints(cls)
+        out = []
+        for f in dataclasses.fields(cls):
+            tp, factory = hints[f.name], f.default_factory
+            default = factory() if callable(factory) else None
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            required = f.default is dataclasses.MISSING and not callable(factory)
+            arrays = tp is ArrayRecord or ArrayRecord in typing.get_args(tp)
+            out.append(_Field(f.name, _key(f), tp, arrays, required, default))
+        _SCHEMAS[cls] = tuple(out)
+    return _SCHEMAS[cls]
+
+
+@functools.lru_cache(maxsize=4)
+def _toml(cfg: Config) -> str:
+    """A config as TOML, once per config (every instruction of a run carries the same one)."""
+    return cfg.to_toml()
+
+
 class _Wire:
     """Field-by-field conversion between a dataclass and a Flower RecordDict."""
 
@@ -73,18 +111,18 @@ class _Wire:
     def to_content(self) -> RecordDict:
         scalars: dict[str, Any] = {_PROTOCOL_KEY: PROTOCOL}
         arrays: dict[str, ArrayRecord] = {}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+        for f in _schema(type(self)):
             value = getattr(self, f.name)
-            if value is None or value == _default(f):  # absent means the default (Flower refuses [])
+            if value is None or value == f.default:  # absent means the default (Flower refuses [])
                 continue
             if isinstance(value, ArrayRecord):
-                arrays[_key(f)] = value
+                arrays[f.key] = value
             elif isinstance(value, Config):
-                scalars[_key(f)] = value.to_toml()
+                scalars[f.key] = _toml(value)
             elif isinstance(value, tuple):
-                scalars[_key(f)] = list(value)
+                scalars[f.key] = list(value)
             else:
-                scalars[_key(f)] = value.value if isinstance(value, enum.Enum) else value
+                scalars[f.key] = value.value if isinstance(value, enum.Enum) else value
         record = ConfigRecord(scalars) if self.scalars == "config" else MetricRecord(scalars)
         return RecordDict({self.scalars: record, **arrays})
 
@@ -100,32 +138,21 @@ class _Wire:
             raise ProtocolError(
                 f"{where}: field {_PROTOCOL_KEY!r} is {version!r}, this side speaks {PROTOCOL!r}"
             )
-        hints = typing.get_type_hints(cls)
-        known = {_key(f) for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        schema = _schema(cls)
+        known = {f.key for f in schema}
         unknown = sorted(set(scalars) - known - {_PROTOCOL_KEY})
         unknown += sorted(k for k in content if k != cls.scalars and k not in known)
         if unknown:
             raise ProtocolError(f"{where}: unknown field {unknown[0]!r} ({cls.__name__})")
         values = {}
-        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-            key = _key(f)
-            raw = content.get(key) if _is_arrays(hints[f.name]) else scalars.get(key)
+        for f in schema:
+            raw = content.get(f.key) if f.arrays else scalars.get(f.key)
             if raw is None:
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                    raise ProtocolError(f"{where}: missing field {key!r} ({cls.__name__})")
+                if f.required:
+                    raise ProtocolError(f"{where}: missing field {f.key!r} ({cls.__name__})")
                 continue
-            values[f.name] = _decode(raw, hints[f.name], f"{where}: field {key!r}")
+            values[f.name] = _decode(raw, f.hint, f"{where}: field {f.key!r}")
         return cls(**values)
-
-
-def _default(f: dataclasses.Field[Any]) -> Any:
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return None if f.default is dataclasses.MISSING else f.default
-
-
-def _is_arrays(tp: Any) -> bool:
-    return tp is ArrayRecord or ArrayRecord in typing.get_args(tp)
 
 
 def _decode(raw: Any, tp: Any, where: str) -> Any:
@@ -215,7 +242,7 @@ class Instruction(_Wire):
         return self
 
 
-_FIELDS = {f.name: _key(f) for f in dataclasses.fields(Instruction)}
+_FIELDS = {f.name: f.key for f in _schema(Instruction)}
 
 
 @dataclass(frozen=True)

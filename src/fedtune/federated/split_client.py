@@ -22,6 +22,7 @@ from fedtune.federated.protocol import EvaluateReply, TrainReply
 from fedtune.federated.records import from_record, to_record, to_torch
 from fedtune.federated.task import Task, evaluate_reply, tokenizer_for, train_reply
 from fedtune.split.client import RemoteTrunk, TrunkClient
+from fedtune.split.host import trunk_address
 from fedtune.split.lm import SplitLM, parts_from_config
 from fedtune.split.partition_model import Head, Tail, client_adapter_state_dict
 from fedtune.split.protect import ProtectConfig, Protection, protect_parts
@@ -52,7 +53,7 @@ def split_runtime(cfg: Config) -> SplitRuntime:
 def _connect(cfg: Config, addresses: tuple[str, ...], partition_id: int, hidden_size: int) -> TrunkClient:
     split = cfg.split
     return TrunkClient(
-        addresses[partition_id % len(addresses)],
+        trunk_address(addresses, partition_id),
         hidden_size,
         tls_root_cert=split.tls_root_cert,
         max_message_bytes=int(split.max_message_mib * 2**20),

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -69,6 +69,11 @@ def average_states(states: list[dict[str, Tensor]], weights: list[float]) -> dic
         key: sum(s[key].to(torch.float32) * (w / total) for s, w in zip(states, weights, strict=True))  # type: ignore[misc]
         for key in states[0]
     }
+
+
+def trunk_address(addresses: Sequence[str], partition_id: int) -> str:
+    """The trunk service client ``partition_id`` uses: replica ``partition_id % len(addresses)``."""
+    return addresses[partition_id % len(addresses)]
 
 
 class TrunkHost:
@@ -121,7 +126,7 @@ class TrunkHost:
         return set(self.services[0].trunk.adapter_state_dict())
 
     def address_for(self, partition_id: int) -> str:
-        return self.addresses[partition_id % len(self.addresses)]
+        return trunk_address(self.addresses, partition_id)
 
     def load_adapter(self, state: Mapping[str, Tensor]) -> None:
         """Put the trunk adapter ``state`` (may hold other keys too) into every replica."""

@@ -74,12 +74,19 @@ def sample_clients(
 
 @dataclass(frozen=True)
 class Update:
-    """One accepted client update, as the aggregation rule sees it."""
+    """One accepted client update, as the aggregation rule sees it: its state and its reply."""
 
-    pid: int
     state: Arrays
-    weight: int
     reply: TrainReply
+
+    @property
+    def pid(self) -> int:
+        return self.reply.partition_id
+
+    @property
+    def weight(self) -> int:
+        """The FedAvg weight: the client's training examples."""
+        return self.reply.num_examples
 
 
 class AdapterStrategy(Strategy):
@@ -221,7 +228,7 @@ class AdapterStrategy(Strategy):
             log.warning("round %s: update rejected: %s", server_round, reason)
         if not kept:
             return None, None
-        updates = [Update(pids[i], states[i], read[i][1].num_examples, read[i][1]) for i in kept]
+        updates = [Update(states[i], read[i][1]) for i in kept]
         if self.cfg.fed.clip_norm is not None:
             clip = self.cfg.fed.clip_norm
             updates = [replace(u, state=clip_update(u.state, self._references[u.pid], clip)) for u in updates]
