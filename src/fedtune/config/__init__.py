@@ -13,6 +13,7 @@ from fedtune.config.load import (
     set_dotted,
     validate,
 )
+from fedtune.config.rag import RagConfig
 from fedtune.config.sections import (
     Config,
     DataConfig,
@@ -36,6 +37,7 @@ __all__ = [
     "LoraConfig",
     "ModelConfig",
     "PartitionConfig",
+    "RagConfig",
     "RopeScalingConfig",
     "RunSection",
     "Schedule",

@@ -13,6 +13,8 @@ from typing import Literal
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from fedtune.config.rag import RagConfig
+
 # learning-rate curves: train.scheduler (transformers' names) and fed.lr_schedule
 Schedule = Literal["constant", "linear", "cosine"]
 
@@ -345,6 +347,11 @@ class Config(_Section):
         default_factory=SplitConfig,
         description="Split federated learning: each client runs the embeddings, the first and last "
         "blocks and the head; the server runs the middle blocks (the trunk) as a gRPC service.",
+    )
+    rag: RagConfig = Field(
+        default_factory=RagConfig,
+        description="Retrieval-augmented tuning (FF-RAG): passages from the client's private case base and "
+        "a shared reference base go into each example's source.",
     )
     run: RunSection = Field(
         default_factory=RunSection, description="Where the run directory is written and what goes in it."

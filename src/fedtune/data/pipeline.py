@@ -21,6 +21,7 @@ from fedtune.data.partition import PARTITIONERS, partition_dataset, split_train_
 from fedtune.data.templates import TEMPLATES
 from fedtune.data.tokenize import tokenize_dataset
 from fedtune.errors import FedtuneError
+from fedtune.rag.client import augment_split
 
 
 @lru_cache(maxsize=4)
@@ -84,10 +85,25 @@ def client_conversations(
 
 
 def client_tokenized(
-    cfg: Config, tokenizer: PreTrainedTokenizerBase, partition_id: int, *, data_path: str | None = None
+    cfg: Config,
+    tokenizer: PreTrainedTokenizerBase,
+    partition_id: int,
+    *,
+    data_path: str | None = None,
+    state_dir: str | None = None,
+    case_base: str | None = None,
 ) -> tuple[Dataset, Dataset]:
-    """One client's (train, test) examples, tokenized with ``data.template`` and its length limits."""
+    """One client's (train, test) examples, tokenized with ``data.template`` and its length limits.
+
+    With ``rag.enabled`` each example first gets evidence in front of its question
+    (:func:`fedtune.rag.client.augment_split`): ``state_dir`` is where the client's case base
+    is indexed (unset: the fedtune cache), ``case_base`` the SuperNode's own case-base source.
+    """
     train, test = client_conversations(cfg, partition_id, data_path=data_path)
+    if cfg.rag.enabled:
+        train, test = augment_split(
+            cfg, tokenizer, train, test, state_dir=state_dir, source=case_base, seed=cfg.seed + partition_id
+        )
     kw: dict[str, Any] = {
         "template_name": cfg.data.template,
         "max_source_length": cfg.data.max_source_length,

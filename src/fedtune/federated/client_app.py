@@ -242,9 +242,9 @@ EVALUATE = {
 def query(msg: Message, context: Context) -> Message:
     """Tell the server who this client is and how much data it holds."""
     cfg = Query.from_content(msg.content, where="query").config
-    partition_id, data_path = node_identity(context)
-    train_ds, test_ds = client_data(cfg, partition_id, data_path)
-    return reply_message(QueryReply(partition_id, len(train_ds), len(test_ds)), msg)
+    node = node_identity(context)
+    train_ds, test_ds = client_data(cfg, node)
+    return reply_message(QueryReply(node.partition_id, len(train_ds), len(test_ds)), msg)
 
 
 @app.train()

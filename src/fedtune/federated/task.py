@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from datasets import Dataset
@@ -31,10 +32,32 @@ def tokenizer_for(model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return load_tokenizer(model_cfg)
 
 
+@dataclass(frozen=True)
+class NodeData:
+    """Where a client's data comes from, from its SuperNode's ``node-config``.
+
+    ``partition-id``; ``data-path`` (its own file instead of a partition of the shared
+    source); ``state-dir`` (where it keeps state and the indexes it builds); ``rag.case_base``
+    (its own case-base file, folder or index, instead of its training records).
+    """
+
+    partition_id: int
+    data_path: str | None = None
+    state_dir: str | None = None
+    case_base: str | None = None
+
+
 @lru_cache(maxsize=32)
-def client_data(cfg: Config, partition_id: int, data_path: str | None) -> tuple[Dataset, Dataset]:
-    """A client's tokenized (train, test) split, cached per (config, partition, file)."""
-    return client_tokenized(cfg, tokenizer_for(cfg.model), partition_id, data_path=data_path)
+def client_data(cfg: Config, node: NodeData) -> tuple[Dataset, Dataset]:
+    """A client's tokenized (train, test) split, cached per (config, node)."""
+    return client_tokenized(
+        cfg,
+        tokenizer_for(cfg.model),
+        node.partition_id,
+        data_path=node.data_path,
+        state_dir=node.state_dir,
+        case_base=node.case_base,
+    )
 
 
 def client_seed(seed: int, server_round: int, partition_id: int) -> int:
@@ -48,25 +71,37 @@ class Task:
 
     inst: Instruction
     cfg: Config  # the instruction's config at this round's learning rate (fed.lr_schedule)
-    partition_id: int
-    data_path: str | None
+    node: NodeData
     state_dir: Path  # where this client keeps state between rounds
     start: float
 
+    @property
+    def partition_id(self) -> int:
+        return self.node.partition_id
+
     def data(self) -> tuple[Dataset, Dataset]:
-        return client_data(self.inst.config, self.partition_id, self.data_path)
+        return client_data(self.inst.config, self.node)
 
     def seed(self) -> int:
         return client_seed(self.cfg.seed, self.inst.server_round, self.partition_id)
 
 
-def node_identity(context: Context) -> tuple[int, str | None]:
-    """The SuperNode's ``partition-id`` and its own ``data-path`` (None: a partition of the shared source)."""
-    node = context.node_config
+def _optional(node: dict[str, Any], key: str) -> str | None:
+    value = node.get(key)
+    return str(value) if value else None
+
+
+def node_identity(context: Context) -> NodeData:
+    """The SuperNode's data settings (:class:`NodeData`) from its ``node-config``."""
+    node = dict(context.node_config)
     if "partition-id" not in node:
         raise ValueError("node config lacks 'partition-id' (SuperNode --node-config \"partition-id=0 ...\")")
-    data_path = node.get("data-path")
-    return int(node["partition-id"]), (str(data_path) if data_path else None)
+    return NodeData(
+        int(node["partition-id"]),
+        _optional(node, "data-path"),
+        _optional(node, "state-dir"),
+        _optional(node, "rag.case_base"),
+    )
 
 
 def make_task(msg: Message, context: Context) -> Task:
@@ -76,10 +111,9 @@ def make_task(msg: Message, context: Context) -> Task:
     cfg = at_round(inst.config, inst.server_round)  # the round's lr; SCAFFOLD's server reads it back
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    partition_id, data_path = node_identity(context)
-    node_dir = context.node_config.get("state-dir")
-    root = state_root(str(node_dir) if node_dir else None, inst.run_dir or "")
-    return Task(inst, cfg, partition_id, data_path, root, start)
+    node = node_identity(context)
+    root = state_root(node.state_dir, inst.run_dir or "")
+    return Task(inst, cfg, node, root, start)
 
 
 def train_reply(task: Task, arrays: ArrayRecord, result: TrainResult, **extra: float) -> TrainReply:

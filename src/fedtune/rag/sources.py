@@ -46,8 +46,15 @@ def text_hash(text: str) -> str:
     return hashlib.sha1(" ".join(text.split()).lower().encode("utf-8")).hexdigest()[:16]
 
 
-def _wiki_docs() -> Iterator[Doc]:
+def _wiki_docs(categories: frozenset[str] = frozenset()) -> Iterator[Doc]:
+    known = {art["category"] for art in wiki_articles()}
+    if unknown := sorted(categories - known):
+        raise FedtuneError(
+            f"wiki: no category {', '.join(unknown)}; the categories: {', '.join(sorted(known))}"
+        )
     for art in wiki_articles():
+        if categories and art["category"] not in categories:
+            continue
         yield Doc(id=f"wiki:{art['title']}", source=f"wiki:{art['title']}", text=article_text(art))
 
 
@@ -81,9 +88,15 @@ def _record_docs(source: str, text_field: str, id_field: str | None, split: str)
 def read_docs(
     source: str, *, text_field: str = "text", id_field: str | None = None, split: str = "train"
 ) -> Iterator[Doc]:
-    """Documents of ``source``: ``wiki``, a text/Markdown folder, a record file or a ``datasets`` name."""
+    """Documents of ``source``.
+
+    ``wiki`` (all summaries) or ``wiki:CATEGORY[,CATEGORY]``, a text/Markdown folder, a
+    JSONL/JSON/CSV/Parquet file of records with ``text_field``, or a ``datasets`` name.
+    """
     if source == WIKI:
         return _wiki_docs()
+    if source.startswith(f"{WIKI}:"):
+        return _wiki_docs(frozenset(c.strip() for c in source[len(WIKI) + 1 :].split(",") if c.strip()))
     path = Path(source)
     if path.is_dir():
         return _folder_docs(path)

@@ -1,0 +1,152 @@
+"""A client's retrieval: its case base built where it runs, the reference base, its examples augmented.
+
+The case base is the client's own training records (or the file/folder its SuperNode names
+with ``rag.case_base``), indexed on the client under ``<state-dir or ~/.cache/fedtune>/kb/case/``
+by content hash; it never leaves the client. The reference base is opened from its folder, or
+for ``wiki`` indexed once into the fedtune cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from collections import Counter
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from fedtune.config import Config, RagConfig
+from fedtune.data.types import Conversation, message
+from fedtune.errors import FedtuneError
+from fedtune.models.load import cache_dir
+from fedtune.rag.augment import Budget, augment, case_text, question_of
+from fedtune.rag.retrieve import Retriever
+from fedtune.rag.sources import Passage, read_docs, text_hash, to_passages
+from fedtune.rag.store import MANIFEST, KnowledgeBase, build
+
+log = logging.getLogger(__name__)
+
+
+def kb_home(state_dir: str | None) -> Path:
+    """Where a client keeps the indexes it builds: its node's state dir, else the fedtune cache."""
+    return (Path(state_dir) if state_dir else cache_dir()) / "kb"
+
+
+def _slug(name: str) -> str:
+    return hashlib.sha1(name.encode()).hexdigest()[:10]
+
+
+def _index_once(folder: Path, passages: list[Passage], embedder: str) -> KnowledgeBase:
+    if not (folder / MANIFEST).exists():
+        build(passages, folder, embedder=embedder, progress=len(passages) > 1000)
+    return KnowledgeBase.open(folder, embedder=embedder)
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
+
+
+@lru_cache(maxsize=4)
+def reference_base(cfg: RagConfig) -> KnowledgeBase | None:
+    """The shared authoritative base, opened once per process.
+
+    ``rag.reference`` is an index folder, or documents indexed once into the fedtune cache
+    (keyed by their content): ``wiki``, ``wiki:CATEGORY[,CATEGORY]``, a record file or a
+    text folder (see :func:`fedtune.rag.sources.read_docs`).
+    """
+    if cfg.reference is None or cfg.k_reference == 0:
+        return None
+    if (Path(cfg.reference) / MANIFEST).exists():
+        return KnowledgeBase.open(cfg.reference, embedder=cfg.embedder)
+    passages = list(to_passages(read_docs(cfg.reference)))
+    digest = _digest(cfg.embedder, *(p.text for p in passages))
+    log.info("rag.reference %r: %d passages, index %s", cfg.reference, len(passages), digest)
+    return _index_once(cache_dir() / "kb" / "reference" / digest, passages, cfg.embedder)
+
+
+def case_passages(convs: list[Conversation]) -> list[Passage]:
+    """A client's training records as case-base passages (``Question: ... Answer: ...``)."""
+    return [Passage(id=f"case:{i}", source=f"record {i}", text=case_text(c)) for i, c in enumerate(convs)]
+
+
+def case_base(
+    convs: list[Conversation], cfg: RagConfig, home: Path, source: str | None
+) -> KnowledgeBase | None:
+    """The client's case base: from ``source`` (an index folder or documents) or from ``convs``."""
+    if cfg.k_case == 0:
+        return None
+    if source and (Path(source) / MANIFEST).exists():
+        return KnowledgeBase.open(source, embedder=cfg.embedder)
+    passages = list(to_passages(read_docs(source))) if source else case_passages(convs)
+    if not passages:
+        raise FedtuneError(f"rag.case_base: {source or 'the training split'} gives an empty case base")
+    return _index_once(
+        home / "case" / _digest(cfg.embedder, *(p.text for p in passages)), passages, cfg.embedder
+    )
+
+
+def decline_set(n: int, fraction: float, seed: int) -> set[int]:
+    """The ``round(fraction * n)`` of ``n`` examples that become decline examples, chosen with ``seed``."""
+    return set(random.Random(seed).sample(range(n), round(fraction * n)))
+
+
+def augment_dataset(
+    ds: Dataset, retriever: Retriever, budget: Budget, *, decline_fraction: float = 0.0, seed: int = 0
+) -> tuple[Dataset, Counter[str]]:
+    """Every example of ``ds`` (column ``messages``) with evidence in front of its question.
+
+    An example never gets its own record from the case base. A ``decline_fraction`` share
+    (chosen with ``seed``) gets only passages that do not hold its answer, and
+    ``rag.decline_text`` as its target. Returns the dataset and counts of what went in.
+    """
+    convs: list[Conversation] = list(ds["messages"])
+    declines = decline_set(len(convs), decline_fraction, seed)
+    answers = [c[-1]["content"] if i in declines else None for i, c in enumerate(convs)]
+    evidence = retriever.evidence_many(
+        [question_of(c) for c in convs],
+        exclude=[frozenset({text_hash(case_text(c))}) for c in convs],
+        without=answers,
+    )
+    stats: Counter[str] = Counter(examples=len(convs), declines=len(declines))
+    out = []
+    for i, (conv, ev) in enumerate(zip(convs, evidence, strict=True)):
+        if i in declines:
+            conv = [*conv[:-1], message("assistant", retriever.cfg.decline_text)]
+        new, kept = augment(conv, ev, budget)
+        stats.update(e.origin for e in kept)
+        stats["cut"] += len(ev) - len(kept)
+        out.append(new)
+    columns: dict[str, Any] = {"messages": out}
+    if "category" in ds.column_names:
+        columns["category"] = ds["category"]
+    return Dataset.from_dict(columns), stats
+
+
+def augment_split(
+    cfg: Config,
+    tokenizer: PreTrainedTokenizerBase,
+    train: Dataset,
+    test: Dataset,
+    *,
+    state_dir: str | None = None,
+    source: str | None = None,
+    seed: int = 0,
+) -> tuple[Dataset, Dataset]:
+    """A client's (train, test) conversations with evidence; decline examples in train only.
+
+    The case base is built from ``train`` (or ``source``): held-out records are never in it.
+    """
+    rag = cfg.rag
+    cases = case_base(list(train["messages"]), rag, kb_home(state_dir), source)
+    retriever = Retriever(rag, cases, reference_base(rag))
+    budget = Budget(tokenizer, cfg.data.template, cfg.data.max_source_length, rag.max_passage_tokens)
+    train, train_stats = augment_dataset(
+        train, retriever, budget, decline_fraction=rag.decline_fraction, seed=seed
+    )
+    test, test_stats = augment_dataset(test, retriever, budget)
+    log.info("rag: train %s; test %s", dict(train_stats), dict(test_stats))
+    return train, test
