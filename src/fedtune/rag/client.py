@@ -126,6 +126,14 @@ def augment_dataset(
     return Dataset.from_dict(columns), stats
 
 
+def client_retriever(
+    cfg: RagConfig, train: Dataset, *, state_dir: str | None = None, source: str | None = None
+) -> Retriever:
+    """A client's retriever: its case base (from ``train`` or ``source``) and the reference base."""
+    cases = case_base(list(train["messages"]), cfg, kb_home(state_dir), source)
+    return Retriever(cfg, cases, reference_base(cfg))
+
+
 def augment_split(
     cfg: Config,
     tokenizer: PreTrainedTokenizerBase,
@@ -141,8 +149,7 @@ def augment_split(
     The case base is built from ``train`` (or ``source``): held-out records are never in it.
     """
     rag = cfg.rag
-    cases = case_base(list(train["messages"]), rag, kb_home(state_dir), source)
-    retriever = Retriever(rag, cases, reference_base(rag))
+    retriever = client_retriever(rag, train, state_dir=state_dir, source=source)
     budget = Budget(tokenizer, cfg.data.template, cfg.data.max_source_length, rag.max_passage_tokens)
     train, train_stats = augment_dataset(
         train, retriever, budget, decline_fraction=rag.decline_fraction, seed=seed
