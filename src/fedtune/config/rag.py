@@ -17,8 +17,10 @@ class RagConfig(BaseModel):
     enabled: bool = Field(False, description="put retrieved passages in every training and evaluation source")
     reference: str | None = Field(
         None,
-        description="the shared authoritative knowledge base: a folder `fedtune kb build` wrote, or 'wiki' "
-        "(the offline Wikipedia summaries, indexed once into the fedtune cache); unset: none",
+        description="the shared authoritative knowledge base: a folder `fedtune kb build` wrote, or "
+        "documents indexed once into the fedtune cache: 'wiki' (the offline Wikipedia summaries), "
+        "'wiki:CATEGORY[,...]', a JSONL/CSV/Parquet file with a 'text' field or a text/Markdown folder; "
+        "unset: none",
     )
     k_case: int = Field(
         2, ge=0, description="passages from the client's own case base (its training records; 0: none)"

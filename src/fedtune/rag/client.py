@@ -23,7 +23,7 @@ from fedtune.config import Config, RagConfig
 from fedtune.data.types import Conversation, message
 from fedtune.errors import FedtuneError
 from fedtune.models.load import cache_dir
-from fedtune.rag.augment import Budget, augment, case_text, question_of
+from fedtune.rag.augment import Budget, Evidence, augment, case_text, holds_answer, question_of
 from fedtune.rag.retrieve import Retriever
 from fedtune.rag.sources import Passage, read_docs, text_hash, to_passages
 from fedtune.rag.store import MANIFEST, KnowledgeBase, build
@@ -94,6 +94,14 @@ def decline_set(n: int, fraction: float, seed: int) -> set[int]:
     return set(random.Random(seed).sample(range(n), round(fraction * n)))
 
 
+def task_of(evidence: list[Evidence], answer: str, overlap: float) -> str:
+    """The task: ``case_task`` (a case passage holds the answer), ``reference_task`` or ``no_answer``."""
+    for origin in ("case", "reference"):
+        if any(e.origin == origin and holds_answer(e.text, answer, overlap) for e in evidence):
+            return f"{origin}_task"
+    return "no_answer"
+
+
 def augment_dataset(
     ds: Dataset, retriever: Retriever, budget: Budget, *, decline_fraction: float = 0.0, seed: int = 0
 ) -> tuple[Dataset, Counter[str]]:
@@ -101,7 +109,9 @@ def augment_dataset(
 
     An example never gets its own record from the case base. A ``decline_fraction`` share
     (chosen with ``seed``) gets only passages that do not hold its answer, and
-    ``rag.decline_text`` as its target. Returns the dataset and counts of what went in.
+    ``rag.decline_text`` as its target. Returns the dataset and counts of what went in:
+    passages per origin, passages cut for length, declines, and per other example its task
+    (:func:`task_of`).
     """
     convs: list[Conversation] = list(ds["messages"])
     declines = decline_set(len(convs), decline_fraction, seed)
@@ -119,6 +129,7 @@ def augment_dataset(
         new, kept = augment(conv, ev, budget)
         stats.update(e.origin for e in kept)
         stats["cut"] += len(ev) - len(kept)
+        stats[task_of(kept, conv[-1]["content"], retriever.cfg.answer_overlap)] += i not in declines
         out.append(new)
     columns: dict[str, Any] = {"messages": out}
     if "category" in ds.column_names:
