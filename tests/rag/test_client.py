@@ -76,13 +76,15 @@ def test_training_example_never_retrieves_its_own_record(bases, tokenizer):
         assert prompt.index("[case 1]") < prompt.index("[reference 1]")
         assert conv[-1]["content"] == original[-1]["content"]
     assert stats["case"] == 10 and stats["reference"] == 5 and stats["declines"] == 0
+    assert stats["reference_task"] == 5 and stats["case_task"] == 0  # only the reference holds the answers
 
 
 def test_paraphrase_finds_its_sibling_case_and_the_reference(bases, tokenizer):
     cfg, _, cases, ref = bases
     budget = Budget(tokenizer, "chat", max_source_length=512, max_passage_tokens=64)
     asked = [qa("Ada Lovelace", FACTS["Ada Lovelace"], "Tell me briefly about {}.")]
-    out, _ = augment_dataset(Dataset.from_dict({"messages": asked}), Retriever(cfg, cases, ref), budget)
+    out, stats = augment_dataset(Dataset.from_dict({"messages": asked}), Retriever(cfg, cases, ref), budget)
+    assert stats["case_task"] == 1  # its sibling case holds the answer
     prompt = out["messages"][0][0]["content"]
     assert "[case 1] Question: What is Ada Lovelace?" in prompt
     assert "[reference 1] Ada Lovelace." in prompt
