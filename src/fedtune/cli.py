@@ -16,6 +16,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
+from fedtune.cli_kb import kb_app
 from fedtune.errors import FedtuneError
 
 if TYPE_CHECKING:
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 data_app = typer.Typer(no_args_is_help=True, help="Data files: convert between formats.")
 app.add_typer(data_app, name="data")
+app.add_typer(kb_app, name="kb")
 console = Console(stderr=True)
 out = Console()
 

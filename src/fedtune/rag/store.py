@@ -14,6 +14,7 @@ a crash leaves the old base or the new one. Equal passages (by :func:`text_hash`
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -29,6 +30,10 @@ from fedtune.io import atomic_folder
 from fedtune.rag.embed import DEFAULT_EMBEDDER, embed, load_embedder, probe, same_embedder
 from fedtune.rag.fusion import rrf
 from fedtune.rag.sources import Passage
+
+# bm25s sets its logger to DEBUG on import, so every index build logs a line through the
+# application's handlers; put it back to the usual threshold
+logging.getLogger("bm25s").setLevel(logging.WARNING)
 
 Mode = Literal["bm25", "dense", "hybrid"]
 MODES: tuple[Mode, ...] = ("bm25", "dense", "hybrid")
@@ -54,7 +59,10 @@ class Hit:
 
 
 def _tokens(texts: list[str]) -> list[list[str]]:
-    return bm25s.tokenize(texts, stopwords=STOPWORDS, return_ids=False, show_progress=False)
+    tokens: list[list[str]] = bm25s.tokenize(
+        texts, stopwords=STOPWORDS, return_ids=False, show_progress=False
+    )
+    return tokens
 
 
 def _write(folder: Path, manifest: dict[str, Any], passages: list[Passage], vectors: np.ndarray) -> None:
@@ -91,8 +99,11 @@ def build(
 ) -> KnowledgeBase:
     """Index ``passages`` (deduplicated) into the folder ``out``, atomically; returns it opened.
 
-    ``info`` (chunking, sources) is kept in the manifest. An empty base is refused.
+    ``info`` (chunking, sources) is kept in the manifest. An empty base is refused, and so
+    is an ``out`` that exists and is neither a knowledge base nor an empty folder (it would
+    be replaced).
     """
+    _refuse_foreign(Path(out))
     unique = _unique(passages, set())
     if not unique:
         raise FedtuneError(f"{out}: nothing to index (the source has no non-blank text)")
@@ -110,18 +121,34 @@ def build(
 
 
 def add(
-    path: str | Path, passages: Iterable[Passage], *, progress: bool = False
+    path: str | Path,
+    passages: Iterable[Passage],
+    *,
+    embedder: str | None = None,
+    progress: bool = False,
+    info: dict[str, Any] | None = None,
 ) -> tuple[KnowledgeBase, int]:
-    """Add passages to the base at ``path``, duplicates skipped; returns it reopened and the number added."""
-    kb = KnowledgeBase.open(path)
+    """Add passages to the base at ``path``, duplicates skipped; returns it reopened and the number added.
+
+    ``embedder`` (default: the base's own) is checked against the base as for a query.
+    ``info`` updates the manifest's own keys (as in :func:`build`) when anything is added.
+    """
+    kb = KnowledgeBase.open(path, embedder=embedder)
     new = _unique(passages, {p.hash for p in kb.passages})
     if not new:
         return kb, 0
     model = kb.embedder()
     vectors = np.concatenate([kb.dense_vectors(), embed(model, [p.text for p in new], progress=progress)])
     with atomic_folder(kb.path) as staging:
-        _write(staging, dict(kb.manifest), [*kb.passages, *new], vectors)
+        _write(staging, {**kb.manifest, **(info or {})}, [*kb.passages, *new], vectors)
     return KnowledgeBase.open(path), len(new)
+
+
+def _refuse_foreign(out: Path) -> None:
+    if out.exists() and not (out / MANIFEST).is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise FedtuneError(
+            f"{out}: exists and is not a knowledge base; not replacing it (choose another folder)"
+        )
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -213,9 +240,14 @@ class KnowledgeBase:
     @cached_property
     def _dense(self) -> Any:
         try:
-            return faiss.read_index(str(self.path / DENSE))
+            index = faiss.read_index(str(self.path / DENSE))
         except RuntimeError as exc:
             raise FedtuneError(f"{self.path / DENSE}: corrupt dense index ({exc})") from None
+        if index.ntotal != len(self):
+            raise FedtuneError(
+                f"{self.path / DENSE}: {index.ntotal} vectors for {len(self)} passages; rebuild the base"
+            )
+        return index
 
     @cached_property
     def _lexical(self) -> Any:
