@@ -16,17 +16,20 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
+from fedtune.cli_ask import kb_ask
 from fedtune.cli_kb import kb_app
 from fedtune.errors import FedtuneError
 
 if TYPE_CHECKING:
     from fedtune.config import Config
     from fedtune.inference import Loaded
+    from fedtune.rag.chat import ChatRetrieval
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 data_app = typer.Typer(no_args_is_help=True, help="Data files: convert between formats.")
 app.add_typer(data_app, name="data")
 app.add_typer(kb_app, name="kb")
+kb_app.command("ask")(kb_ask)  # the federated search runs Flower: its own module, beside kb's
 console = Console(stderr=True)
 out = Console()
 
@@ -154,11 +157,16 @@ def chat(
         str | None, typer.Option(help="split runs: HOST:PORT of a trunk service (default: start one here)")
     ] = None,
     unsplit: Annotated[bool, typer.Option(help="split runs: run the whole model in this process")] = False,
+    rag: Annotated[bool, typer.Option(help="evidence before each turn, as the run's [rag] trained")] = False,
+    case_base: Annotated[
+        Path | None, typer.Option(help="--rag: your case base (record file, text folder or index folder)")
+    ] = None,
 ) -> None:
     """Multi-turn chat with the run's adapter, template and RoPE scaling. Empty line or /exit ends it.
 
     On a split run the chat generates across the split (head and tail here, the trunk on a
-    trunk service, KV caches in every part) unless --unsplit.
+    trunk service, KV caches in every part) unless --unsplit. With --rag each turn gets
+    evidence from the run's reference base and --case-base, and the passages used are shown.
     """
     from fedtune.inference import load_run, load_split_run
     from fedtune.rundir import RunDir
@@ -166,18 +174,32 @@ def chat(
     split_run = RunDir.open(run_dir).config().split.enabled
     if trunk is not None and not split_run:
         raise FedtuneError(f"--trunk: {run_dir} is not a split run")
+    if case_base is not None and not rag:
+        raise FedtuneError("--case-base needs --rag")
     if split_run and not unsplit and client is None:
         loaded = load_split_run(run_dir, trunk=trunk)
     else:
         loaded = load_run(run_dir, client=client)
     try:
-        _chat_loop(loaded, prompt, system, max_new_tokens)
+        retrieval = None
+        if rag:
+            from fedtune.rag.chat import chat_retrieval
+
+            source = str(case_base) if case_base is not None else None
+            retrieval = chat_retrieval(loaded.cfg, loaded.tokenizer, case_source=source)
+        _chat_loop(loaded, prompt, system, max_new_tokens, retrieval)
     finally:
         if loaded.split is not None:
             loaded.split.close()
 
 
-def _chat_loop(loaded: Loaded, prompt: list[str] | None, system: str | None, max_new_tokens: int) -> None:
+def _chat_loop(
+    loaded: Loaded,
+    prompt: list[str] | None,
+    system: str | None,
+    max_new_tokens: int,
+    retrieval: ChatRetrieval | None = None,
+) -> None:
     from fedtune.data.types import Conversation
     from fedtune.inference import reply
 
@@ -197,7 +219,14 @@ def _chat_loop(loaded: Loaded, prompt: list[str] | None, system: str | None, max
         if not text.strip() or text.strip() == "/exit":
             break
         history.append({"role": "user", "content": text})
-        answer = reply(loaded, history, max_new_tokens=max_new_tokens)
+        sent = history
+        if retrieval is not None:  # evidence for this turn only; the history keeps the user's words
+            from fedtune.rag.chat import describe_all
+
+            sent, used = retrieval.augment(history)
+            for line in describe_all(used) or ["(no passage fits)"]:
+                out.print(f"[dim]evidence> {escape(line)}[/dim]", highlight=False)
+        answer = reply(loaded, sent, max_new_tokens=max_new_tokens)
         history.append({"role": "assistant", "content": answer})
         out.print(f"[bold]model>[/bold] {answer}")
 

@@ -6,6 +6,10 @@ so the client needs nothing but its node config: ``partition-id`` and ``num-part
 ``data-path``, a file of the client's own that replaces the partition of the shared
 source, and ``state-dir``, where it keeps state between rounds (FF-LoRA, FLoRA's stack).
 
+``@app.query("case")`` answers a federated case-base search
+(:mod:`~fedtune.federated.case_search`) where ``rag.share_case_base`` allows it; the discovery
+query (type ``query``) goes to ``@app.query()``.
+
 The base model is loaded once per process and only the adapter weights are swapped per
 message; the caches key on the frozen config sections themselves. In simulation Ray
 workers live for the whole run, so that cache saves a model load per client per round; in
@@ -28,9 +32,12 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from fedtune.config import ModelConfig
+from fedtune.errors import FedtuneError
 from fedtune.federated import stack_cache
 from fedtune.federated.personal import load_personal, save_personal
 from fedtune.federated.protocol import (
+    CaseHits,
+    CaseQuery,
     EvaluateReply,
     Job,
     ProtocolError,
@@ -60,6 +67,7 @@ from fedtune.models.adapters import (
     reset_adapter,
 )
 from fedtune.models.load import load_model
+from fedtune.rag.federated import search_own_cases
 from fedtune.training.local import evaluate, train
 
 log = logging.getLogger(__name__)
@@ -245,6 +253,38 @@ def query(msg: Message, context: Context) -> Message:
     node = node_identity(context)
     train_ds, test_ds = client_data(cfg, node)
     return reply_message(QueryReply(node.partition_id, len(train_ds), len(test_ds)), msg)
+
+
+@app.query("case")
+def case_query(msg: Message, context: Context) -> Message:
+    """Federated case-base search (``query.case``): this client's top ``k`` case passages and their ranks.
+
+    Only where ``rag.share_case_base`` allows it (the SuperNode's node config, else the query's
+    config); otherwise a FedtuneError, which Flower returns as an error reply: it says why,
+    never what the base holds.
+    """
+    query = CaseQuery.from_content(msg.content, where="case query").check()
+    node = node_identity(context)
+    shared = query.config.rag.share_case_base if node.share_case_base is None else node.share_case_base
+    if not shared:
+        raise FedtuneError(f"partition {node.partition_id}: rag.share_case_base is off, case base not shared")
+    hits = search_own_cases(
+        query.config,
+        node.partition_id,
+        query.question,
+        query.k,
+        data_path=node.data_path,
+        state_dir=node.state_dir,
+        source=node.case_base,
+    )
+    reply = CaseHits(
+        partition_id=node.partition_id,
+        texts=tuple(h.passage.text for h in hits),
+        ids=tuple(h.passage.id for h in hits),
+        sources=tuple(h.passage.source for h in hits),
+        ranks=tuple(h.rank for h in hits),
+    )
+    return reply_message(reply, msg)
 
 
 @app.train()

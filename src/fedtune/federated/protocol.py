@@ -18,6 +18,7 @@ error reply and the server leaves such a reply out; the round goes on either way
     Query(config)                 ->       QueryReply(partition_id, num_train, num_test)
     Instruction(job, round, ...)  ->       TrainReply(adapter, num_examples, ...)  (train)
                                            EvaluateReply(eval_loss, ...)           (evaluate)
+    CaseQuery(question, k)        ->       CaseHits(texts, ids, sources, ranks)    (query.case)
 """
 
 from __future__ import annotations
@@ -174,9 +175,10 @@ def _decode(raw: Any, tp: Any, where: str) -> Any:
                 raise ProtocolError(f"{where}: unknown value {raw!r}") from None
         if (got := match_scalar(raw, [option])) is not NO_MATCH:
             return got
-        is_strings = isinstance(raw, list) and all(isinstance(v, str) for v in raw)
-        if typing.get_origin(option) is tuple and is_strings:
-            return tuple(raw)
+        if typing.get_origin(option) is tuple and isinstance(raw, list):  # tuple[str, ...], tuple[int, ...]
+            items = [match_scalar(v, typing.get_args(option)[:1]) for v in raw]
+            if NO_MATCH not in items:
+                return tuple(items)
     names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
     raise ProtocolError(f"{where}: expected {names}, got {type(raw).__name__} {raw!r}"[:300])
 
@@ -296,6 +298,57 @@ class RoundMetrics:
         return cls(float(record["loss"]), int(record["num-clients"]))  # type: ignore[arg-type]
 
 
+CASE_QUERY = f"{MessageType.QUERY}.case"  # Flower routes it to the ClientApp's @app.query("case")
+
+
+@dataclass(frozen=True)
+class CaseQuery(_Wire):
+    """A search of the clients' case bases (:data:`CASE_QUERY`): each returns its top ``k`` for ``question``.
+
+    Answered only where ``rag.share_case_base`` (the SuperNode's, else ``config``'s) allows; else an error.
+    """
+
+    scalars: ClassVar[str] = "config"
+    config: Config
+    question: str
+    k: int
+
+    def check(self) -> CaseQuery:
+        """A non-blank question and a positive ``k``."""
+        if not self.question.strip() or self.k <= 0:
+            bad = "question" if not self.question.strip() else "k"
+            raise ProtocolError(f"case query: field {bad!r} is {getattr(self, bad)!r}; expected text, k > 0")
+        return self
+
+
+@dataclass(frozen=True)
+class CaseHits(_Wire):
+    """A client's top passages for a :class:`CaseQuery`, best first: text, id, source, rank in its own base.
+
+    No retriever scores: those of bases built apart are not comparable, ranks are. Text needs a ConfigRecord.
+    """
+
+    scalars: ClassVar[str] = "config"
+    partition_id: int
+    texts: tuple[str, ...] = ()
+    ids: tuple[str, ...] = ()
+    sources: tuple[str, ...] = ()
+    ranks: tuple[int, ...] = ()
+
+    def check(self) -> CaseHits:
+        """One id, source and rank per text; ranks 1, 2, ... in order."""
+        for name, want in (("ids", None), ("sources", None), ("ranks", tuple(range(1, len(self.texts) + 1)))):
+            got = getattr(self, name)
+            if len(got) != len(self.texts) or (want is not None and got != want):
+                raise ProtocolError(f"case hits: field {name!r} is {list(got)} for {len(self.texts)} texts")
+        return self
+
+
+def case_query_message(query: CaseQuery, node_id: int) -> Message:
+    """A Flower ``query.case`` message carrying ``query`` to node ``node_id``."""
+    return Message(content=query.to_content(), message_type=CASE_QUERY, dst_node_id=node_id)
+
+
 def instruction_message(inst: Instruction, message_type: str, node_id: int) -> Message:
     """A Flower message of ``message_type`` (train or evaluate) carrying ``inst`` to node ``node_id``."""
     return Message(content=inst.to_content(), message_type=message_type, dst_node_id=node_id)
@@ -322,7 +375,10 @@ def query_message(cfg: Config, node_id: int) -> Message:
 
 
 __all__ = [
+    "CASE_QUERY",
     "PROTOCOL",
+    "CaseHits",
+    "CaseQuery",
     "EvaluateReply",
     "Instruction",
     "Job",
@@ -331,6 +387,7 @@ __all__ = [
     "QueryReply",
     "RoundMetrics",
     "TrainReply",
+    "case_query_message",
     "instruction_message",
     "query_message",
     "read_instruction",

@@ -64,7 +64,8 @@ def collect(
     return replies
 
 
-def _wait_for_nodes(grid: Grid, cfg: Config, poll: float) -> list[int]:
+def wait_for_nodes(grid: Grid, cfg: Config, poll: float = 0.5) -> list[int]:
+    """The node ids, once ``fed.min_available_clients`` (else every partition) are connected."""
     expected = cfg.fed.min_available_clients or cfg.partition.num_partitions
     start = time.monotonic()
     next_note = start + 30
@@ -86,7 +87,7 @@ def _wait_for_nodes(grid: Grid, cfg: Config, poll: float) -> list[int]:
 
 def discover(grid: Grid, cfg: Config, *, poll: float = 0.5) -> dict[int, int]:
     """Wait for the clients and ask each for its partition id: node id -> partition id."""
-    nodes = _wait_for_nodes(grid, cfg, poll)
+    nodes = wait_for_nodes(grid, cfg, poll)
     clients: dict[int, int] = {}
     for reply in grid.send_and_receive([query_message(cfg, n) for n in nodes], timeout=cfg.fed.timeout):
         node = reply.metadata.src_node_id

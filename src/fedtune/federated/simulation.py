@@ -1,4 +1,4 @@
-"""Start Flower's simulation runtime for a config and run directory (``fedtune run``)."""
+"""Start Flower's simulation runtime for a config and run directory (``fedtune run``, ``fedtune kb ask``)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from fedtune.rundir import RunDir
 
 if TYPE_CHECKING:
     from flwr.app import ConfigRecordValues
+    from flwr.serverapp import ServerApp
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +35,22 @@ def backend_config(cfg: Config) -> dict[str, dict[str, ConfigRecordValues]]:
 
 def simulate(cfg: Config, run: RunDir, *, progress: bool = True) -> None:
     """Run the federation in Flower's simulation runtime (Ray workers on this machine)."""
+    from fedtune.federated.server_app import make_server_app
+
+    run_server_app(cfg, make_server_app(cfg, run, progress=progress))
+
+
+def run_server_app(cfg: Config, server_app: ServerApp) -> None:
+    """Run ``server_app`` against fedtune's ClientApp on the config's simulated SuperNodes."""
     from flwr.simulation import run_simulation
 
     from fedtune.federated.client_app import app as client_app
-    from fedtune.federated.server_app import make_server_app
 
     num_supernodes = cfg.simulation.num_supernodes or cfg.partition.num_partitions
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run_simulation(
-            server_app=make_server_app(cfg, run, progress=progress),
+            server_app=server_app,
             client_app=client_app,
             num_supernodes=num_supernodes,
             backend_config=backend_config(cfg),

@@ -38,13 +38,15 @@ class NodeData:
 
     ``partition-id``; ``data-path`` (its own file instead of a partition of the shared
     source); ``state-dir`` (where it keeps state and the indexes it builds); ``rag.case_base``
-    (its own case-base file, folder or index, instead of its training records).
+    (its own case-base file, folder or index, instead of its training records);
+    ``rag.share_case_base`` (the owner's word on case queries, over the run config's).
     """
 
     partition_id: int
     data_path: str | None = None
     state_dir: str | None = None
     case_base: str | None = None
+    share_case_base: bool | None = None
 
 
 @lru_cache(maxsize=32)
@@ -101,7 +103,17 @@ def node_identity(context: Context) -> NodeData:
         _optional(node, "data-path"),
         _optional(node, "state-dir"),
         _optional(node, "rag.case_base"),
+        _flag(node.get("rag.share_case_base")),
     )
+
+
+def _flag(value: Any) -> bool | None:
+    """A node-config switch: a bool, or ``true``/``false`` as text; None when unset."""
+    if value is None or isinstance(value, bool):
+        return value
+    if str(value).lower() not in ("true", "false"):
+        raise ValueError(f"node config 'rag.share_case_base' must be true or false, got {value!r}")
+    return str(value).lower() == "true"
 
 
 def make_task(msg: Message, context: Context) -> Task:
