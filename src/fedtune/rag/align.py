@@ -68,7 +68,7 @@ def softmax(x: np.ndarray, tau: float) -> np.ndarray:
     z = x / tau
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+    return np.asarray(e / e.sum(axis=-1, keepdims=True))
 
 
 def train_query_adapter(

@@ -105,7 +105,7 @@ def _history(conv: Conversation) -> Conversation:
 
 def _cut(budget: Budget, text: str, tokens: int) -> str:
     ids = encode(budget.tokenizer, text)
-    return text if len(ids) <= tokens else budget.tokenizer.decode(ids[:tokens]).strip()
+    return text if len(ids) <= tokens else str(budget.tokenizer.decode(ids[:tokens])).strip()
 
 
 def fit_evidence(conv: Conversation, evidence: Sequence[Evidence], budget: Budget) -> list[Evidence]:
