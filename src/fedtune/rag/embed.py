@@ -45,8 +45,11 @@ def load_embedder(name: str) -> Any:
         raise FedtuneError(f"embedder {name!r} could not be loaded from {where!r}: {exc}") from None
 
 
-def embed(model: Any, texts: list[str], *, batch_size: int = 16, progress: bool = False) -> np.ndarray:
-    """Unit-length float32 embeddings of ``texts`` (rows), so inner product is cosine."""
+def embed(model: Any, texts: list[str], *, batch_size: int = 32, progress: bool = False) -> np.ndarray:
+    """Unit-length float32 embeddings of ``texts`` (rows), so inner product is cosine.
+
+    ``batch_size`` 32 is sentence-transformers' default; 16 made index builds ~25 % slower on CPU.
+    """
     if not texts:
         return np.zeros((0, model.get_sentence_embedding_dimension()), dtype=np.float32)
     vectors = model.encode(

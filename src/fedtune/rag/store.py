@@ -227,7 +227,13 @@ class KnowledgeBase:
         return len(self.passages)
 
     def embedder(self) -> Any:
-        """The query embedder, loaded once and checked against the base's probe."""
+        """The query embedder, loaded and checked against the base's probe once per opened base."""
+        return self._checked_embedder
+
+    @cached_property
+    def _checked_embedder(self) -> Any:
+        # cached: the probe is a forward pass, as costly as the query itself (a mismatch is not
+        # cached, so it raises on every dense query)
         model = load_embedder(self.embedder_name)
         recorded = self.manifest["embedder"]
         if not same_embedder(recorded["probe"], model):
@@ -305,7 +311,8 @@ class KnowledgeBase:
 
     def _hits(self, lex: Ranking, den: Ranking, exclude: frozenset[str], k: int, mode: Mode) -> list[Hit]:
         kept = [
-            [(r, s) for r, s in ranking if self.passages[r].hash not in exclude] for ranking in (lex, den)
+            [(r, s) for r, s in ranking if not exclude or self.passages[r].hash not in exclude]
+            for ranking in (lex, den)
         ]
         found = [{row: (i, s) for i, (row, s) in enumerate(ranking, start=1)} for ranking in kept]
         rows = [[r for r, _ in ranking] for ranking in kept]

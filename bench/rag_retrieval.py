@@ -1,0 +1,153 @@
+"""Retrieval quality of a fedtune knowledge base on wiki-qa's held-out questions: BM25, dense, hybrid.
+
+The authoritative base is the categorised wiki summaries (``article_text``, chunked like
+``rag.reference = "wiki"``), indexed with :func:`fedtune.rag.store.build` and cached under
+``~/.cache/fedtune/bench/`` (keyed by article count, embedder and content), so reruns skip
+the embedding. The questions are wiki-qa's (``wiki_qa_records``: "What is T?" and for half
+the articles "Tell me briefly about T."), partitioned one client per category (the
+``category`` partitioner) with each client's held-out split taken as in a run
+(``split_train_test``, ``data.test_fraction`` 0.2, seed ``seed + client``); ``--questions``
+of the held-out ones are sampled. A question's gold is its article's passage (any chunk of it).
+
+Both question forms name the article, which favours BM25. A second, harder table asks with
+the article's short description instead ("1968 film by Stanley Kubrick"), for sampled
+articles whose description is unique in the base and does not contain the title.
+
+Usage: python bench/rag_retrieval.py [--articles N] [--questions 500] [--seed 0]
+Last line: ``hybrid_recall_at_5: X`` (goal >= 0.90, and above bm25 and dense alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import random
+import statistics
+import time
+from collections import Counter
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+KS = (1, 5, 10)
+
+
+def gold_ranks(kb, queries: list[str], gold: list[str], mode: str) -> list[int | None]:
+    """The rank (1-based) of the first passage of the gold article per query, None if not in the top 10."""
+    hits = kb.search_many(queries, k=max(KS), mode=mode)
+    return [
+        next((h.rank for h in row if h.passage.source == want), None)
+        for row, want in zip(hits, gold, strict=True)
+    ]
+
+
+def scores(ranks: list[int | None]) -> dict[str, float]:
+    out = {f"r@{k}": statistics.mean(r is not None and r <= k for r in ranks) for k in KS}
+    out["mrr@10"] = statistics.mean(1.0 / r if r else 0.0 for r in ranks)
+    return out
+
+
+def table(title: str, n: int, rows: dict[str, dict[str, float]]) -> None:
+    print(f"\n{title} ({n} queries)")
+    print(f"{'mode':<8} {'r@1':>6} {'r@5':>6} {'r@10':>6} {'mrr@10':>7}")
+    for mode, s in rows.items():
+        print(f"{mode:<8} {s['r@1']:6.3f} {s['r@5']:6.3f} {s['r@10']:6.3f} {s['mrr@10']:7.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--articles", type=int, default=0, help="a seeded subset of articles (0: all)")
+    parser.add_argument("--questions", type=int, default=500, help="held-out questions sampled")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--embedder", default="all-MiniLM-L6-v2")
+    args = parser.parse_args()
+
+    from datasets import Dataset
+
+    from fedtune.data.partition import partition_dataset, split_train_test
+    from fedtune.data.wiki import UNCATEGORIZED, article_text, wiki_articles, wiki_qa_records
+    from fedtune.models.load import cache_dir
+    from fedtune.rag.sources import Doc, to_passages
+    from fedtune.rag.store import MANIFEST, MODES, KnowledgeBase, build
+
+    articles = [a for a in wiki_articles() if a["category"] != UNCATEGORIZED]
+    if 0 < args.articles < len(articles):
+        keep = set(random.Random(args.seed).sample(range(len(articles)), args.articles))
+        articles = [a for i, a in enumerate(articles) if i in keep]
+
+    # the base: every article as wiki:TITLE documents, chunked as the reference base is
+    docs = [Doc(id=f"wiki:{a['title']}", source=f"wiki:{a['title']}", text=article_text(a)) for a in articles]
+    passages = list(to_passages(docs))
+    digest = hashlib.sha1("\n".join(p.text for p in passages).encode()).hexdigest()[:10]
+    slug = args.embedder.replace("/", "_")
+    folder = cache_dir() / "bench" / f"wiki-{len(articles)}-{slug}-{digest}"
+    if (folder / MANIFEST).exists():
+        kb = KnowledgeBase.open(folder)
+        print(f"index: {folder} (cached, {len(kb)} passages)")
+    else:
+        t0 = time.perf_counter()
+        kb = build(passages, folder, embedder=args.embedder, progress=True)
+        secs = time.perf_counter() - t0
+        print(f"index: {folder} (built: {len(kb)} passages in {secs:.1f} s, {len(kb) / secs:.1f} passages/s)")
+    print(f"articles: {len(articles)}  passages: {len(kb)}  embedder: {args.embedder}")
+
+    # held-out questions per client, one client per category, as a run splits them
+    ds = Dataset.from_list(wiki_qa_records(articles))
+    categories = sorted(set(ds["category"]))
+    parts = partition_dataset(ds, name="category", num_partitions=len(categories), seed=args.seed)
+    held_out = []
+    for cid, part in enumerate(parts):
+        _, test = split_train_test(part, 0.2, args.seed + cid)
+        held_out += [(cid, r) for r in test]
+    sample = random.Random(args.seed).sample(held_out, min(args.questions, len(held_out)))
+    questions = [r["messages"][0]["content"] for _, r in sample]
+    gold = [f"wiki:{r['article']}" for _, r in sample]
+    print(f"questions: {len(ds)} in {len(parts)} clients, {len(held_out)} held out, {len(sample)} sampled")
+
+    t0 = time.perf_counter()
+    ranks = {mode: gold_ranks(kb, questions, gold, mode) for mode in MODES}
+    print(f"search: {time.perf_counter() - t0:.1f} s for {len(questions)} questions x {len(MODES)} modes")
+    main_rows = {mode: scores(r) for mode, r in ranks.items()}
+    table("held-out wiki-qa questions (name the article)", len(questions), main_rows)
+
+    print("\nper client (recall@5)")
+    print(f"{'client':>6} {'category':<28} {'n':>4} {'bm25':>6} {'dense':>6} {'hybrid':>6}")
+    for cid, part in enumerate(parts):
+        idx = [i for i, (c, _) in enumerate(sample) if c == cid]
+        if not idx:
+            continue
+        r5 = {m: statistics.mean(ranks[m][i] is not None and ranks[m][i] <= 5 for i in idx) for m in MODES}
+        print(
+            f"{cid:>6} {part['category'][0]:<28} {len(idx):>4} "
+            f"{r5['bm25']:6.3f} {r5['dense']:6.3f} {r5['hybrid']:6.3f}"
+        )
+
+    # harder: the article's description as the query, for descriptions unique in the base
+    # that do not contain the title
+    by_title = {a["title"]: a for a in articles}
+    desc_count = Counter(a["description"].casefold() for a in articles if a["description"])
+    chosen = []
+    for title in dict.fromkeys(r["article"] for _, r in sample):
+        desc = by_title[title]["description"]
+        if desc and desc_count[desc.casefold()] == 1 and title.casefold() not in desc.casefold():
+            chosen.append((desc, f"wiki:{title}"))
+    if chosen:
+        hard_q, hard_gold = [d for d, _ in chosen], [g for _, g in chosen]
+        hard_rows = {mode: scores(gold_ranks(kb, hard_q, hard_gold, mode)) for mode in MODES}
+        table(
+            "HARDER, second table: the article's description as the query, title not in it "
+            f"(e.g. {hard_q[0]!r} -> {hard_gold[0][5:]!r}); "
+            f"{len(chosen)} of the {len(set(gold))} sampled articles qualify",
+            len(hard_q),
+            hard_rows,
+        )
+
+    best_single = max(main_rows["bm25"]["r@5"], main_rows["dense"]["r@5"])
+    print(f"\nhybrid recall@5 above the best single mode: {main_rows['hybrid']['r@5'] > best_single}")
+    print(f"hybrid_recall_at_5: {main_rows['hybrid']['r@5']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
