@@ -1,4 +1,4 @@
-"""The ``fedtune`` command: run, partition, data convert, eval, chat, report, serve-trunk."""
+"""The ``fedtune`` command: run, partition, data convert, eval, chat, report, serve-trunk, kb."""
 
 from __future__ import annotations
 

@@ -24,7 +24,9 @@ if TYPE_CHECKING:
     from fedtune.rag.sources import Passage
     from fedtune.rag.store import Hit, Mode
 
-kb_app = typer.Typer(no_args_is_help=True, help="Knowledge bases for retrieval: build, search.")
+kb_app = typer.Typer(
+    no_args_is_help=True, help="Knowledge bases for retrieval: build, search, ask (federated)."
+)
 stdout = Console(soft_wrap=True)  # lines as written: paths and passages stay whole for grep
 
 # fedtune.rag.store.MODES (a test checks they agree): importing the store takes seconds
