@@ -254,7 +254,7 @@ def main() -> None:
     parser.add_argument("--output-dir", help="where federated runs go (default: a temp dir)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
     arms = [a for a in args.arms.split(",") if a]
     if unknown := [a for a in arms if a not in ARMS]:
         parser.error(f"--arms: unknown {unknown}; choose from {', '.join(ARMS)}")
