@@ -49,6 +49,7 @@ from fedtune.config import Config
 from fedtune.data.pipeline import client_conversations, partitions
 from fedtune.data.tokenize import build_generation_input
 from fedtune.data.types import Conversation
+from fedtune.inference import greedy
 from fedtune.rag.augment import Budget
 from fedtune.rag.client import augment_dataset, client_retriever
 
@@ -108,20 +109,10 @@ def make_prompts(cfg: Config, bench: q.Bench, n: int) -> Prompts:
     return out
 
 
-@torch.no_grad()
 def generate(bench: q.Bench, conv: Conversation, max_new_tokens: int = 48) -> str:
     cfg = bench.cfg
     ids = build_generation_input(conv[:-1], bench.tokenizer, cfg.data.template, cfg.data.max_source_length)
-    x = torch.tensor([ids])
-    out = bench.model.generate(
-        input_ids=x,
-        attention_mask=torch.ones_like(x),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=bench.tokenizer.pad_token_id,
-        eos_token_id=bench.tokenizer.eos_token_id,
-    )
-    return str(bench.tokenizer.decode(out[0, x.shape[1] :], skip_special_tokens=True)).strip()
+    return greedy(bench.model, bench.tokenizer, ids, max_new_tokens)
 
 
 def generation_metrics(bench: q.Bench, prompts: Prompts, pids: list[int], decline: str) -> dict[str, float]:

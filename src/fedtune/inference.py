@@ -111,12 +111,21 @@ def reply(loaded: Loaded, history: Conversation, *, max_new_tokens: int = 128) -
         new = loaded.split.generate(input_ids, max_new_tokens, loaded.tokenizer.eos_token_id)
         return str(loaded.tokenizer.decode(new, skip_special_tokens=True)).strip()
     assert loaded.model is not None
-    output = loaded.model.generate(  # type: ignore[operator]
+    return greedy(loaded.model, loaded.tokenizer, ids, max_new_tokens)
+
+
+@torch.no_grad()
+def greedy(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ids: list[int], max_new_tokens: int
+) -> str:
+    """The greedy continuation of the prompt ``ids`` (up to EOS or ``max_new_tokens``), decoded."""
+    input_ids = torch.tensor([ids])
+    output = model.generate(  # type: ignore[operator]
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
         max_new_tokens=max_new_tokens,
         do_sample=False,
-        pad_token_id=loaded.tokenizer.pad_token_id,
-        eos_token_id=loaded.tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
-    return str(loaded.tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)).strip()
+    return str(tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)).strip()
