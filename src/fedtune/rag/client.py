@@ -129,7 +129,8 @@ def augment_dataset(
         new, kept = augment(conv, ev, budget)
         stats.update(e.origin for e in kept)
         stats["cut"] += len(ev) - len(kept)
-        stats[task_of(kept, conv[-1]["content"], retriever.cfg.answer_overlap)] += i not in declines
+        if i not in declines:  # a decline example's target is the decline text, not a task's answer
+            stats[task_of(kept, conv[-1]["content"], retriever.cfg.answer_overlap)] += 1
         out.append(new)
     columns: dict[str, Any] = {"messages": out}
     if "category" in ds.column_names:
