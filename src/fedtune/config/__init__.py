@@ -13,6 +13,7 @@ from fedtune.config.load import (
     set_dotted,
     validate,
 )
+from fedtune.config.privacy import LocalDpConfig, PrivacyConfig, SecAggConfig
 from fedtune.config.rag import RagConfig
 from fedtune.config.sections import (
     Config,
@@ -34,12 +35,15 @@ __all__ = [
     "Config",
     "DataConfig",
     "FedConfig",
+    "LocalDpConfig",
     "LoraConfig",
     "ModelConfig",
     "PartitionConfig",
+    "PrivacyConfig",
     "RagConfig",
     "RopeScalingConfig",
     "RunSection",
+    "SecAggConfig",
     "Schedule",
     "SimulationConfig",
     "SplitConfig",

@@ -13,6 +13,7 @@ from typing import Literal
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from fedtune.config.privacy import PrivacyConfig
 from fedtune.config.rag import RagConfig
 
 # learning-rate curves: train.scheduler (transformers' names) and fed.lr_schedule
@@ -97,6 +98,11 @@ class LoraConfig(_Section):
         None,
         description="per-client ranks for the stack and zero-pad strategies: a list, "
         "'flora' (64,32,16,16,8,8,4,4,4,4) or 'uniform:R' (unset: model.lora.r for all)",
+    )
+    freeze_a: bool = Field(
+        False,
+        description="FFA-LoRA: A stays at its seeded random start, only B is trained and sent (half the "
+        "bytes, and half the dimensions DP noise lands on)",
     )
 
 
@@ -352,6 +358,11 @@ class Config(_Section):
         default_factory=RagConfig,
         description="Retrieval-augmented tuning (FF-RAG): passages from the client's private case base and "
         "a shared reference base go into each example's source.",
+    )
+    privacy: PrivacyConfig = Field(
+        default_factory=PrivacyConfig,
+        description="Privacy: client-level differential privacy with ε accounting, DP-SGD on clients, "
+        "secure aggregation (SecAgg+).",
     )
     run: RunSection = Field(
         default_factory=RunSection, description="Where the run directory is written and what goes in it."

@@ -225,6 +225,8 @@ class Instruction(_Wire):
     proximal_mu: float = 0.0  # FedProx: weight of mu/2 ||w - w_global||^2
     run_dir: str | None = None  # where a simulated client keeps its state (personal, stack)
     trunk_addresses: tuple[str, ...] = field(default_factory=tuple)  # SPLIT: the trunk services
+    clip_norm: float | None = None  # DP: clip the update (trained minus sent) to this L2 norm
+    noise_std: float | None = None  # DP with privacy.noise = "client": std of this client's noise share
 
     def check(self) -> Instruction:
         """The fields this job needs are present (a well-typed but incomplete message is refused)."""
@@ -262,6 +264,8 @@ class TrainReply(_Wire):
     seconds: float
     trunk_bytes_up: float | None = None  # SPLIT: what crossed the cut
     trunk_bytes_down: float | None = None
+    unclipped: int | None = None  # DP, adaptive clipping: 1 if the update's norm was within the clip norm
+    local_epsilon: float | None = None  # privacy.local_dp: this client's ε spent so far (DP-SGD)
 
 
 @dataclass(frozen=True)
