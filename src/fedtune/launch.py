@@ -18,6 +18,7 @@ from fedtune.errors import FedtuneError
 from fedtune.federated.strategies import check_strategy
 from fedtune.models.adapters import initial_adapter_state
 from fedtune.models.load import load_tokenizer
+from fedtune.privacy.plan import dp_plan
 from fedtune.rundir import RunDir
 from fedtune.split.rounds import check_split
 
@@ -27,6 +28,17 @@ log = logging.getLogger(__name__)
 def preflight(cfg: Config) -> None:
     """Raise FedtuneError for anything in ``cfg`` that would fail later in the run."""
     check_strategy(cfg)
+    if cfg.privacy.dp:
+        plan = dp_plan(cfg)  # calibrates the noise: refuses a target the plan cannot meet
+        log.info(
+            "privacy: noise multiplier %.4g for ε=%s, δ=%.3g over %s rounds of %s of %s clients",
+            plan.noise_multiplier,
+            cfg.privacy.target_epsilon,
+            plan.delta,
+            cfg.fed.rounds,
+            plan.cohort,
+            plan.population,
+        )
     if cfg.split.enabled:
         check_split(cfg)
     tokenizer = load_tokenizer(cfg.model)
@@ -62,7 +74,9 @@ def run(cfg: Config | None = None, *, resume: str | Path | None = None, progress
         preflight(cfg)
         run_dir = RunDir.create(cfg)
     simulate(cfg, run_dir, progress=progress)
-    if run_dir.last_round() < cfg.fed.rounds:
+    if (stopped := run_dir.stopped()) is not None:
+        log.warning("%s: stopped after round %s: %s", run_dir.path, run_dir.last_round(), stopped)
+    elif run_dir.last_round() < cfg.fed.rounds:
         raise FedtuneError(
             f"the federation stopped after round {run_dir.last_round()} of {cfg.fed.rounds}; "
             f"continue with: fedtune run --resume {run_dir.path}"

@@ -43,6 +43,15 @@ class MetricLine(TypedDict, total=False):
     trunk_samples: int  # split (server line): samples the trunk trained on
     trunk_passes: int
     rejected: str  # why the server left this client's update out
+    unclipped: int  # DP, adaptive clipping: 1 if the client's update was within the clip norm
+    local_epsilon: float  # privacy.local_dp: the client's own ε so far (DP-SGD)
+    epsilon: float  # privacy.dp (server line): ε spent so far, by privacy.accountant
+    epsilon_rdp: float
+    epsilon_pld: float
+    noise_multiplier: float  # the noise multiplier composed this round
+    clip_norm: float  # the clip norm of this round's updates
+    noise_to_signal: float  # ‖noise‖ / ‖mean of the clipped updates‖
+    within_share: float  # adaptive clipping: the noised share of updates within the clip norm
 
 
 _HINTS = typing.get_type_hints(MetricLine)

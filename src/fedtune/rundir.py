@@ -9,6 +9,7 @@
       rounds/0000/         the starting adapter; rounds/NNNN/ the global adapter after round N
                            (+ server_state.safetensors: the server optimiser's moments)
       final/               the global adapter after the last round
+        privacy.json       with privacy.dp: ε spent, δ, accountant, noise, clipping, sampling
       report/              plots and index.html
       clients/<id>/        a simulated client's own state (see :func:`client_state_root`):
         personal-NNNN/     its FF-LoRA personal adapter after round N
@@ -42,6 +43,7 @@ if TYPE_CHECKING:  # torch and peft are imported only where adapters are read or
 CONFIG = "config.toml"
 METRICS = "metrics.jsonl"
 STATE = "state.json"
+PRIVACY = "privacy.json"
 SERVER_STATE = "server_state.safetensors"  # optimiser moments of fedadam & co., for resume
 ROUNDS = "rounds"
 FINAL = "final"
@@ -175,12 +177,31 @@ class RunDir:
     def mark_complete(self, server_round: int) -> None:
         write_text_atomic(self.path / STATE, json.dumps({"last_round": server_round}) + "\n")
 
+    def mark_stopped(self, reason: str) -> None:
+        """The run ended before ``fed.rounds`` on purpose (e.g. its privacy budget), for this reason."""
+        state = {"last_round": self.last_round(), "stopped": reason}
+        write_text_atomic(self.path / STATE, json.dumps(state) + "\n")
+
+    def stopped(self) -> str | None:
+        """Why the run ended early on purpose, or None."""
+        path = self.path / STATE
+        return json.loads(path.read_text()).get("stopped") if path.is_file() else None
+
     def save_final(
         self, state: Mapping[str, torch.Tensor], cfg: Config, *, lora: LoraConfig | None = None
     ) -> Path:
         from fedtune.models.adapters import save_adapter_folder
 
         return save_adapter_folder(state, lora or cfg.model.lora, cfg.model, self.path / FINAL)
+
+    def save_privacy(self, folder: Path, summary: Mapping[str, Any]) -> None:
+        """``privacy.json`` beside an adapter: the DP guarantee it was released under."""
+        write_text_atomic(folder / PRIVACY, json.dumps(dict(summary), indent=2, sort_keys=True) + "\n")
+
+    def privacy(self) -> dict[str, Any] | None:
+        """``final/privacy.json``, or None for a run without client-level DP."""
+        path = self.final_dir / PRIVACY
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
     # -- metrics ------------------------------------------------------------------
     def append_metrics(self, records: Iterable[Mapping[str, Any]]) -> None:

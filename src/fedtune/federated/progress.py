@@ -26,6 +26,8 @@ def round_summary(line: Mapping[str, Any], rounds: int) -> str:
         parts.append(f"train loss {line['train_loss']:.4f} ({line.get('num_clients', 0)} clients)")
     if "eval_loss" in line:
         parts.append(f"eval loss {line['eval_loss']:.4f}")
+    if "epsilon" in line:
+        parts.append(f"ε {line['epsilon']:.3g}")
     parts.append(f"{line['seconds']:.1f} s")
     return ", ".join(parts)
 
@@ -73,6 +75,8 @@ class RoundProgress:
     def end_round(self, server_round: int, line: Mapping[str, Any]) -> None:
         key = "eval_loss" if "eval_loss" in line else "train_loss"
         self._loss = f"{key.split('_')[0]} {line[key]:.3f}" if key in line else ""
+        if "epsilon" in line:
+            self._loss += f"  ε {line['epsilon']:.3g}"
         if self._bar is not None and self._task is not None:
             self._bar.update(self._task, completed=server_round, description=self._loss)
         elif self.enabled:

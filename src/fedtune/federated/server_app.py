@@ -28,9 +28,10 @@ from fedtune.errors import FedtuneError
 from fedtune.federated.progress import RoundProgress
 from fedtune.federated.protocol import ProtocolError, QueryReply, RoundMetrics, query_message, read_reply
 from fedtune.federated.records import from_record, to_record, to_torch
-from fedtune.federated.strategies import AdapterStrategy, build_strategy
+from fedtune.federated.strategies import AdapterStrategy, build_strategy, check_strategy
 from fedtune.metrics import server_line
 from fedtune.models.adapters import initial_adapter_state
+from fedtune.privacy.plan import dp_plan
 from fedtune.rundir import RunDir
 from fedtune.split.rounds import RoundHook, round_hook
 
@@ -164,7 +165,7 @@ class Federation:
         """Round 0 (when fresh), then every remaining round, each checkpointed; then ``final/``."""
         last = self.run.last_round()
         current = self.hook.client_state(current)
-        self.strategy.load_server_state(
+        self.strategy.restore(
             self.run.load_server_state(max(last, 0)), {k: v.numpy() for k, v in current.items()}
         )
         arrays = to_record(current, "float32")
@@ -177,10 +178,25 @@ class Federation:
                 self.run.mark_complete(0)
                 last = 0
             for server_round in range(last + 1, self.cfg.fed.rounds + 1):
+                if self.strategy.dp is not None and self.strategy.dp.would_exceed():
+                    self._stop_for_budget(server_round)
+                    break
                 arrays = self._round(server_round, arrays)
         state = from_record(arrays)
         lora = self.strategy.global_lora(state)
-        self.run.save_final(self.hook.whole(to_torch(state)), self.cfg, lora=lora)
+        final = self.run.save_final(self.hook.whole(to_torch(state)), self.cfg, lora=lora)
+        if self.strategy.dp is not None:
+            self.run.save_privacy(final, self.strategy.dp.summary())
+
+    def _stop_for_budget(self, server_round: int) -> None:
+        """End the run cleanly before ``server_round``, which would spend more than the target ε."""
+        assert self.strategy.dp is not None
+        spent, target = self.strategy.dp.spent()["epsilon"], self.cfg.privacy.target_epsilon
+        reason = f"privacy budget: round {server_round} would take ε past privacy.target_epsilon={target}"
+        logging.getLogger("flwr").warning(
+            "%s (spent %.4g); stopping after round %s", reason, spent, server_round - 1
+        )
+        self.run.mark_stopped(reason)
 
     def _round(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
         t0 = time.perf_counter()
@@ -194,9 +210,9 @@ class Federation:
             self.hook.whole(to_torch(state)),
             self.cfg,
             lora=self.strategy.global_lora(state),  # heterogeneous ranks: the global's own rank
-            server_state=self.strategy.server_state(),
+            server_state=self.strategy.checkpoint(),
         )
-        line = self._log(server_round, t0, trained, evaluated, **stats)
+        line = self._log(server_round, t0, trained, evaluated, **stats, **self.strategy.round_figures)
         self.run.mark_complete(server_round)
         self.progress.end_round(server_round, line)
         return arrays
@@ -281,6 +297,9 @@ def main(grid: Grid, context: Context) -> None:
     else:
         run_config.update(_flat(apply_overrides({}, overrides)))
         cfg = config_from_run_config(run_config, app_dir=_app_dir(grid))
+        check_strategy(cfg)
+        if cfg.privacy.dp:
+            dp_plan(cfg)  # refuses a privacy target the plan cannot meet, before a run directory exists
         run = RunDir.create(cfg)
     # Flower forwards only its own logger's records to `flwr run --stream` and `flwr log`.
     flwr_log = logging.getLogger("flwr")

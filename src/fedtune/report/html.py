@@ -9,7 +9,13 @@ from pathlib import Path
 
 from fedtune.errors import FedtuneError
 from fedtune.io import atomic_folder
-from fedtune.report.plots import human_bytes, plot_bytes, plot_client_eval_loss, plot_global_loss
+from fedtune.report.plots import (
+    human_bytes,
+    plot_bytes,
+    plot_client_eval_loss,
+    plot_global_loss,
+    plot_privacy,
+)
 from fedtune.report.runs import ClientLoss, RunTotals, loss_table, read_metrics, run_totals
 from fedtune.rundir import REPORT_PAGE, RunDir
 
@@ -117,15 +123,18 @@ def write_report(run_dir: Path | str) -> Path:
         raise FedtuneError(f"{run.config_file}: not found (is {run.path} a fedtune run directory?)") from None
     records = read_metrics(run.path)
 
+    plots = list(_PLOTS)
+    if any("epsilon" in r for r in records):  # a run with client-level DP
+        plots.append(("privacy.png", plot_privacy, "Privacy spent per round"))
     with atomic_folder(run.report_dir) as staging:
-        for filename, plot, _ in _PLOTS:
+        for filename, plot, _ in plots:
             plot(records, staging / filename)
         page = render_html(
             run.path,
             config_text,
             loss_table(records),
             run_totals(records),
-            [(filename, alt) for filename, _, alt in _PLOTS],
+            [(filename, alt) for filename, _, alt in plots],
         )
         (staging / REPORT_PAGE).write_text(page, encoding="utf-8")
     logger.info("wrote report %s", run.report_page)

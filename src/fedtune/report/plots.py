@@ -24,7 +24,7 @@ from fedtune.report.runs import (
     server_curve,
 )
 
-__all__ = ["human_bytes", "plot_bytes", "plot_client_eval_loss", "plot_global_loss"]
+__all__ = ["human_bytes", "plot_bytes", "plot_client_eval_loss", "plot_global_loss", "plot_privacy"]
 
 _SIZE = (7.0, 4.0)  # inches; at 110 dpi a 770 x 440 image that fits an HTML column
 _DPI = 110
@@ -104,3 +104,14 @@ def plot_bytes(records: Sequence[MetricRecord], path: Path | str) -> Path:
         ax.bar([r + width / 2 for r in rounds], [down for _, down in per_round.values()], width, label="down")
         ax.yaxis.set_major_formatter(lambda value, _pos: human_bytes(value))
     return _save(fig, ax, path, "no byte counts")
+
+
+def plot_privacy(records: Sequence[MetricRecord], path: Path | str) -> Path:
+    """ε spent after each round (client-level DP), by each accountant. Returns ``path``."""
+    fig, ax = _new_axes("Privacy spent (client-level DP)", "ε")
+    for label, key in (("ε (run's accountant)", "epsilon"), ("RDP", "epsilon_rdp"), ("PLD", "epsilon_pld")):
+        if curve := server_curve(records, key):
+            rounds, values = zip(*curve, strict=True)
+            style = {"linewidth": 2.5} if key == "epsilon" else {"linestyle": "--"}
+            ax.plot(rounds, values, marker="o", markersize=3, label=label, **style)
+    return _save(fig, ax, path, "no privacy records (privacy.dp off)")

@@ -91,7 +91,8 @@ def loss_table(records: Iterable[MetricRecord]) -> list[ClientLoss]:
 
 
 def server_curve(
-    records: Iterable[MetricRecord], key: Literal["train_loss", "eval_loss"]
+    records: Iterable[MetricRecord],
+    key: Literal["train_loss", "eval_loss", "epsilon", "epsilon_rdp", "epsilon_pld"],
 ) -> list[tuple[int, float]]:
     """``(round, value)`` of ``key`` on the server lines that have it, in round order."""
     points: dict[int, float] = {}

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from fedtune.config import Config
 from fedtune.errors import FedtuneError
 from fedtune.federated.aggregation.ranks import rank_rule
+from fedtune.federated.aggregation.secagg import check_secagg
 from fedtune.federated.strategies.base import AdapterStrategy, sample_clients
 from fedtune.federated.strategies.fedavg import FedAvgStrategy
 from fedtune.federated.strategies.fedprox import FedProxStrategy
@@ -103,12 +104,33 @@ def check_strategy(cfg: Config) -> StrategyEntry:
         raise FedtuneError(
             f"model.lora.ranks: per-client ranks need fed.strategy {mixed}, not {cfg.fed.strategy!r}"
         )
+    if lora.freeze_a and (caps.mixed_ranks or cfg.split.enabled or cfg.fed.strategy == "scaffold"):
+        raise FedtuneError(
+            f"model.lora.freeze_a: FFA-LoRA needs one adapter shape for all and no split or control "
+            f"variates; not with fed.strategy {cfg.fed.strategy!r}"
+            + (" and split.enabled" if cfg.split.enabled else "")
+        )
+    if cfg.privacy.dp and not caps.weighted_sum:
+        sums = ", ".join(k for k in STRATEGIES if STRATEGIES.get(k).capabilities.weighted_sum)
+        raise FedtuneError(
+            f"fed.strategy: {cfg.fed.strategy!r} is not a weighted sum of the updates, so client-level DP "
+            f"(privacy.dp) does not apply; use one of {sums}"
+        )
     if cfg.split.enabled and not caps.split:
         fits = ", ".join(k for k in STRATEGIES if STRATEGIES.get(k).capabilities.split)
         raise FedtuneError(
             f"fed.strategy: {cfg.fed.strategy!r} does not apply to split runs (split.enabled); "
             f"use one of {fits}"
         )
+    if cfg.privacy.secagg.enabled:
+        if not caps.weighted_sum:
+            sums = ", ".join(k for k in STRATEGIES if STRATEGIES.get(k).capabilities.weighted_sum)
+            raise FedtuneError(
+                f"privacy.secagg: fed.strategy {cfg.fed.strategy!r} is not a weighted sum of the updates, "
+                f"and a sum is all SecAgg+ reveals; use one of {sums}"
+            )
+        fed = cfg.fed  # the round's sample size, as the strategy draws it
+        check_secagg(cfg, len(sample_clients(range(n), fed.fraction_train, fed.min_train_clients, 0, 1)))
     return entry
 
 

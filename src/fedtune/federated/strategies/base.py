@@ -48,6 +48,8 @@ from fedtune.federated.protocol import (
 )
 from fedtune.federated.records import from_record, to_record
 from fedtune.metrics import MetricLine, line_from_reply
+from fedtune.privacy.dpfedavg import clip_delta, global_norm
+from fedtune.privacy.server import ServerDp, split_state
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +110,8 @@ class AdapterStrategy(Strategy):
         self._references: dict[int, Arrays] = {}  # partition id -> start state sent this round
         self._wire_global: ArrayRecord | None = None
         self._global: Arrays = {}  # the global adapter at the start of this round
+        self.dp = ServerDp(cfg) if cfg.privacy.dp else None  # client-level DP-FedAvg
+        self.round_figures: dict[str, Any] = {}  # the round's privacy figures, for its server line
 
     def summary(self) -> None:
         log.info("%s over %s clients", type(self).__name__, len(self.node_of))
@@ -144,16 +148,21 @@ class AdapterStrategy(Strategy):
     ) -> list[Message]:
         if fraction == 0.0:
             return []
-        chosen = sample_clients(self.node_of, fraction, minimum, self.cfg.seed, self.current_round)
+        if self.dp is not None and message_type == MessageType.TRAIN:
+            chosen = self.dp.sample(self.node_of, self.current_round)
+        else:
+            chosen = sample_clients(self.node_of, fraction, minimum, self.cfg.seed, self.current_round)
         self._wire_global = None
         self._sent = {}
         messages = []
         for pid in chosen:
             inst, reference = self.instruction(pid, global_state, message_type)
+            if self.dp is not None and message_type == MessageType.TRAIN:
+                inst = replace(inst, clip_norm=self.dp.clip_norm, noise_std=self.dp.client_noise_std)
             msg = instruction_message(inst, message_type, self.node_of[pid])
             self._sent[self.node_of[pid]] = payload_bytes(msg.content)
             if message_type == MessageType.TRAIN:
-                self._references[pid] = reference
+                self._references[pid] = self.sent_part(reference)
             messages.append(msg)
         log.debug("round %s %s: clients %s", self.current_round, message_type, chosen)
         return messages
@@ -226,22 +235,73 @@ class AdapterStrategy(Strategy):
         for i, reason in zip(sorted(set(range(len(states))) - set(kept)), reasons, strict=True):
             self.round_log[start + i] = {**lines[i], "rejected": reason}
             log.warning("round %s: update rejected: %s", server_round, reason)
+        updates = [Update(states[i], read[i][1]) for i in kept]
+        if self.dp is not None:
+            return self._aggregate_private(updates, {i: start + k for i, k in enumerate(kept)})
         if not kept:
             return None, None
-        updates = [Update(states[i], read[i][1]) for i in kept]
         if self.cfg.fed.clip_norm is not None:
             clip = self.cfg.fed.clip_norm
             updates = [replace(u, state=clip_update(u.state, self._references[u.pid], clip)) for u in updates]
-        merged = self.aggregate_updates(updates)
+        return self._result(self.aggregate_updates(updates), updates)
+
+    def sent_part(self, state: Arrays) -> Arrays:
+        """The part of an adapter clients send back: all of it, or only B under FFA-LoRA."""
+        if not self.cfg.model.lora.freeze_a:
+            return state
+        return {k: v for k, v in state.items() if ".lora_A." not in k}
+
+    def filled(self, part: Arrays) -> Arrays:
+        """A mean over :meth:`sent_part` completed with the round's global (FFA-LoRA's frozen A)."""
+        if part.keys() == self._global.keys() or not self.cfg.model.lora.freeze_a:
+            return part
+        return {k: part.get(k, v) for k, v in self._global.items()}
+
+    def _result(self, merged: Arrays, updates: list[Update]) -> tuple[ArrayRecord, MetricRecord]:
+        merged = self.filled(merged)
         if merged.keys() == self._global.keys():  # the global's key order, whatever the replies'
             merged = {k: merged[k] for k in self._global}
         weights = [u.weight for u in updates]
-        loss = weighted_mean([u.reply.train_loss for u in updates], weights)
+        loss = weighted_mean([u.reply.train_loss for u in updates], weights) if updates else math.nan
         return to_record(merged, "float32"), RoundMetrics(loss, len(updates)).to_record()
 
     def aggregate_updates(self, updates: list[Update]) -> Arrays:
         """The aggregation rule over the accepted updates (FedAvg here)."""
-        return fedavg([u.state for u in updates], [u.weight for u in updates])
+        return self.apply_mean(self.filled(fedavg([u.state for u in updates], [u.weight for u in updates])))
+
+    def apply_mean(self, mean: Arrays) -> Arrays:
+        """The new global adapter from the clients' mean state (sum-type strategies; FedAvg: itself).
+
+        DP-FedAvg and secure aggregation compute the mean themselves and hand it here.
+        """
+        return dict(mean)
+
+    def _aggregate_private(
+        self, updates: list[Update], line_of: dict[int, int]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """DP-FedAvg: clipped updates, uniformly weighted, noised; an unclipped one is left out."""
+        assert self.dp is not None
+        template = self.sent_part(self._global)
+        dims = sum(v.size for v in template.values())
+        bound, kept, deltas, within = self.dp.max_delta_norm(dims), [], [], []
+        for i, u in enumerate(updates):
+            ref = self._references[u.pid]
+            delta = {k: u.state[k].astype(np.float64) - ref[k].astype(np.float64) for k in ref}
+            if (norm := global_norm(delta)) > bound:
+                reason = (
+                    f"client {u.pid}: unclipped: update norm {norm:.4g} > {bound:.4g} (privacy.clip_norm)"
+                )
+                self.round_log[line_of[i]] = {**self.round_log[line_of[i]], "rejected": reason}
+                log.warning("round %s: update rejected: %s", self.current_round, reason)
+                continue
+            if self.cfg.privacy.noise == "server":  # the sensitivity is C whatever the client did
+                delta = clip_delta(delta, self.dp.clip_norm)[0]
+            kept.append(u)
+            deltas.append(delta)
+            within.append(bool(u.reply.unclipped))
+        mean, self.round_figures = self.dp.aggregate(deltas, within, template, self.current_round)
+        merged = self.apply_mean(self.filled({k: template[k] + mean[k] for k in template}))
+        return self._result(merged, kept)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         self.current_round = server_round
@@ -254,6 +314,17 @@ class AdapterStrategy(Strategy):
         return RoundMetrics(loss, len(read)).to_record()
 
     # -- server state (for exact resume) -------------------------------------------
+    def checkpoint(self) -> Arrays:
+        """What the round loop saves with every round: :meth:`server_state` and the DP state."""
+        return {**self.server_state(), **(self.dp.state() if self.dp is not None else {})}
+
+    def restore(self, state: Arrays, current: Arrays) -> None:
+        """Restore :meth:`checkpoint` output; ``current`` is the global adapter it goes with."""
+        own, private = split_state(state)
+        if self.dp is not None:
+            self.dp.load(private)
+        self.load_server_state(own, current)
+
     def server_state(self) -> Arrays:
         """State to checkpoint with the round ({} for stateless strategies)."""
         return {}

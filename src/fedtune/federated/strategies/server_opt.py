@@ -12,9 +12,8 @@ from __future__ import annotations
 from typing import ClassVar
 
 from fedtune.config import Config
-from fedtune.federated.aggregation.fedavg import fedavg
 from fedtune.federated.aggregation.server_opt import DEFAULTS, Kind, ServerOptimizer
-from fedtune.federated.strategies.base import AdapterStrategy, Arrays, Update
+from fedtune.federated.strategies.base import AdapterStrategy, Arrays
 
 
 def make_optimizer(kind: Kind, cfg: Config) -> ServerOptimizer:
@@ -40,8 +39,7 @@ class ServerOptStrategy(AdapterStrategy):
         super().__init__(cfg, clients)
         self.optimizer = make_optimizer(self.kind, cfg)
 
-    def aggregate_updates(self, updates: list[Update]) -> Arrays:
-        mean = fedavg([u.state for u in updates], [u.weight for u in updates])
+    def apply_mean(self, mean: Arrays) -> Arrays:
         return self.optimizer.step(self._global, mean, self.current_round)
 
     def server_state(self) -> Arrays:
