@@ -6,10 +6,13 @@ import enum
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from flwr.app import ArrayRecord, Message, MessageType, MetricRecord
+from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from fedtune.config import Config
 from fedtune.federated.protocol.wire import ARRAYS, ProtocolError, T, Wire, schema
+
+SECAGG_RECORD = RECORD_KEY_CONFIGS  # Flower's SecAgg+ record beside a secure round's instruction (.secagg)
 
 
 class Job(enum.StrEnum):
@@ -66,6 +69,7 @@ class Instruction(Wire):
     trunk_addresses: tuple[str, ...] = field(default_factory=tuple)  # SPLIT: the trunk services
     clip_norm: float | None = None  # DP: clip the update (trained minus sent) to this L2 norm
     noise_std: float | None = None  # DP with privacy.noise = "client": std of this client's noise share
+    secagg: bool = False  # SecAgg+: reply with the update vector, which Flower's mod masks (.secagg)
 
     def check(self) -> Instruction:
         """The fields this job needs are present (a well-typed but incomplete message is refused)."""
@@ -82,6 +86,8 @@ class Instruction(Wire):
             raise ProtocolError("instruction: missing field 'arrays' (the adapter)")
         if self.frozen is not None and self.frozen_rank is None:
             raise ProtocolError("instruction: field 'frozen' needs field 'frozen-rank'")
+        if self.secagg and self.adapter is None:  # the update is the trained adapter minus this one
+            raise ProtocolError("instruction: field 'secagg' needs field 'arrays' (the adapter)")
         return self
 
 
@@ -147,8 +153,22 @@ def instruction_message(inst: Instruction, message_type: str, node_id: int) -> M
 
 
 def read_instruction(msg: Message) -> Instruction:
-    """The instruction in a train/evaluate message; ProtocolError names what is wrong."""
-    return Instruction.from_content(msg.content, where=f"{msg.metadata.message_type} instruction").check()
+    """The instruction in a train/evaluate message; ProtocolError names what is wrong.
+
+    In a SecAgg+ round Flower's record travels beside the instruction; the instruction must say
+    so (``secagg``) and the record be there, or the other way round: an update is never sent in
+    the clear because a record went missing.
+    """
+    where = f"{msg.metadata.message_type} instruction"
+    secure = SECAGG_RECORD in msg.content
+    content = msg.content
+    if secure:
+        content = RecordDict({name: record for name, record in content.items() if name != SECAGG_RECORD})
+    inst = Instruction.from_content(content, where=where).check()
+    if inst.secagg != secure:
+        state = "there" if secure else "missing"
+        raise ProtocolError(f"{where}: field 'secagg' is {inst.secagg}, Flower's SecAgg+ record is {state}")
+    return inst
 
 
 def read_reply(msg: Message, kind: type[T]) -> T:
