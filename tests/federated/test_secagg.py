@@ -1,0 +1,269 @@
+"""SecAgg+ behind the strategy layer: Flower's workflow and mod, fedtune's instructions and replies.
+
+Three tiers. The maths (share plan, weights, the error bound) by hand. A loopback Grid that hands
+every message of Flower's real ``SecAggPlusWorkflow`` to fedtune's real ClientApp in this process
+(its ``secaggplus_mod`` included), on the tiny model: the secure mean against plain FedAvg of
+the same clients, dropouts, and what each stage's reply holds. One Flower simulation (Ray) of
+the same, marked integration.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+
+from fedtune import launch
+from fedtune.config import Config, load_config
+from fedtune.errors import FedtuneError
+from fedtune.federated.aggregation.secagg import (
+    check_secagg,
+    max_weight,
+    mean_error_bound,
+    secagg_plan,
+    update_vector,
+)
+from fedtune.federated.protocol import TrainReply, read_instruction, read_reply
+from fedtune.federated.protocol.messages import SECAGG_RECORD
+from fedtune.federated.records import from_record, to_record
+from fedtune.federated.secagg import SecureResult, secure_round
+from fedtune.federated.strategies import AdapterStrategy, build_strategy, check_strategy
+from fedtune.models.adapters import initial_adapter_state
+
+NODE = 1000  # node id of partition p is NODE + p
+SECAGG = ("partition.num_partitions=4", "privacy.secagg.enabled=true", "fed.rounds=1")
+FITRES = {"fitres.metrics", "fitres.num_examples", "fitres.parameters", "fitres.status"}  # Flower's layout
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _task_identity():
+    from federated.fakes import task_identity
+
+    yield from task_identity()
+
+
+# -- the maths, by hand --------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("clients", "num_shares", "threshold", "want"),
+    [
+        (4, 1.0, 0.5, (4, 2, 4)),  # round(1.0 * 4) = 4 shares; round(0.5 * 4) = 2; every client a neighbour
+        (7, 0.5, 0.5, (5, 2, 5)),  # round(3.5) = 4 -> odd 5; round(2.5) = 2 (round half to even)
+        (7, 0.6, 0.7, (5, 4, 5)),  # round(4.2) = 4 -> 5; round(3.5) = 4
+        (6, 3, 2, (3, 2, 3)),  # counts as given; 3 // 2 = 1 on either side + itself
+        (10, 0.2, 1.0, (3, 3, 3)),  # round(2.0) = 2 -> odd 3; threshold all 3: no dropout tolerated
+    ],
+)
+def test_the_plan_is_what_flowers_setup_stage_does(clients, num_shares, threshold, want) -> None:
+    from flwr.server import LegacyContext
+    from flwr.server.workflow import SecAggPlusWorkflow
+    from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+
+    from fedtune.federated.protocol.secagg import workflow_state
+    from fedtune.federated.secagg import _Capture
+
+    plan = secagg_plan(clients, num_shares, threshold)
+    assert (plan.shares, plan.threshold, plan.neighbours) == want
+    sent: list[Message] = []
+    grid = SimpleNamespace(
+        run=SimpleNamespace(run_id=1), send_and_receive=lambda m, timeout: sent.extend(m) or []
+    )
+    context = Context(run_id=1, node_id=0, node_config={}, state=workflow_state(1), run_config={})
+    state = WorkflowState()
+    nodes = list(range(NODE, NODE + clients))
+    workflow = SecAggPlusWorkflow(num_shares, threshold)
+    workflow.setup_stage(grid, LegacyContext(context, strategy=_Capture(grid, nodes)), state)  # type: ignore[arg-type]
+    setup = sent[0].content[SECAGG_RECORD]
+    assert (setup["share_num"], setup["threshold"]) == (plan.shares, plan.threshold)
+    assert {len(n) for n in state.nid_to_neighbours.values()} == {plan.neighbours}
+
+
+def test_the_error_bound_by_hand() -> None:
+    # DP: w = 1, M = 1, T = 4 -> q = [4, 4], exact weights; (2 n c) / Q = (2 * 2 * 1) / 8
+    assert (
+        mean_error_bound([1, 1], max_weight=1, clipping_range=1, quantization_range=4, max_abs_update=9)
+        == 0.5
+    )
+    # M = 4, T = 10: q = [round(2.5), round(5.0)] = [2, 5]; sum |q - w T / M| = 0.5; D = 0.5
+    # (2 * 2 * 1 + 2 * 0.5 * 0.5) / 7
+    got = mean_error_bound([1, 2], max_weight=4, clipping_range=1, quantization_range=10, max_abs_update=0.5)
+    assert got == pytest.approx(4.5 / 7)
+
+
+def test_the_update_vector_is_trained_minus_sent_in_the_sent_order() -> None:
+    sent = {"b": np.array([1.0, 2.0], np.float32), "a": np.array([[0.5]], np.float32)}
+    trained = {"a": np.array([[0.75]], np.float32), "b": np.array([0.0, 2.5], np.float32)}
+    vector = update_vector(trained, sent)
+    assert [v.tolist() for v in vector] == [[-1.0, 0.5], [[0.25]]] and vector[0].dtype == np.float64
+    assert update_vector({"b": trained["b"]}, sent)[1].tolist() == [[0.0]]  # not sent back: did not train
+    with pytest.raises(ValueError, match="not sent"):
+        update_vector({**trained, "c": np.zeros(1)}, sent)
+
+
+def test_the_weights_scale() -> None:
+    cfg = load_config("configs/tiny.toml", list(SECAGG))
+    assert max_weight(cfg) == 16.0  # data.max_train_examples bounds a client's examples
+    dp = load_config("configs/tiny.toml", [*SECAGG, "privacy.dp=true", "privacy.noise_multiplier=1.0"])
+    assert max_weight(dp) == 1.0
+
+
+# -- refusals before a run directory exists -----------------------------------------
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["fed.strategy=median"], r"privacy\.secagg: fed\.strategy 'median' is not a weighted sum"),
+        (
+            ["privacy.secagg.reconstruction_threshold=3", "fed.fraction_train=0.5"],
+            r"reconstruction_threshold",
+        ),
+        (["partition.num_partitions=1"], r"privacy\.secagg: SecAgg\+ sums at least 2 clients"),
+        (["privacy.secagg.num_shares=4", "partition.num_partitions=5"], r"num_shares: a count must be odd"),
+        (["fed.clip_norm=1.0"], r"fed\.clip_norm: the server never sees one client's update"),
+    ],
+)
+def test_a_run_secagg_cannot_serve_is_refused_before_its_directory(
+    tmp_path: Path, overrides: list[str], match: str
+) -> None:
+    cfg = load_config("configs/tiny.toml", [*SECAGG, f"run.output_dir='{tmp_path}'", *overrides])
+    with pytest.raises(FedtuneError, match=match):
+        launch.run(cfg, progress=False)
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_threshold_check_counts_the_sampled_clients() -> None:
+    # 4 of 8 clients a round: 4 holders of each key, so 3 of them may rebuild it and 1 may drop out
+    over = [
+        *SECAGG,
+        "partition.num_partitions=8",
+        "fed.fraction_train=0.5",
+        "privacy.secagg.reconstruction_threshold=3",
+    ]
+    cfg = load_config("configs/tiny.toml", over)
+    check_strategy(cfg)
+    plan = check_secagg(cfg, 4)
+    assert (plan.shares, plan.threshold, plan.neighbours, plan.tolerated) == (4, 3, 4, 1)
+    with pytest.raises(FedtuneError, match=r"3 shares rebuild a key, but a client's key has only 2 holders"):
+        check_secagg(cfg, 2)
+
+
+# -- Flower's workflow and mod, fedtune's ClientApp, in this process --------------------
+class Loopback:
+    """A Grid that hands each message to fedtune's ClientApp here, with one Context per node.
+
+    ``lose``: (call, node) pairs whose reply never comes back (the node failed); calls count the
+    Grid's ``send_and_receive`` calls, which are the workflow's stages in order.
+    """
+
+    def __init__(self, clients: int) -> None:
+        self.run = SimpleNamespace(run_id=1)
+        self.contexts = {
+            NODE + p: Context(
+                run_id=1,
+                node_id=NODE + p,
+                node_config={"partition-id": p, "num-partitions": clients},
+                state=RecordDict(),
+                run_config={},
+            )
+            for p in range(clients)
+        }
+        self.lose: set[tuple[int, int]] = set()
+        self.replies: list[list[Message]] = []  # per call
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        from fedtune.federated.client_app import app
+
+        call, out = len(self.replies), []
+        for i, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"m{call}-{i}"  # as the runtime assigns
+            node = msg.metadata.dst_node_id
+            if (call, node) in self.lose:
+                continue
+            delivered = copy.deepcopy(msg)  # the runtime serialises: no record is shared between nodes
+            try:
+                out.append(app(delivered, self.contexts[node]))
+            except Exception as err:  # the runtime answers a raising ClientApp with an error reply
+                out.append(Message(Error(code=0, reason=repr(err)), reply_to=delivered))
+        self.replies.append(out)
+        return out
+
+
+def _strategy(cfg: Config) -> tuple[AdapterStrategy, ArrayRecord]:
+    """The strategy of ``cfg`` over its clients (node NODE + p) and the starting adapter."""
+    s = build_strategy(cfg, {NODE + p: p for p in range(cfg.partition.num_partitions)})
+    start = {k: v.numpy() for k, v in initial_adapter_state(cfg.model, seed=cfg.seed).items()}
+    return s, to_record(start, "float32")
+
+
+def _secure(cfg: Config, grid: Any) -> SecureResult:
+    """Round 1's training through SecAgg+ (its instructions are those of the plain round)."""
+    s, arrays = _strategy(cfg)
+    return secure_round(grid, s.configure_train(1, arrays, ConfigRecord(), grid), cfg)
+
+
+def _fedavg(
+    plain: dict[int, tuple[dict[str, np.ndarray], int]], pids: Iterable[int]
+) -> dict[str, np.ndarray]:
+    """sum w_i d_i / sum w_i over ``pids``, in float64."""
+    total = sum(plain[p][1] for p in pids)
+    return {k: sum(plain[p][1] * plain[p][0][k] for p in pids) / total for k in plain[0][0]}
+
+
+def _bound(cfg: Config, plain: dict[int, tuple[dict[str, np.ndarray], int]], pids: list[int]) -> float:
+    """The stated bound for these clients, after checking that the quantiser clips none of them."""
+    sec, m = cfg.privacy.secagg, max_weight(cfg)
+    for p in pids:
+        delta, w = plain[p]
+        ratio = round(w / m * sec.quantization_range) / sec.quantization_range
+        assert ratio * max(np.abs(v).max() for v in delta.values()) <= sec.clipping_range
+    return mean_error_bound(
+        [plain[p][1] for p in pids],
+        max_weight=m,
+        clipping_range=sec.clipping_range,
+        quantization_range=sec.quantization_range,
+        max_abs_update=max(np.abs(v).max() for p in pids for v in plain[p][0].values()),
+    )
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory: pytest.TempPathFactory) -> Config:
+    return load_config("configs/tiny.toml", [*SECAGG, f"run.output_dir='{tmp_path_factory.mktemp('runs')}'"])
+
+
+@pytest.fixture(scope="module")
+def plain(cfg: Config) -> dict[int, tuple[dict[str, np.ndarray], int]]:
+    """A plain round of the tiny model over 4 clients: partition id -> (update, examples)."""
+    s, arrays = _strategy(cfg)
+    grid = Loopback(4)
+    messages = list(s.configure_train(1, arrays, ConfigRecord(), grid))
+    sent = {m.metadata.dst_node_id: from_record(read_instruction(m).adapter) for m in messages}
+    out = {}
+    for msg in grid.send_and_receive(messages):
+        reply = read_reply(msg, TrainReply)
+        start, trained = sent[msg.metadata.src_node_id], from_record(reply.adapter)
+        out[reply.partition_id] = (
+            dict(zip(start, update_vector(trained, start), strict=True)),
+            reply.num_examples,
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def secure(cfg: Config) -> tuple[SecureResult, Loopback]:
+    grid = Loopback(4)
+    return _secure(cfg, grid), grid
+
+
+def test_the_secure_mean_is_fedavg_of_the_same_clients_within_the_bound(cfg, plain, secure) -> None:
+    result, _ = secure
+    want, bound = _fedavg(plain, range(4)), _bound(cfg, plain, [0, 1, 2, 3])
+    assert [r.partition_id for r in result.replies] == [0, 1, 2, 3]
+    assert result.weights == [plain[p][1] for p in range(4)] and result.dropped == []
+    assert all(r.adapter.count_bytes() == 0 and r.train_loss > 0 for r in result.replies)
+    error = max(np.abs(result.mean_update[k] - want[k]).max() for k in want)
+    assert error <= bound
+    assert bound < 1e-3 * max(np.abs(v).max() for v in want.values())  # the bound says something
