@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
+from fedtune import launch
+from fedtune.config import load_config
+from fedtune.errors import FedtuneError
 from fedtune.privacy.accounting import Ledger
 from test_e2e import fedtune, resume_after_round_1, same_adapter, tiny_run
 
@@ -38,6 +43,17 @@ def test_epsilon_is_in_every_round_line_the_report_and_final(dp_run: Path) -> No
     assert (dp_run / "report" / "privacy.png").is_file()
 
 
+def test_the_run_stops_cleanly_before_a_round_would_pass_the_target(tmp_path: Path) -> None:
+    ledger = Ledger(3, 1 / 3**1.1, sampling="fixed", accountant="rdp")
+    ledger.compose(1.0, 2)
+    one_round = ledger.epsilon()  # a target between one round's ε and two rounds'
+    run = tiny_run(tmp_path, *DP, f"privacy.target_epsilon={one_round * 1.05}")
+    assert json.loads((run / "state.json").read_text())["last_round"] == 1
+    assert "privacy budget" in json.loads((run / "state.json").read_text())["stopped"]
+    privacy = json.loads((run / "final" / "privacy.json").read_text())
+    assert privacy["rounds_accounted"] == 1 and privacy["epsilon"] == pytest.approx(one_round)
+
+
 def test_resume_continues_the_same_epsilon_and_adapter(dp_run: Path, tmp_path: Path) -> None:
     resumed = resume_after_round_1(dp_run, tmp_path / "copy")
     assert same_adapter(dp_run / "final", resumed / "final")
@@ -54,14 +70,44 @@ def test_resume_continues_the_same_epsilon_and_adapter(dp_run: Path, tmp_path: P
         (("privacy.dp=true", "privacy.noise_multiplier=1.0", "privacy.delta=2.0"), "privacy.delta"),
         (("privacy.dp=true", "privacy.noise_multiplier=1.0", "privacy.clip_norm=0"), "privacy.clip_norm"),
         (("privacy.dp=true", "privacy.noise_multiplier=1.0", "fed.strategy='median'"), "fed.strategy"),
-        (("privacy.dp=true", "privacy.target_epsilon=1e-9"), "privacy.target_epsilon"),
+        (  # the clipped count's noise alone would spend more than the target allows
+            (
+                "privacy.dp=true",
+                "privacy.target_epsilon=1.0",
+                "privacy.adaptive_clipping=true",
+                "privacy.clipped_count_stddev=0.1",
+            ),
+            "privacy.clipped_count_stddev",
+        ),
+        (
+            ("privacy.dp=true", "privacy.noise_multiplier=0.3", "privacy.target_epsilon=0.01"),
+            "privacy.target_epsilon",
+        ),
+        (
+            ("privacy.dp=true", "privacy.noise_multiplier=1.0", "fed.outlier_norm_factor=3.0"),
+            "fed.outlier_norm_factor",
+        ),
     ],
 )
 def test_bad_privacy_settings_are_refused_before_a_run_directory(
     tmp_path: Path, overrides: tuple[str, ...], key: str
 ) -> None:
-    sets = [x for o in (f"run.output_dir='{tmp_path}'", *overrides) for x in ("--set", o)]
-    proc = fedtune("run", "--config", "configs/tiny.toml", "--no-progress", *sets)
-    assert proc.returncode != 0
-    assert key in proc.stderr
+    with pytest.raises((FedtuneError, ValidationError), match=re.escape(key)):
+        launch.run(load_config("configs/tiny.toml", [f"run.output_dir='{tmp_path}'", *overrides]))
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_cli_exits_non_zero_on_a_bad_privacy_setting(tmp_path: Path) -> None:
+    sets = [
+        "--set",
+        f"run.output_dir='{tmp_path}'",
+        "--set",
+        "privacy.dp=true",
+        "--set",
+        "fed.strategy='krum'",
+    ]
+    proc = fedtune(
+        "run", "--config", "configs/tiny.toml", "--no-progress", "--set", "privacy.noise_multiplier=1", *sets
+    )
+    assert proc.returncode != 0 and "fed.strategy" in proc.stderr
     assert not any(tmp_path.iterdir())

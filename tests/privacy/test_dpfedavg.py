@@ -59,7 +59,9 @@ def test_adaptive_clip_moves_towards_the_quantile() -> None:
     )
     assert share == pytest.approx(1.0)
     assert new == pytest.approx(2.0 * math.exp(-0.1))
-    grown, _ = adaptive_clip(2.0, 0, expected_size=4, count_std=1e-12, target_quantile=0.5, clip_lr=0.2, rng=rng)
+    grown, _ = adaptive_clip(
+        2.0, 0, expected_size=4, count_std=1e-12, target_quantile=0.5, clip_lr=0.2, rng=rng
+    )
     assert grown == pytest.approx(2.0 * math.exp(0.1))
 
 

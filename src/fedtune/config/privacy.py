@@ -39,7 +39,9 @@ class LocalDpConfig(_Section):
 class SecAggConfig(_Section):
     """``privacy.secagg``: Flower's SecAgg+; the server learns only the sum of the sampled updates."""
 
-    enabled: bool = Field(False, description="aggregate the clients' updates with SecAgg+ (sum-type strategies)")
+    enabled: bool = Field(
+        False, description="aggregate the clients' updates with SecAgg+ (sum-type strategies)"
+    )
     num_shares: float = Field(
         1.0,
         gt=0,
@@ -71,18 +73,25 @@ class PrivacyConfig(_Section):
         "a share of it (for SecAgg+: the server never sees an un-noised sum)",
     )
     clip_norm: float = Field(
-        1.0, gt=0, description="L2 bound on each client's update (its adapter minus the global); adaptive: the start"
+        1.0,
+        gt=0,
+        description="L2 bound on each client's update (its adapter minus the global); adaptive: the start",
     )
     adaptive_clipping: bool = Field(
         False, description="move the clip norm towards a quantile of the update norms (Andrew et al.)"
     )
-    target_quantile: float = Field(0.5, gt=0, lt=1, description="adaptive: the quantile of update norms tracked")
+    target_quantile: float = Field(
+        0.5, gt=0, lt=1, description="adaptive: the quantile of update norms tracked"
+    )
     clip_lr: float = Field(0.2, gt=0, description="adaptive: step size of the geometric clip-norm update")
     clipped_count_stddev: float | None = Field(
         None, gt=0, description="adaptive: noise std on the count of unclipped updates (unset: cohort / 20)"
     )
     noise_multiplier: float | None = Field(
-        None, gt=0, description="noise std over the clip norm (or set privacy.target_epsilon)"
+        None,
+        gt=0,
+        description="noise std over the clip norm; with privacy.target_epsilon as well, the run stops "
+        "before a round would pass the target",
     )
     target_epsilon: float | None = Field(
         None, gt=0, description="ε over the planned rounds: the noise is calibrated to it before round 1"
@@ -107,8 +116,8 @@ class PrivacyConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> PrivacyConfig:
-        if self.dp and (self.noise_multiplier is None) == (self.target_epsilon is None):
-            raise ValueError("privacy: set exactly one of privacy.noise_multiplier and privacy.target_epsilon")
+        if self.dp and self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError("privacy: privacy.dp needs privacy.target_epsilon or privacy.noise_multiplier")
         if self.dp and self.noise == "client" and self.adaptive_clipping:
             raise ValueError(
                 "privacy.adaptive_clipping: needs privacy.noise = 'server' (the clipped-count noise is "

@@ -1,1 +1,1 @@
-"""Privacy: client-level DP-FedAvg with ε accounting, DP-SGD on clients, secure aggregation (docs/privacy.md)."""
+"""Privacy: client-level DP-FedAvg with ε accounting, DP-SGD on clients, SecAgg+ (docs/privacy.md)."""

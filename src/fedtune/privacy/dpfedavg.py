@@ -123,8 +123,10 @@ def cohort_size(num_clients: int, fraction: float, minimum: int) -> int:
 def dp_sample(
     partition_ids: Iterable[int], size: int, method: str, rng: np.random.Generator
 ) -> list[int]:
-    """The round's clients: ``size`` of them without replacement ("fixed"), or each with
-    probability ``size / N`` ("poisson"); sorted partition ids."""
+    """The round's clients as sorted partition ids.
+
+    ``size`` of them without replacement ("fixed"), or each with probability ``size / N`` ("poisson").
+    """
     ids = sorted(partition_ids)
     if method == "fixed":
         return sorted(int(i) for i in rng.choice(ids, size=min(size, len(ids)), replace=False))

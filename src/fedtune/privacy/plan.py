@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from fedtune.config import Config
 from fedtune.errors import FedtuneError
-from fedtune.privacy.accounting import adaptive_noise, calibrate_noise, default_delta
+from fedtune.privacy.accounting import Ledger, adaptive_noise, calibrate_noise, default_delta
 from fedtune.privacy.dpfedavg import cohort_size
 
 
@@ -52,6 +52,13 @@ def dp_plan(cfg: Config) -> DpPlan:
     delta = privacy.delta if privacy.delta is not None else default_delta(population)
     if privacy.noise_multiplier is not None:
         z = privacy.noise_multiplier
+        if privacy.target_epsilon is not None:  # a budget the run stops at: one round must fit
+            ledger = Ledger(population, delta, sampling=privacy.sampling, accountant=privacy.accountant)
+            if ledger.would_exceed(z, cohort, privacy.target_epsilon):
+                raise FedtuneError(
+                    f"privacy.target_epsilon={privacy.target_epsilon}: one round at privacy.noise_multiplier="
+                    f"{z} already spends more; raise the noise or the target"
+                )
     else:
         assert privacy.target_epsilon is not None  # the config's validator
         z = calibrate_noise(
