@@ -29,14 +29,16 @@ from fedtune.federated.aggregation.secagg import (
     secagg_plan,
     update_vector,
 )
-from fedtune.federated.protocol import TrainReply, read_instruction, read_reply
+from fedtune.federated.protocol import Job, TrainReply, read_instruction, read_reply
 from fedtune.federated.protocol.messages import SECAGG_RECORD
+from fedtune.federated.protocol.secagg import reply_metrics
 from fedtune.federated.records import from_record, to_record
-from fedtune.federated.secagg import SecureResult, secure_round
+from fedtune.federated.secagg import STAGES, SecureResult, secure_round
 from fedtune.federated.strategies import AdapterStrategy, build_strategy, check_strategy
 from fedtune.models.adapters import initial_adapter_state
 
 NODE = 1000  # node id of partition p is NODE + p
+Plain = dict[int, tuple[dict[str, np.ndarray], int, dict[str, np.ndarray]]]
 SECAGG = ("partition.num_partitions=4", "privacy.secagg.enabled=true", "fed.rounds=1")
 FITRES = {"fitres.metrics", "fitres.num_examples", "fitres.parameters", "fitres.status"}  # Flower's layout
 
@@ -152,6 +154,9 @@ def test_the_threshold_check_counts_the_sampled_clients() -> None:
 
 
 # -- Flower's workflow and mod, fedtune's ClientApp, in this process --------------------
+IN_PROCESS = pytest.mark.integration  # tiny-model training in this process: seconds per round
+
+
 class Loopback:
     """A Grid that hands each message to fedtune's ClientApp here, with one Context per node.
 
@@ -205,19 +210,17 @@ def _secure(cfg: Config, grid: Any) -> SecureResult:
     return secure_round(grid, s.configure_train(1, arrays, ConfigRecord(), grid), cfg)
 
 
-def _fedavg(
-    plain: dict[int, tuple[dict[str, np.ndarray], int]], pids: Iterable[int]
-) -> dict[str, np.ndarray]:
+def _fedavg(plain: Plain, pids: Iterable[int]) -> dict[str, np.ndarray]:
     """sum w_i d_i / sum w_i over ``pids``, in float64."""
     total = sum(plain[p][1] for p in pids)
     return {k: sum(plain[p][1] * plain[p][0][k] for p in pids) / total for k in plain[0][0]}
 
 
-def _bound(cfg: Config, plain: dict[int, tuple[dict[str, np.ndarray], int]], pids: list[int]) -> float:
+def _bound(cfg: Config, plain: Plain, pids: list[int]) -> float:
     """The stated bound for these clients, after checking that the quantiser clips none of them."""
     sec, m = cfg.privacy.secagg, max_weight(cfg)
     for p in pids:
-        delta, w = plain[p]
+        delta, w, _ = plain[p]
         ratio = round(w / m * sec.quantization_range) / sec.quantization_range
         assert ratio * max(np.abs(v).max() for v in delta.values()) <= sec.clipping_range
     return mean_error_bound(
@@ -235,8 +238,8 @@ def cfg(tmp_path_factory: pytest.TempPathFactory) -> Config:
 
 
 @pytest.fixture(scope="module")
-def plain(cfg: Config) -> dict[int, tuple[dict[str, np.ndarray], int]]:
-    """A plain round of the tiny model over 4 clients: partition id -> (update, examples)."""
+def plain(cfg: Config) -> Plain:
+    """A plain round of the tiny model over 4 clients: partition id -> (update, examples, trained adapter)."""
     s, arrays = _strategy(cfg)
     grid = Loopback(4)
     messages = list(s.configure_train(1, arrays, ConfigRecord(), grid))
@@ -245,10 +248,8 @@ def plain(cfg: Config) -> dict[int, tuple[dict[str, np.ndarray], int]]:
     for msg in grid.send_and_receive(messages):
         reply = read_reply(msg, TrainReply)
         start, trained = sent[msg.metadata.src_node_id], from_record(reply.adapter)
-        out[reply.partition_id] = (
-            dict(zip(start, update_vector(trained, start), strict=True)),
-            reply.num_examples,
-        )
+        delta = dict(zip(start, update_vector(trained, start), strict=True))
+        out[reply.partition_id] = (delta, reply.num_examples, trained)
     return out
 
 
@@ -258,6 +259,7 @@ def secure(cfg: Config) -> tuple[SecureResult, Loopback]:
     return _secure(cfg, grid), grid
 
 
+@IN_PROCESS
 def test_the_secure_mean_is_fedavg_of_the_same_clients_within_the_bound(cfg, plain, secure) -> None:
     result, _ = secure
     want, bound = _fedavg(plain, range(4)), _bound(cfg, plain, [0, 1, 2, 3])
@@ -267,3 +269,105 @@ def test_the_secure_mean_is_fedavg_of_the_same_clients_within_the_bound(cfg, pla
     error = max(np.abs(result.mean_update[k] - want[k]).max() for k in want)
     assert error <= bound
     assert bound < 1e-3 * max(np.abs(v).max() for v in want.values())  # the bound says something
+
+
+def _error(result: SecureResult, want: dict[str, np.ndarray]) -> float:
+    return max(float(np.abs(result.mean_update[k] - want[k]).max()) for k in want)
+
+
+@IN_PROCESS
+def test_a_client_lost_after_training_is_left_out_and_the_round_completes(cfg, plain) -> None:
+    grid = Loopback(4)
+    grid.lose = {(2, NODE + 1)}  # its masked vector never arrives
+    result = _secure(cfg, grid)
+    assert result.dropped == [NODE + 1] and result.survivors == [NODE, NODE + 2, NODE + 3]
+    assert [r.partition_id for r in result.replies] == [0, 2, 3]
+    assert _error(result, _fedavg(plain, [0, 2, 3])) <= _bound(cfg, plain, [0, 2, 3])
+
+
+@IN_PROCESS
+def test_a_client_that_fails_while_training_is_left_out(cfg, plain, monkeypatch) -> None:
+    from fedtune.federated import client_app
+
+    train = client_app.TRAIN[Job.PLAIN]
+
+    def fails_on_2(task):
+        if task.partition_id == 2:
+            raise RuntimeError("out of memory")
+        return train(task)
+
+    monkeypatch.setitem(client_app.TRAIN, Job.PLAIN, fails_on_2)
+    result = _secure(cfg, Loopback(4))
+    assert result.dropped == [NODE + 2]
+    assert _error(result, _fedavg(plain, [0, 1, 3])) <= _bound(cfg, plain, [0, 1, 3])
+
+
+@IN_PROCESS
+def test_a_client_lost_while_unmasking_still_counts(cfg, plain) -> None:
+    grid = Loopback(4)
+    grid.lose = {(3, NODE + 3)}  # its vector is in the sum; the others' shares remove its mask
+    result = _secure(cfg, grid)
+    assert result.dropped == [] and len(result.bytes_up[NODE + 3]) == 3
+    assert _error(result, _fedavg(plain, range(4))) <= _bound(cfg, plain, [0, 1, 2, 3])
+
+
+@IN_PROCESS
+def test_more_dropouts_than_the_threshold_allows_stop_the_round_clearly(cfg) -> None:
+    grid = Loopback(4)
+    grid.lose = {(2, NODE + p) for p in (1, 2, 3)}  # 1 left; 2 shares rebuild a key
+    with pytest.raises(FedtuneError, match=r"halted in stage 'collect masked vectors' \(1 of 4 clients"):
+        _secure(cfg, grid)
+
+
+FLOWER_KEYS = {  # what Flower's mod puts in its record at each stage
+    "setup": {"pk1", "pk2"},
+    "share keys": {"dsts", "ctxts"},
+    "collect masked vectors": {"masked_params"},
+    "unmask": {"nids", "shares"},
+}
+
+
+def _blobs(reply: Message) -> list[bytes]:
+    """Every byte string in a reply: array data and bytes values (lists included)."""
+    out: list[bytes] = []
+    for record in reply.content.values():
+        for value in record.values():
+            if isinstance(record, ArrayRecord):
+                out.append(value.data)
+            else:
+                out += [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, bytes)]
+    return out
+
+
+@IN_PROCESS
+def test_what_a_client_sends_under_secagg(cfg, plain, secure) -> None:
+    result, grid = secure
+    metrics = set(reply_metrics(result.replies[0]))  # the scalar fields of a TrainReply
+    assert len(grid.replies) == len(STAGES)
+    for stage, replies in zip(STAGES, grid.replies, strict=True):
+        for reply in replies:
+            assert not reply.has_error()
+            content = reply.content
+            assert set(content) == (
+                {SECAGG_RECORD} | (FITRES if stage == "collect masked vectors" else set())
+            )
+            assert set(content[SECAGG_RECORD]) == FLOWER_KEYS[stage]
+            assert all(
+                len(r) == 0 for r in content.values() if isinstance(r, ArrayRecord)
+            )  # emptied by the mod
+            if stage == "collect masked vectors":
+                assert set(content["fitres.metrics"]) == metrics
+                assert all(isinstance(v, int | float) for v in content["fitres.metrics"].values())
+    needles = set()  # 16 bytes of every trained tensor (as sent in a plain round) and every update
+    for delta, _, trained in plain.values():
+        for key in delta:
+            for arr in (
+                trained[key].astype(np.float16),
+                trained[key],
+                delta[key],
+                delta[key].astype(np.float32),
+            ):
+                if np.any(arr.ravel()[:2]):
+                    needles.add(np.ascontiguousarray(arr).tobytes()[:16])
+    blobs = [b for replies in grid.replies for reply in replies for b in _blobs(reply)]
+    assert blobs and not any(n in b for n in needles for b in blobs)
