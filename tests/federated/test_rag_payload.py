@@ -11,16 +11,14 @@ reply may carry text, and then only the client's own training cases.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from federated.payload import ADAPTER_KEY, RecordingGrid, leaks, needles
 from fedtune.config import Config, load_config
 from fedtune.data.pipeline import client_conversations
 from fedtune.federated.case_search import SearchResult, federated_search
@@ -32,66 +30,6 @@ from fedtune.rag.client import reference_base
 from fedtune.rundir import RunDir
 
 pytestmark = pytest.mark.integration  # a Flower simulation (Ray)
-
-ADAPTER_KEY = re.compile(r"\.lora_[AB]\.weight$")
-NEEDLE = 24  # characters from each end of a text: long enough never to occur by chance
-
-
-class _RecordingGrid:
-    """The ServerApp's Grid, keeping every reply the clients send back."""
-
-    def __init__(self, grid: Grid) -> None:
-        self._grid = grid
-        self.replies: list[Message] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-        got = list(self._grid.pull_messages(message_ids))
-        self.replies += got
-        return got
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        got = list(self._grid.send_and_receive(messages, timeout=timeout))
-        self.replies += got
-        return got
-
-
-def _payload(reply: Message) -> tuple[list[str], list[bytes]]:
-    """Every string and byte string in a reply: record names, keys, values, array bytes, error text."""
-    if reply.has_error():
-        return [reply.error.reason or ""], []
-    strings, blobs = [], []
-    for name, record in reply.content.items():
-        strings.append(name)
-        if isinstance(record, ArrayRecord):
-            for key, array in record.items():
-                strings.append(key)
-                blobs.append(array.data)
-            continue
-        for key, value in record.items():
-            strings.append(key)
-            for v in value if isinstance(value, list) else [value]:
-                if isinstance(v, str):
-                    strings.append(v)
-                elif isinstance(v, bytes):
-                    blobs.append(v)
-    return strings, blobs
-
-
-def _needles(texts: Iterable[str]) -> set[str]:
-    out = set()
-    for text in texts:
-        text = text.strip()
-        if len(text) >= 8:
-            out |= {text[:NEEDLE], text[-NEEDLE:]}
-    return out
-
-
-def _leaks(reply: Message, needles: set[str]) -> set[str]:
-    strings, blobs = _payload(reply)
-    return {n for n in needles if any(n in s for s in strings) or any(n.encode() in b for b in blobs)}
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +47,7 @@ def audited(
 
     @server.main()
     def _main(grid: Grid, context: Context) -> None:
-        rec = _RecordingGrid(grid)
+        rec = RecordingGrid(grid)
         run_federation(rec, cfg, RunDir.create(cfg), progress=False)  # type: ignore[arg-type]
         nodes = list(grid.get_node_ids())
         searches["shared"] = federated_search(rec, nodes, shared, question, 2)  # type: ignore[arg-type]
@@ -139,7 +77,7 @@ def test_train_evaluate_and_discovery_replies_carry_adapters_and_numbers_only(au
     kb = reference_base(cfg.rag)
     assert kb is not None
     private = set().union(*(texts for _, texts in _client_texts(cfg).values()))
-    needles = _needles(private | {p.text for p in kb.passages})
+    private_text = needles(private | {p.text for p in kb.passages})
     for reply in (r for r in replies if r.metadata.message_type != CASE_QUERY):
         assert not reply.has_error(), reply.error.reason
         assert set(reply.content.keys()) <= {"arrays", "metrics"}
@@ -151,7 +89,7 @@ def test_train_evaluate_and_discovery_replies_carry_adapters_and_numbers_only(au
             assert isinstance(arrays, ArrayRecord)
             assert all(ADAPTER_KEY.search(k) and "personal" not in k for k in arrays)  # the global adapter
             assert all(np.issubdtype(a.numpy().dtype, np.floating) for a in arrays.values())
-        assert not _leaks(reply, needles), reply.metadata.message_type
+        assert not leaks(reply, private_text), reply.metadata.message_type
 
 
 def test_a_case_query_is_refused_unless_shared_and_then_carries_only_own_training_cases(audited) -> None:
@@ -161,10 +99,10 @@ def test_a_case_query_is_refused_unless_shared_and_then_carries_only_own_trainin
     errors = [r for r in case_replies if r.has_error()]
     answers = [r for r in case_replies if not r.has_error()]
     assert len(errors) == 2 and len(answers) == 2
-    everything = _needles(set().union(*(t for _, t in texts.values())))
+    everything = needles(set().union(*(t for _, t in texts.values())))
     for reply in errors:  # the refusal says why, and nothing of what the base holds
         assert "share_case_base is off" in (reply.error.reason or "")
-        assert not _leaks(reply, everything)
+        assert not leaks(reply, everything)
     unshared = searches["unshared"]
     assert unshared.passages == [] and unshared.answered == () and len(unshared.refused) == 2
     shared = searches["shared"]
@@ -173,7 +111,7 @@ def test_a_case_query_is_refused_unless_shared_and_then_carries_only_own_trainin
     for p in shared.passages:  # a client's own training cases, nothing held out, no reference text
         assert all(p.text in texts[pid][0] for pid in p.clients)
     for reply in answers:  # the audit sees the shared text (so it would see a leak elsewhere)
-        assert _leaks(reply, _needles(set().union(*(c for c, _ in texts.values()))))
+        assert leaks(reply, needles(set().union(*(c for c, _ in texts.values()))))
 
 
 def test_the_run_wrote_its_round(audited) -> None:
