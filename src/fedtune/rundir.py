@@ -200,7 +200,7 @@ class RunDir:
 
     def privacy(self) -> dict[str, Any] | None:
         """``final/privacy.json``, or None for a run without client-level DP."""
-        path = self.final_dir / PRIVACY
+        path = self.path / FINAL / PRIVACY
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
     # -- metrics ------------------------------------------------------------------

@@ -17,7 +17,13 @@ from test_e2e import fedtune, resume_after_round_1, same_adapter, tiny_run
 
 pytestmark = pytest.mark.integration
 
-DP = ("privacy.dp=true", "privacy.noise_multiplier=1.0", "privacy.clip_norm=0.5", "fed.fraction_train=0.67")
+DP = (
+    "privacy.dp=true",
+    "privacy.sampling='fixed'",
+    "privacy.noise_multiplier=1.0",
+    "privacy.clip_norm=0.5",
+    "fed.fraction_train=0.67",
+)
 
 
 @pytest.fixture(scope="module")

@@ -55,14 +55,29 @@ def test_adaptive_clip_moves_towards_the_quantile() -> None:
     # all 4 of 4 within, no count noise: b = 1, C · exp(-0.2 · (1 - 0.5)) = C · e^-0.1
     rng = np.random.default_rng(0)
     new, share = adaptive_clip(
-        2.0, 4, expected_size=4, count_std=1e-12, target_quantile=0.5, clip_lr=0.2, rng=rng
+        2.0, 4, 4, expected_size=4, count_std=1e-12, target_quantile=0.5, clip_lr=0.2, rng=rng
     )
     assert share == pytest.approx(1.0)
     assert new == pytest.approx(2.0 * math.exp(-0.1))
     grown, _ = adaptive_clip(
-        2.0, 0, expected_size=4, count_std=1e-12, target_quantile=0.5, clip_lr=0.2, rng=rng
+        2.0, 0, 4, expected_size=4, count_std=1e-12, target_quantile=0.5, clip_lr=0.2, rng=rng
     )
     assert grown == pytest.approx(2.0 * math.exp(0.1))
+
+
+def test_adaptive_clip_centres_the_bits_on_the_expected_cohort() -> None:
+    # 3 of 2 expected replied (Poisson), all within: (3 - 3/2) / 2 + 1/2 = 1.25
+    _, share = adaptive_clip(
+        1.0,
+        3,
+        3,
+        expected_size=2,
+        count_std=1e-12,
+        target_quantile=0.5,
+        clip_lr=0.2,
+        rng=np.random.default_rng(0),
+    )
+    assert share == pytest.approx(1.25)
 
 
 def test_cohort_size_follows_fraction_and_minimum() -> None:

@@ -32,7 +32,7 @@ from fedtune.rundir import RunDir
 
 pytestmark = pytest.mark.integration  # a Flower simulation (Ray) per mode
 
-DP = ("privacy.dp=true", "privacy.noise_multiplier=1.0", "privacy.clip_norm=0.05")
+DP = ("privacy.dp=true", "privacy.sampling='fixed'", "privacy.noise_multiplier=1.0", "privacy.clip_norm=0.05")
 MODES = {
     "plain": (),
     "dp": DP,

@@ -105,9 +105,10 @@ class PrivacyConfig(_Section):
         "or pld (dp-accounting's, tighter); both are reported",
     )
     sampling: Literal["fixed", "poisson"] = Field(
-        "fixed",
-        description="DP client sampling: fixed-size (fed.fraction_train of the clients, without "
-        "replacement) or poisson (each client with probability fed.fraction_train)",
+        "poisson",
+        description="DP client sampling: poisson (each client with probability m / N, m the cohort "
+        "fed.fraction_train gives) or fixed (m clients without replacement; accounted as replace-one, "
+        "where a client's update moves the sum by up to 2 C, so it costs more ε for the same noise)",
     )
     local_dp: LocalDpConfig = Field(
         default_factory=LocalDpConfig, description="Sample-level DP-SGD on each client."
@@ -118,6 +119,16 @@ class PrivacyConfig(_Section):
     def _consistent(self) -> PrivacyConfig:
         if self.dp and self.noise_multiplier is None and self.target_epsilon is None:
             raise ValueError("privacy: privacy.dp needs privacy.target_epsilon or privacy.noise_multiplier")
+        if self.dp and self.accountant == "pld" and self.sampling == "fixed":
+            raise ValueError(
+                "privacy.accountant: 'pld' needs privacy.sampling = 'poisson' (dp-accounting's PLD has no "
+                "fixed-size sampling); use 'rdp'"
+            )
+        if self.dp and self.secagg.enabled and self.adaptive_clipping:
+            raise ValueError(
+                "privacy.adaptive_clipping: not with privacy.secagg (each client's clipped-count bit "
+                "would reach the server in the clear)"
+            )
         if self.dp and self.noise == "client" and self.adaptive_clipping:
             raise ValueError(
                 "privacy.adaptive_clipping: needs privacy.noise = 'server' (the clipped-count noise is "

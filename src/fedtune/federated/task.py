@@ -128,7 +128,7 @@ def make_task(msg: Message, context: Context) -> Task:
     return Task(inst, cfg, node, root, start)
 
 
-def train_reply(task: Task, arrays: ArrayRecord, result: TrainResult, **extra: float) -> TrainReply:
+def train_reply(task: Task, arrays: ArrayRecord, result: TrainResult, **extra: Any) -> TrainReply:
     """The reply to a train instruction: the adapter and the round's training metrics."""
     return TrainReply(
         partition_id=task.partition_id,

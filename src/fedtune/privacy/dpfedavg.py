@@ -99,6 +99,7 @@ def noised_mean(
 def adaptive_clip(
     clip_norm: float,
     within: int,
+    count: int,
     *,
     expected_size: float,
     count_std: float,
@@ -108,10 +109,13 @@ def adaptive_clip(
 ) -> tuple[float, float]:
     """Andrew et al.'s geometric update: ``C · exp(−η (b̃ − γ))`` with ``b̃`` the noised share within.
 
-    ``within`` is how many updates had norm ≤ ``clip_norm``; ``b̃ = (within + N(0, σ_b²)) / m``.
-    Returns the new clip norm and ``b̃``.
+    ``within`` of the ``count`` updates had norm ≤ ``clip_norm``. Each client's bit is centred,
+    ``b_i − ½``, so one client more or less moves the released sum by ½ whatever its bit (the
+    sensitivity Andrew et al.'s ``2σ_b`` accounting assumes):
+    ``b̃ = (Σ (b_i − ½) + N(0, σ_b²)) / m + ½``. Returns the new clip norm and ``b̃``.
     """
-    share = (within + float(rng.normal(0.0, count_std))) / expected_size
+    centred = within - count / 2 + float(rng.normal(0.0, count_std))
+    share = centred / expected_size + 0.5
     return clip_norm * math.exp(-clip_lr * (share - target_quantile)), share
 
 
@@ -120,9 +124,7 @@ def cohort_size(num_clients: int, fraction: float, minimum: int) -> int:
     return min(num_clients, max(minimum, math.floor(fraction * num_clients)))
 
 
-def dp_sample(
-    partition_ids: Iterable[int], size: int, method: str, rng: np.random.Generator
-) -> list[int]:
+def dp_sample(partition_ids: Iterable[int], size: int, method: str, rng: np.random.Generator) -> list[int]:
     """The round's clients as sorted partition ids.
 
     ``size`` of them without replacement ("fixed"), or each with probability ``size / N`` ("poisson").

@@ -80,11 +80,18 @@ class ServerDp:
 
     # -- after a round ------------------------------------------------------------------
     def aggregate(
-        self, deltas: Sequence[Arrays], within: Sequence[bool], template: Arrays, server_round: int
+        self,
+        deltas: Sequence[Arrays],
+        within: Sequence[bool],
+        template: Arrays,
+        server_round: int,
+        *,
+        count: int | None = None,
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """The noised mean update of the round and the round's privacy figures.
 
-        ``deltas`` are the accepted, clipped updates; ``within`` their clipped-count bits.
+        ``deltas`` are the accepted, clipped updates (or, under SecAgg+, their sum alone, with
+        ``count`` the clients in it); ``within`` their clipped-count bits.
         Composes the round's privacy event (also when no update arrived, since the noise is
         released anyway), then moves the clip norm when adaptive.
         """
@@ -94,11 +101,11 @@ class ServerDp:
         mean, noise_norm = noised_mean(
             deltas, template, expected_size=p.cohort, noise_std=noise_std, rng=self._rng(server_round, _NOISE)
         )
-        z = p.noise_multiplier
+        z, count = p.noise_multiplier, len(deltas) if count is None else count
         if client_noise:  # the shares that arrived: fewer replies, less noise
-            z *= math.sqrt(len(deltas) / p.cohort)
+            z *= math.sqrt(count / p.cohort)
             dims = sum(v.size for v in template.values())
-            noise_norm = p.update_noise * self.clip_norm * math.sqrt(dims * len(deltas)) / p.cohort
+            noise_norm = p.update_noise * self.clip_norm * math.sqrt(dims * count) / p.cohort
         if z > 0:
             self.ledger.compose(z, p.cohort)
         figures: dict[str, Any] = {"noise_multiplier": z, "clip_norm": self.clip_norm}
@@ -109,6 +116,7 @@ class ServerDp:
             self.clip_norm, figures["within_share"] = adaptive_clip(
                 self.clip_norm,
                 sum(within),
+                len(within),
                 expected_size=p.cohort,
                 count_std=p.count_std,
                 target_quantile=self.cfg.privacy.target_quantile,

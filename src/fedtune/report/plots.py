@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -109,7 +110,12 @@ def plot_bytes(records: Sequence[MetricRecord], path: Path | str) -> Path:
 def plot_privacy(records: Sequence[MetricRecord], path: Path | str) -> Path:
     """ε spent after each round (client-level DP), by each accountant. Returns ``path``."""
     fig, ax = _new_axes("Privacy spent (client-level DP)", "ε")
-    for label, key in (("ε (run's accountant)", "epsilon"), ("RDP", "epsilon_rdp"), ("PLD", "epsilon_pld")):
+    keys: tuple[tuple[str, Literal["epsilon", "epsilon_rdp", "epsilon_pld"]], ...] = (
+        ("ε (run's accountant)", "epsilon"),
+        ("RDP", "epsilon_rdp"),
+        ("PLD", "epsilon_pld"),
+    )
+    for label, key in keys:
         if curve := server_curve(records, key):
             rounds, values = zip(*curve, strict=True)
             style = {"linewidth": 2.5} if key == "epsilon" else {"linestyle": "--"}

@@ -14,7 +14,13 @@ from fedtune.privacy.accounting import Ledger
 
 SHAPES = {"m.lora_A.weight": (2, 3), "m.lora_B.weight": (4, 2)}
 GLOBAL = {k: np.zeros(s, dtype=np.float32) for k, s in SHAPES.items()}
-DP = ("model.lora.r=2", "privacy.dp=true", "privacy.noise_multiplier=0.5", "privacy.clip_norm=1.0")
+DP = (
+    "model.lora.r=2",
+    "privacy.dp=true",
+    "privacy.sampling='fixed'",
+    "privacy.noise_multiplier=0.5",
+    "privacy.clip_norm=1.0",
+)
 
 
 def _delta(value: float) -> dict[str, np.ndarray]:
@@ -91,7 +97,7 @@ def test_adaptive_clipping_moves_the_clip_norm_from_the_counted_bits() -> None:
     s = strategy(*DP, "privacy.adaptive_clipping=true", "privacy.clipped_count_stddev=5.0", clients=2)
     _round(s, {0: _delta(0.01), 1: _delta(0.01)}, unclipped=1)
     assert s.round_figures["within_share"] == pytest.approx(
-        (2 + np.random.default_rng([s.dp.seed, 1, 2]).normal(0.0, 5.0)) / 2
+        (2 - 1 + np.random.default_rng([s.dp.seed, 1, 2]).normal(0.0, 5.0)) / 2 + 0.5
     )
     assert s.dp.clip_norm != 1.0
 
@@ -111,3 +117,45 @@ def test_dp_refuses_a_strategy_that_is_not_a_sum(strategy_name: str) -> None:
     cfg = load_config("configs/tiny.toml", [*DP, f"fed.strategy='{strategy_name}'"])
     with pytest.raises(FedtuneError, match=r"fed\.strategy"):
         check_strategy(cfg)
+
+
+def _replies(n: int) -> list:
+    from fedtune.federated.protocol import TrainReply
+    from fedtune.federated.records import to_record
+
+    return [TrainReply(pid, 10, to_record({}, "float32"), 1.0 + pid, 1, 1e-3, 0.0, 0.1) for pid in range(n)]
+
+
+def test_a_secure_mean_becomes_the_global_plus_the_mean() -> None:
+    s = strategy("model.lora.r=2", clients=2)
+    send(s, 1, GLOBAL)
+    mean = _delta(0.25)
+    arrays, metrics = s.aggregate_mean(1, mean, _replies(2), [1.0, 3.0])
+    got = from_record(arrays)
+    for key in SHAPES:
+        np.testing.assert_allclose(got[key], 0.25)
+    assert RoundMetrics.from_record(metrics).loss == pytest.approx((1.0 + 3 * 2.0) / 4)
+
+
+def test_a_secure_mean_under_dp_is_rescaled_to_the_cohort_and_noised() -> None:
+    s = strategy(*DP, "fed.fraction_train=1.0", clients=4)
+    send(s, 1, GLOBAL)
+    arrays, _ = s.aggregate_mean(1, _delta(0.01), _replies(3), [1.0, 1.0, 1.0])  # 3 of m = 4 survived
+    noise = np.random.default_rng([s.dp.seed, 1, 0])
+    got = from_record(arrays)
+    for key, shape in SHAPES.items():
+        np.testing.assert_allclose(got[key], (3 * 0.01 + noise.normal(0.0, 0.5, size=shape)) / 4, rtol=1e-5)
+    assert s.dp.ledger.num_releases == 1
+
+
+def test_poisson_sampling_is_the_default_and_varies_the_cohort() -> None:
+    s = strategy(
+        "model.lora.r=2",
+        "privacy.dp=true",
+        "privacy.noise_multiplier=1.0",
+        "fed.fraction_train=0.5",
+        clients=8,
+    )
+    assert s.cfg.privacy.sampling == "poisson" and s.dp.plan.cohort == 4
+    sizes = {len(send(s, r, GLOBAL)) for r in range(1, 30)}
+    assert len(sizes) > 1 and min(sizes) < 4 < max(sizes)

@@ -313,6 +313,30 @@ class AdapterStrategy(Strategy):
         loss = weighted_mean([r.eval_loss for _, r in read], [r.num_examples for _, r in read])
         return RoundMetrics(loss, len(read)).to_record()
 
+    def aggregate_mean(
+        self, server_round: int, mean_update: Arrays, replies: list[TrainReply], weights: list[float]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The new global from the clients' weighted mean update alone (SecAgg+ reveals only that).
+
+        ``mean_update`` is ``Σ w_i Δ_i / Σ w_i`` over :meth:`sent_part` of the adapter; under
+        client-level DP every weight is 1 and the updates were clipped by the clients, so the
+        sum is ``n`` times the mean and is noised and divided by the expected cohort as usual.
+        """
+        self.current_round = server_round
+        template = self.sent_part(self._global)
+        if not replies:
+            return None, None
+        if self.dp is not None:
+            total = {k: np.asarray(v, dtype=np.float64) * len(replies) for k, v in mean_update.items()}
+            mean_update, self.round_figures = self.dp.aggregate(
+                [total], [], template, server_round, count=len(replies)
+            )
+        merged = self.apply_mean(self.filled({k: template[k] + mean_update[k] for k in template}))
+        if merged.keys() == self._global.keys():
+            merged = {k: merged[k] for k in self._global}
+        loss = weighted_mean([r.train_loss for r in replies], weights)
+        return to_record(merged, "float32"), RoundMetrics(loss, len(replies)).to_record()
+
     # -- server state (for exact resume) -------------------------------------------
     def checkpoint(self) -> Arrays:
         """What the round loop saves with every round: :meth:`server_state` and the DP state."""
