@@ -14,8 +14,8 @@ whose legacy ``Strategy`` configures ``FitIns`` and receives the aggregate in ``
   update (``AdapterStrategy.aggregate_mean``), which turns it into the new global adapter.
 
 Why a subclass rather than a ``FitIns`` that carries the instruction: an instruction is a typed
-message of several ``ArrayRecord`` s (adapter, SCAFFOLD's correction, FLoRA's frozen update) and a
-config; a ``FitIns`` is one list of byte tensors and a flat scalar dict, so it would take a second
+message (named ``ArrayRecord`` s with dtypes and shapes, a config record with the run's config);
+a ``FitIns`` is one list of byte tensors and a flat scalar dict, so it would take a second
 encoding of the protocol and a second decoder on the client. Replacing the workflow's per-node
 content after its setup stage keeps one protocol: the client reads the message it reads in a plain
 round, plus Flower's record. The override touches one field of Flower's ``WorkflowState``
@@ -70,7 +70,7 @@ class SecureResult:
 
     mean_update: dict[str, np.ndarray]
     replies: list[TrainReply]
-    weights: list[int]  # the survivors' weights, in the order of ``replies``
+    weights: list[float]  # the survivors' weights, in the order of ``replies``
     survivors: list[int]  # node ids whose masked vectors are in the sum
     dropped: list[int]  # node ids sampled but not in the sum
     bytes_down: dict[int, list[int]] = field(default_factory=dict)
@@ -203,7 +203,8 @@ def secure_round(
     """Train the clients of ``messages`` (a strategy's train instructions) and sum their updates with SecAgg+.
 
     Raises FedtuneError when the round cannot complete: too few clients for
-    ``privacy.secagg.reconstruction_threshold``, or too many dropped out.
+    ``privacy.secagg.reconstruction_threshold``, or too many dropped out; ProtocolError when a
+    survivor's clear-text metrics do not follow the protocol (its update is already in the sum).
     """
     insts = {msg.metadata.dst_node_id: read_instruction(msg) for msg in messages}
     check_secagg(cfg, len(insts))
@@ -236,18 +237,26 @@ def secure_round(
         )
     read = sorted(
         (
-            (reply_from_metrics(res.metrics, f"reply from node {node}"), res.num_examples, node)
+            (reply_from_metrics(res.metrics, f"reply from node {node}"), float(res.num_examples), node)
             for node, res in capture.results
         ),
         key=lambda item: item[0].partition_id,
     )
     survivors = [node for _, _, node in read]
+    dropped = sorted(set(insts) - set(survivors))
+    log.info(
+        "round %s: SecAgg+ summed %s of %s clients (dropped: %s)",
+        server_round,
+        len(read),
+        len(insts),
+        dropped,
+    )
     return SecureResult(
         mean_update=from_vector(capture.vector, layout),
         replies=[reply for reply, _, _ in read],
         weights=[weight for _, weight, _ in read],
         survivors=survivors,
-        dropped=sorted(set(insts) - set(survivors)),
+        dropped=dropped,
         bytes_down=counting.down,
         bytes_up=counting.up,
     )
