@@ -3,8 +3,9 @@
 Three tiers. The maths (share plan, weights, the error bound) by hand. A loopback Grid that hands
 every message of Flower's real ``SecAggPlusWorkflow`` to fedtune's real ClientApp in this process
 (its ``secaggplus_mod`` included), on the tiny model: the secure mean against plain FedAvg of
-the same clients, dropouts, and what each stage's reply holds. One Flower simulation (Ray) of
-the same, marked integration.
+the same clients, dropouts, and what each stage's reply holds. In Flower's simulation runtime
+(Ray): a round with a dropout, and ``fedtune run`` against the same run without SecAgg+. All but
+the first tier train and are marked integration.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
 
 from fedtune import launch
 from fedtune.config import Config, load_config
@@ -371,3 +373,82 @@ def test_what_a_client_sends_under_secagg(cfg, plain, secure) -> None:
                     needles.add(np.ascontiguousarray(arr).tobytes()[:16])
     blobs = [b for replies in grid.replies for reply in replies for b in _blobs(reply)]
     assert blobs and not any(n in b for n in needles for b in blobs)
+
+
+# -- the same in Flower's simulation runtime (Ray) ----------------------------------
+class _Losing:
+    """A Grid that loses ``node``'s reply to the ``call``-th ``send_and_receive``."""
+
+    def __init__(self, grid: Grid, call: int, node: int) -> None:
+        self._grid, self._call, self._node, self._calls = grid, call, node, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        self._calls += 1
+        if self._calls - 1 == self._call:
+            replies = [r for r in replies if r.metadata.src_node_id != self._node]
+        return replies
+
+
+@pytest.mark.integration
+def test_a_simulated_secagg_round_is_fedavg_within_the_bound_and_survives_a_dropout(tmp_path: Path) -> None:
+    from flwr.serverapp import ServerApp
+
+    from fedtune.federated.server_app import discover
+    from fedtune.federated.simulation import run_server_app
+
+    cfg = load_config("configs/tiny.toml", [*SECAGG, f"run.output_dir='{tmp_path}'"])
+    found: dict[str, Any] = {}
+    server = ServerApp()
+
+    @server.main()
+    def _main(grid: Grid, context: Context) -> None:
+        clients = discover(grid, cfg)
+        s = build_strategy(cfg, clients)
+        start = {k: v.numpy() for k, v in initial_adapter_state(cfg.model, seed=cfg.seed).items()}
+        arrays = to_record(start, "float32")
+        messages = list(s.configure_train(1, arrays, ConfigRecord(), grid))
+        sent = from_record(read_instruction(messages[0]).adapter)  # the global in the wire dtype
+        plain: Plain = {}
+        for msg in grid.send_and_receive(messages):
+            reply = read_reply(msg, TrainReply)
+            delta = dict(zip(sent, update_vector(from_record(reply.adapter), sent), strict=True))
+            plain[reply.partition_id] = (delta, reply.num_examples, {})
+        found["plain"], found["node_of"] = plain, {p: n for n, p in clients.items()}
+        found["secure"] = secure_round(grid, s.configure_train(1, arrays, ConfigRecord(), grid), cfg)
+        lossy = _Losing(grid, 2, found["node_of"][1])  # partition 1's masked vector is lost
+        found["lossy"] = secure_round(lossy, s.configure_train(1, arrays, ConfigRecord(), grid), cfg)  # type: ignore[arg-type]
+
+    run_server_app(cfg, server)
+    plain, secure, lossy = found["plain"], found["secure"], found["lossy"]
+    assert secure.dropped == [] and [r.partition_id for r in secure.replies] == [0, 1, 2, 3]
+    assert _error(secure, _fedavg(plain, range(4))) <= _bound(cfg, plain, [0, 1, 2, 3])
+    assert lossy.dropped == [found["node_of"][1]]
+    assert _error(lossy, _fedavg(plain, [0, 2, 3])) <= _bound(cfg, plain, [0, 2, 3])
+    assert all(len(sizes) == 4 for sizes in secure.bytes_up.values())  # every node answered every stage
+
+
+@pytest.mark.integration
+def test_a_secagg_run_ends_where_fedavg_does_within_the_bound(tmp_path: Path) -> None:
+    """``fedtune run`` with SecAgg+ against the same run without it, one round of 4 clients.
+
+    FedAvg's new global is the mean of the clients' fp16 adapters; SecAgg+'s is the server's
+    fp32 global plus the mean of (fp16 adapter - fp16 global), so the two differ by the fp16
+    rounding of the broadcast global, ``g - fp16(g)``, and the quantisation bound (4.8e-7 here:
+    every client has 16 examples = max weight, so (2 n c) / (n T) = 2 / 2**22).
+    """
+    over = [*SECAGG, "fed.evaluate_before=false", "fed.fraction_evaluate=0.0", "run.report=false"]
+    secure_cfg = load_config("configs/tiny.toml", [*over, f"run.output_dir='{tmp_path / 's'}'"])
+    plain_cfg = load_config(
+        "configs/tiny.toml", [*over, "privacy.secagg.enabled=false", f"run.output_dir='{tmp_path / 'p'}'"]
+    )
+    secure, plain = launch.run(secure_cfg, progress=False), launch.run(plain_cfg, progress=False)
+    g = initial_adapter_state(secure_cfg.model, seed=secure_cfg.seed)
+    got, fedavg = secure.load_round(1), plain.load_round(1)
+    want = {k: g[k].double() + fedavg[k].double() - g[k].half().double() for k in g}
+    assert max(float((got[k].double() - want[k]).abs().max()) for k in g) <= 5e-7
+    line = next(m for m in secure.metrics() if m["phase"] == "server" and m["round"] == 1)
+    assert line["num_clients"] == 4 and line["train_loss"] > 0

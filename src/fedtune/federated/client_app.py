@@ -47,6 +47,7 @@ from fedtune.federated.protocol import (
     reply_message,
 )
 from fedtune.federated.records import from_record, to_record, to_torch
+from fedtune.federated.secagg_client import masked_reply, secagg_mod
 from fedtune.federated.task import (
     Task,
     client_data,
@@ -287,13 +288,16 @@ def case_query(msg: Message, context: Context) -> Message:
     return reply_message(reply, msg)
 
 
-@app.train()
+@app.train(mods=[secagg_mod])  # Flower's SecAgg+ mod, for SecAgg+ rounds only
 def train_handler(msg: Message, context: Context) -> Message:
     """Run the instruction's training job on this client's data; reply with the adapter and metrics."""
     task = make_task(msg, context)
     if task.inst.job not in TRAIN:
         raise ProtocolError(f"train instruction: job {task.inst.job.value!r} does not train")
-    return reply_message(TRAIN[task.inst.job](task), msg)
+    reply = TRAIN[task.inst.job](task)
+    if task.inst.secagg:  # only the update, masked by the mod, and the scalars leave
+        return masked_reply(task, reply, msg)
+    return reply_message(reply, msg)
 
 
 @app.evaluate()

@@ -28,6 +28,7 @@ from fedtune.errors import FedtuneError
 from fedtune.federated.progress import RoundProgress
 from fedtune.federated.protocol import ProtocolError, QueryReply, RoundMetrics, query_message, read_reply
 from fedtune.federated.records import from_record, to_record, to_torch
+from fedtune.federated.secagg import secure_round
 from fedtune.federated.strategies import AdapterStrategy, build_strategy, check_strategy
 from fedtune.metrics import server_line
 from fedtune.models.adapters import initial_adapter_state
@@ -137,12 +138,27 @@ class Federation:
 
     def train(self, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, MetricRecord | None]:
         self.hook.begin_round()
-        replies = self._phase(self.strategy.configure_train, server_round, arrays, "train")
-        new_arrays, trained = self.strategy.aggregate_train(server_round, replies)
+        if self.cfg.privacy.secagg.enabled:
+            new_arrays, trained = self._secure_train(server_round, arrays)
+        else:
+            replies = self._phase(self.strategy.configure_train, server_round, arrays, "train")
+            new_arrays, trained = self.strategy.aggregate_train(server_round, replies)
         if new_arrays is None:
             raise FedtuneError(f"round {server_round}: no client returned an update (see the log)")
         # float32 as checkpointed: a resumed run must continue from exactly what is on disk
         return to_record(from_record(new_arrays), "float32"), trained
+
+    def _secure_train(
+        self, server_round: int, arrays: ArrayRecord
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """SecAgg+: the strategy's instructions through Flower's workflow, the mean update back to it."""
+        messages = self.strategy.configure_train(server_round, arrays, ConfigRecord(), self.grid)
+
+        def shown(stage: str, done: int, total: int) -> None:
+            self.progress.phase(f"secagg {stage}", done, total)
+
+        result = secure_round(self.grid, messages, self.cfg, on_stage=shown)
+        return self.strategy.aggregate_mean(server_round, result.mean_update, result.replies, result.weights)
 
     def _log(self, server_round: int, t0: float, train: Any, evaluated: Any, **extra: Any) -> dict[str, Any]:
         """Append the round's client lines and its server line to metrics.jsonl."""
