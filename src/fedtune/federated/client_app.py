@@ -19,11 +19,13 @@ deployment the SuperNode starts a fresh process per message and the cache cannot
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
 
 import datasets
+import numpy as np
 import torch
 import transformers
 from flwr.app import ArrayRecord, Context, Message
@@ -68,6 +70,7 @@ from fedtune.models.adapters import (
     reset_adapter,
 )
 from fedtune.models.load import load_model
+from fedtune.privacy.dpfedavg import privatise
 from fedtune.rag.federated import search_own_cases
 from fedtune.training.local import evaluate, train
 
@@ -141,6 +144,7 @@ def install(model: PeftModel, task: Task) -> str:
             model, "personal", task.cfg.model.lora.model_copy(update={"r": inst.rank, "ranks": None})
         )
         activate(model, ["default", "personal"], trainable=["default", "personal"])
+        freeze_a(model, task)
         return "default"
     if inst.job is Job.GLOBAL:
         activate(model, [_put(model, task, "global", adapter, inst.rank)], trainable=None)
@@ -155,7 +159,24 @@ def install(model: PeftModel, task: Task) -> str:
         activate(model, names, trainable=own)
         return own
     activate(model, [_put(model, task, "default", adapter, None)], trainable="default")
+    freeze_a(model, task)
     return "default"
+
+
+def freeze_a(model: PeftModel, task: Task) -> None:
+    """FFA-LoRA (``model.lora.freeze_a``): the global adapter's A stays at its start, only B trains."""
+    if task.cfg.model.lora.freeze_a:
+        for name, param in model.named_parameters():
+            if ".lora_A.default." in name:
+                param.requires_grad = False
+
+
+def sent_state(model: PeftModel, name: str, task: Task) -> dict[str, torch.Tensor]:
+    """The trained adapter as it is sent: all of it, or only B under FFA-LoRA."""
+    state = adapter_state(model, name)
+    if task.cfg.model.lora.freeze_a:
+        state = {k: v for k, v in state.items() if ".lora_A." not in k}
+    return state
 
 
 def _personal(runtime: Runtime, task: Task, *, trained: bool) -> None:
@@ -193,7 +214,7 @@ def train_adapter(task: Task) -> TrainReply:
         proximal_mu=task.inst.proximal_mu,
         correction=correction,
     )
-    arrays = to_record(adapter_state(runtime.model, name), task.cfg.fed.wire_dtype)
+    arrays = to_record(sent_state(runtime.model, name, task), task.cfg.fed.wire_dtype)
     if task.inst.job is Job.FFLORA:  # the personal adapter stays on this client
         lora = task.cfg.model.lora.model_copy(update={"r": task.inst.rank, "ranks": None})
         state = adapter_state(runtime.model, "personal")
@@ -288,6 +309,21 @@ def case_query(msg: Message, context: Context) -> Message:
     return reply_message(reply, msg)
 
 
+def privatised(task: Task, reply: TrainReply) -> TrainReply:
+    """Client-level DP: the update clipped to the instruction's norm (+ this client's noise share).
+
+    Sent in float32, so the server sees exactly the clipped update. The noise share is drawn
+    from the OS's entropy: nobody, not even this client later, can subtract it.
+    """
+    assert task.inst.clip_norm is not None and task.inst.adapter is not None
+    start = from_record(task.inst.adapter)
+    std = task.inst.noise_std
+    state, within = privatise(
+        from_record(reply.adapter), start, task.inst.clip_norm, std, np.random.default_rng() if std else None
+    )
+    return dataclasses.replace(reply, adapter=to_record(state, "float32"), unclipped=int(within))
+
+
 @app.train(mods=[secagg_mod])  # Flower's SecAgg+ mod, for SecAgg+ rounds only
 def train_handler(msg: Message, context: Context) -> Message:
     """Run the instruction's training job on this client's data; reply with the adapter and metrics."""
@@ -295,6 +331,8 @@ def train_handler(msg: Message, context: Context) -> Message:
     if task.inst.job not in TRAIN:
         raise ProtocolError(f"train instruction: job {task.inst.job.value!r} does not train")
     reply = TRAIN[task.inst.job](task)
+    if task.inst.clip_norm is not None:  # nothing unclipped leaves under DP
+        reply = privatised(task, reply)
     if task.inst.secagg:  # only the update, masked by the mod, and the scalars leave
         return masked_reply(task, reply, msg)
     return reply_message(reply, msg)
