@@ -31,7 +31,7 @@ from fedtune.federated.aggregation.secagg import (
     secagg_plan,
     update_vector,
 )
-from fedtune.federated.protocol import Job, TrainReply, read_instruction, read_reply
+from fedtune.federated.protocol import Job, RoundMetrics, TrainReply, read_instruction, read_reply
 from fedtune.federated.protocol.messages import SECAGG_RECORD
 from fedtune.federated.protocol.secagg import reply_metrics
 from fedtune.federated.records import from_record, to_record
@@ -452,3 +452,27 @@ def test_a_secagg_run_ends_where_fedavg_does_within_the_bound(tmp_path: Path) ->
     assert max(float((got[k].double() - want[k]).abs().max()) for k in g) <= 5e-7
     line = next(m for m in secure.metrics() if m["phase"] == "server" and m["round"] == 1)
     assert line["num_clients"] == 4 and line["train_loss"] > 0
+
+
+@IN_PROCESS
+def test_under_dp_every_weight_is_1_and_the_mean_is_uniform_within_2c_over_t(tmp_path: Path) -> None:
+    dp = ["privacy.dp=true", "privacy.noise_multiplier=1.0", f"run.output_dir='{tmp_path}'"]
+    cfg = load_config("configs/tiny.toml", [*SECAGG, *dp])
+    s, arrays = _strategy(cfg)
+    grid = Loopback(4)
+    messages = list(s.configure_train(1, arrays, ConfigRecord(), grid))
+    sent = from_record(read_instruction(messages[0]).adapter)
+    deltas = [
+        update_vector(from_record(read_reply(r, TrainReply).adapter), sent)
+        for r in grid.send_and_receive(messages)
+    ]
+    result = secure_round(grid, s.configure_train(1, arrays, ConfigRecord(), grid), cfg)  # the same cohort
+    assert result.weights == [1.0] * len(deltas) and len(deltas) >= 2
+    want = {k: sum(d[i] for d in deltas) / len(deltas) for i, k in enumerate(sent)}
+    assert (
+        _error(result, want) <= 2 * cfg.privacy.secagg.clipping_range / cfg.privacy.secagg.quantization_range
+    )
+    new, metrics = s.aggregate_mean(
+        1, result.mean_update, result.replies, result.weights
+    )  # noised by the strategy
+    assert new is not None and RoundMetrics.from_record(metrics).num_clients == len(deltas)
