@@ -12,7 +12,9 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
+from itertools import islice
 
 import torch
 from datasets import Dataset
@@ -20,6 +22,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, get_scheduler
 
 from fedtune.config import TrainConfig
+from fedtune.privacy.local_dp import LocalDp, PrivateGradients
 
 MODEL_COLUMNS = ["input_ids", "labels", "attention_mask"]
 
@@ -66,6 +69,32 @@ def _cycle(loader: DataLoader[dict[str, torch.Tensor]]) -> Iterator[dict[str, to
         yield from loader
 
 
+def _steps(
+    loader: DataLoader[dict[str, torch.Tensor]], accum: int
+) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """The micro-batches of each optimizer step: ``accum`` batches, cycling over the loader."""
+    batches = _cycle(loader)
+    while True:
+        yield [next(batches) for _ in range(accum)]
+
+
+def _backward(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    accum: int,
+    params: list[torch.nn.Parameter],
+    anchor: list[torch.Tensor],
+    proximal_mu: float,
+) -> float:
+    """Backpropagate (the batch's token-mean loss + FedProx's term) / ``accum``; return that value."""
+    loss = model(**batch).loss
+    if anchor:
+        loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+    loss = loss / accum
+    loss.backward()
+    return float(loss.item())
+
+
 def planned_steps(cfg: TrainConfig, num_examples: int) -> int:
     """Optimizer steps for one round: ``max_steps``, or ``epochs`` over the data."""
     if cfg.max_steps is not None:
@@ -84,6 +113,7 @@ def train(
     seed: int,
     proximal_mu: float = 0.0,
     correction: Mapping[str, torch.Tensor] | None = None,
+    dp: LocalDp | None = None,
 ) -> TrainResult:
     """Run the configured number of optimizer steps on ``ds`` from the model's current weights.
 
@@ -91,6 +121,10 @@ def train(
     (adapter) weights, keeping the client near the global adapter it started from.
     ``correction`` (parameter name -> tensor) is added to those parameters' gradients
     before every step: SCAFFOLD's ``c - c_i``.
+    ``dp`` trains with DP-SGD (:mod:`fedtune.privacy.local_dp`): Poisson-sampled batches,
+    per-example clipping and noise replace the shuffled batches, the batch gradient and
+    ``cfg.max_grad_norm``; the proximal gradient and the correction are added after the
+    noise; the loss is the mean per-example loss of the steps that sampled an example.
     """
     start = time.perf_counter()
     torch.manual_seed(seed)  # LoRA dropout
@@ -105,36 +139,38 @@ def train(
     scheduler = get_scheduler(
         cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps
     )
-    batches = _cycle(make_loader(ds, tokenizer, cfg.batch_size, shuffle=True, seed=seed))
     device = next(model.parameters()).device
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
+    private = PrivateGradients(model, dp, cfg, steps) if dp else None
+    loader = make_loader(ds, tokenizer, cfg.batch_size, shuffle=True, seed=seed)
+    batches = private.sampled_steps(loader) if private else _steps(loader, cfg.grad_accum)
     model.train()
     losses: list[float] = []
     first_step_at = 0.0
-    for _ in range(steps):
-        step_loss = 0.0
-        for _ in range(cfg.grad_accum):
-            batch = {k: v.to(device) for k, v in next(batches).items()}
-            loss = model(**batch).loss
-            if anchor:
-                loss = loss + proximal_mu / 2 * sum(
-                    ((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True)
+    with private or nullcontext():
+        for micro in islice(batches, steps):
+            micro = [{k: v.to(device) for k, v in batch.items()} for batch in micro]
+            if private:
+                step_loss = private.step(micro)  # None: the step sampled no example
+                for p, a in zip(params, anchor, strict=False):  # FedProx's mu (w - w0), if any
+                    p.grad.add_(p.detach() - a, alpha=proximal_mu)  # type: ignore[union-attr]
+            else:
+                step_loss = sum(
+                    _backward(model, b, cfg.grad_accum, params, anchor, proximal_mu) for b in micro
                 )
-            loss = loss / cfg.grad_accum
-            loss.backward()
-            step_loss += loss.item()
-        for param, extra in corrected:
-            param.grad.add_(extra)  # type: ignore[union-attr]
-        if cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(step_loss)
-        first_step_at = first_step_at or time.time()
+            for param, extra in corrected:
+                param.grad.add_(extra)  # type: ignore[union-attr]
+            if cfg.max_grad_norm is not None and not private:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step_loss is not None:
+                losses.append(step_loss)
+            first_step_at = first_step_at or time.time()
     model.eval()
     return TrainResult(
-        loss=sum(losses) / len(losses),
+        loss=sum(losses) / len(losses) if losses else math.nan,
         steps=steps,
         num_examples=len(ds),
         seconds=time.perf_counter() - start,
