@@ -18,7 +18,7 @@ from fedtune.errors import FedtuneError
 from fedtune.federated.strategies import check_strategy
 from fedtune.models.adapters import initial_adapter_state
 from fedtune.models.load import load_tokenizer
-from fedtune.privacy.plan import dp_plan
+from fedtune.privacy.plan import check_privacy
 from fedtune.rundir import RunDir
 from fedtune.split.rounds import check_split
 
@@ -28,8 +28,7 @@ log = logging.getLogger(__name__)
 def preflight(cfg: Config) -> None:
     """Raise FedtuneError for anything in ``cfg`` that would fail later in the run."""
     check_strategy(cfg)
-    if cfg.privacy.dp:
-        plan = dp_plan(cfg)  # calibrates the noise: refuses a target the plan cannot meet
+    if (plan := check_privacy(cfg)) is not None:  # calibrates the noise: refuses a target it cannot meet
         log.info(
             "privacy: noise multiplier %.4g for ε=%s, δ=%.3g over %s rounds of %s of %s clients",
             plan.noise_multiplier,

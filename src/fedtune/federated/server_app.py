@@ -32,7 +32,7 @@ from fedtune.federated.secagg import secure_round
 from fedtune.federated.strategies import AdapterStrategy, build_strategy, check_strategy
 from fedtune.metrics import server_line
 from fedtune.models.adapters import initial_adapter_state
-from fedtune.privacy.plan import dp_plan
+from fedtune.privacy.plan import check_privacy
 from fedtune.rundir import RunDir
 from fedtune.split.rounds import RoundHook, round_hook
 
@@ -314,8 +314,7 @@ def main(grid: Grid, context: Context) -> None:
         run_config.update(_flat(apply_overrides({}, overrides)))
         cfg = config_from_run_config(run_config, app_dir=_app_dir(grid))
         check_strategy(cfg)
-        if cfg.privacy.dp:
-            dp_plan(cfg)  # refuses a privacy target the plan cannot meet, before a run directory exists
+        check_privacy(cfg)  # refuses a privacy target the plan cannot meet, before a run directory exists
         run = RunDir.create(cfg)
     # Flower forwards only its own logger's records to `flwr run --stream` and `flwr log`.
     flwr_log = logging.getLogger("flwr")

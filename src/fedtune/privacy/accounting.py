@@ -35,11 +35,9 @@ ledger gives the very same ε). It does not keep one long-lived ``RdpAccountant`
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 import numbers
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from dp_accounting import dp_event
@@ -49,6 +47,7 @@ from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, RdpAccount
 from flwr.serverapp import PrivacyConfig as FlowerPrivacyConfig
 
 from fedtune.errors import FedtuneError
+from fedtune.privacy.quiet import quiet_absl
 
 ACCOUNTANTS = ("rdp", "pld")
 # sampling -> (Flower's sampling method, neighbouring relation, the update sum's sensitivity in C)
@@ -185,26 +184,10 @@ def _rdp_epsilon(events: Events, population: int, delta: float, sampling: str) -
         target_delta=delta, population_size=population, neighboring_relation=relation, sampling_method=method
     )
     accountant = RdpAccountant(config)
-    with _quiet_absl():
+    with quiet_absl():
         for (z, m), count in events.items():
             accountant.compose(GaussianPrivacyEvent(z / sensitivity, m, population), count)
         return float(accountant.get_epsilon(delta))
-
-
-@contextlib.contextmanager
-def _quiet_absl() -> Iterator[None]:
-    """Silence dp-accounting's absl warnings while ε is computed.
-
-    Its RDP logs "failed to converge" at every ε asked (e.g. z=1, q=0.1), harmlessly (it falls
-    back to another order); they would fill every round's log.
-    """
-    absl = logging.getLogger("absl")
-    level = absl.level
-    absl.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        absl.setLevel(level)
 
 
 def _pld_epsilon(events: Events, population: int, delta: float, sampling: str) -> float | None:

@@ -39,8 +39,6 @@ Lebeda et al. 2024, see :mod:`fedtune.privacy.accounting`). What it assumes:
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import secrets
 import warnings
 from collections.abc import Iterator, Sequence
@@ -55,6 +53,7 @@ from torch.utils.data import DataLoader
 
 from fedtune.config import Config, TrainConfig
 from fedtune.errors import FedtuneError
+from fedtune.privacy.quiet import quiet_absl
 
 Batch = dict[str, torch.Tensor]
 
@@ -105,12 +104,12 @@ def rdp_epsilon(sample_rate: float, noise_multiplier: float, steps: int, delta: 
         return 0.0
     accountant = rdp.RdpAccountant()
     event = dp_event.PoissonSampledDpEvent(sample_rate, dp_event.GaussianDpEvent(noise_multiplier))
-    with _quiet_absl():  # the RDP is computed in compose
+    with quiet_absl():  # the RDP is computed in compose
         accountant.compose(event, steps)
         return float(accountant.get_epsilon(delta))
 
 
-def calibrate_noise(sample_rate: float, steps: int, target_epsilon: float, delta: float) -> float:
+def calibrate_sample_noise(sample_rate: float, steps: int, target_epsilon: float, delta: float) -> float:
     """The smallest noise multiplier (to dp-accounting's tolerance) whose ε after ``steps`` is ≤ the target.
 
     Parameters
@@ -131,27 +130,12 @@ def calibrate_noise(sample_rate: float, steps: int, target_epsilon: float, delta
             dp_event.PoissonSampledDpEvent(sample_rate, dp_event.GaussianDpEvent(z)), steps
         )
 
-    with _quiet_absl():
+    with quiet_absl():
         return float(
             dp_accounting.calibrate_dp_mechanism(
                 rdp.RdpAccountant, event, target_epsilon, delta, dp_accounting.LowerEndpointAndGuess(0.0, 1.0)
             )
         )
-
-
-@contextlib.contextmanager
-def _quiet_absl() -> Iterator[None]:
-    """Keep dp-accounting's RDP warnings out of every client's round log.
-
-    "failed to converge ... Excluding this order": dozens per ε, harmless (the order is left out).
-    """
-    absl = logging.getLogger("absl")
-    level = absl.level
-    absl.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        absl.setLevel(level)
 
 
 def local_dp_setup(
@@ -204,7 +188,7 @@ def local_dp_setup(
     )
     if local.target_epsilon is not None:
         steps = cfg.fed.rounds * steps_per_round
-        z = calibrate_noise(dp.sample_rate, steps, local.target_epsilon, delta)
+        z = calibrate_sample_noise(dp.sample_rate, steps, local.target_epsilon, delta)
         dp = replace(dp, noise_multiplier=z)
     return dp
 

@@ -43,6 +43,15 @@ def check_dp_config(cfg: Config) -> None:
         raise FedtuneError("model.lora.ranks: client-level DP needs one adapter shape for every client")
 
 
+def check_privacy(cfg: Config) -> DpPlan | None:
+    """Everything the ``privacy`` section can refuse before a run directory exists; the DP plan."""
+    if cfg.privacy.local_dp.enabled and cfg.split.enabled:
+        raise FedtuneError(
+            "privacy.local_dp: DP-SGD runs in the clients' own training loop, not in split runs"
+        )
+    return dp_plan(cfg) if cfg.privacy.dp else None
+
+
 def dp_plan(cfg: Config) -> DpPlan:
     """The run's DP plan; FedtuneError naming the key when the plan cannot meet its target."""
     privacy = cfg.privacy
