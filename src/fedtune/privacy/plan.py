@@ -9,6 +9,7 @@ budget on the clipped count) and that count's noise ``σ_b``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from fedtune.config import Config
@@ -84,6 +85,7 @@ def dp_plan(cfg: Config) -> DpPlan:
     if privacy.adaptive_clipping:
         count_std = privacy.clipped_count_stddev or cohort / 20
         update_noise = adaptive_noise(z, count_std)
+    _check_secagg_range(cfg, update_noise, cohort)
     return DpPlan(
         population=population,
         cohort=cohort,
@@ -95,3 +97,22 @@ def dp_plan(cfg: Config) -> DpPlan:
         sampling=privacy.sampling,
         accountant=privacy.accountant,
     )
+
+
+def _check_secagg_range(cfg: Config, update_noise: float, cohort: int) -> None:
+    """Refuse a SecAgg+ clipping range that would cut a clipped update or its noise share.
+
+    Under SecAgg+ every coordinate is clipped to ±``privacy.secagg.clipping_range`` before it
+    is quantised; an update within ``privacy.clip_norm`` plus a client's noise share must fit,
+    or the clipping would cut the noise (and with it the guarantee).
+    """
+    privacy = cfg.privacy
+    if not privacy.secagg.enabled:
+        return
+    share = update_noise * privacy.clip_norm / math.sqrt(cohort) if privacy.noise == "client" else 0.0
+    reach = privacy.clip_norm + 8 * share  # a coordinate of the update + 8 standard deviations of noise
+    if reach > privacy.secagg.clipping_range:
+        raise FedtuneError(
+            f"privacy.secagg.clipping_range: {privacy.secagg.clipping_range} would cut updates of norm "
+            f"privacy.clip_norm={privacy.clip_norm} plus their noise shares (up to {reach:.3g}); raise it"
+        )

@@ -159,3 +159,13 @@ def test_poisson_sampling_is_the_default_and_varies_the_cohort() -> None:
     assert s.cfg.privacy.sampling == "poisson" and s.dp.plan.cohort == 4
     sizes = {len(send(s, r, GLOBAL)) for r in range(1, 30)}
     assert len(sizes) > 1 and min(sizes) < 4 < max(sizes)
+
+
+def test_a_secagg_range_that_would_cut_the_noise_shares_is_refused() -> None:
+    from fedtune.config import load_config
+    from fedtune.privacy.plan import dp_plan
+
+    over = (*DP, "privacy.secagg.enabled=true", "privacy.noise='client'", "privacy.clip_norm=0.5")
+    dp_plan(load_config("configs/tiny.toml", [*over, "privacy.secagg.clipping_range=2.0"]))
+    with pytest.raises(FedtuneError, match=r"privacy\.secagg\.clipping_range"):
+        dp_plan(load_config("configs/tiny.toml", [*over, "privacy.secagg.clipping_range=0.6"]))
