@@ -169,3 +169,18 @@ def test_a_secagg_range_that_would_cut_the_noise_shares_is_refused() -> None:
     dp_plan(load_config("configs/tiny.toml", [*over, "privacy.secagg.clipping_range=2.0"]))
     with pytest.raises(FedtuneError, match=r"privacy\.secagg\.clipping_range"):
         dp_plan(load_config("configs/tiny.toml", [*over, "privacy.secagg.clipping_range=0.6"]))
+
+
+def test_an_update_clipped_against_the_fp16_start_it_received_is_not_rejected() -> None:
+    s = strategy(*DP, "privacy.clip_norm=0.01", clients=2)  # fed.wire_dtype float16 by default
+    start = {k: np.full(shape, 0.1, dtype=np.float32) for k, shape in SHAPES.items()}  # not exact in fp16
+    sent = send(s, 1, start)
+    replies = []
+    for pid, (inst, msg) in sent.items():
+        received = from_record(inst.adapter)
+        assert not np.array_equal(received["m.lora_B.weight"], start["m.lora_B.weight"])
+        step = -0.01 / np.sqrt(14)  # norm exactly C against what it received; away from the fp32 start
+        replies.append(train_reply(msg, pid, {k: v + step for k, v in received.items()}, 10))
+    _, metrics = s.aggregate_train(1, replies)
+    assert RoundMetrics.from_record(metrics).num_clients == 2
+    assert not any("rejected" in line for line in s.round_log)

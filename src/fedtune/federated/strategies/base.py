@@ -159,6 +159,8 @@ class AdapterStrategy(Strategy):
             inst, reference = self.instruction(pid, global_state, message_type)
             if self.dp is not None and message_type == MessageType.TRAIN:
                 inst = replace(inst, clip_norm=self.dp.clip_norm, noise_std=self.dp.client_noise_std)
+                if inst.adapter is not None:  # the client clips against what it received (wire dtype)
+                    reference = from_record(inst.adapter)
             msg = instruction_message(inst, message_type, self.node_of[pid])
             self._sent[self.node_of[pid]] = payload_bytes(msg.content)
             if message_type == MessageType.TRAIN:
