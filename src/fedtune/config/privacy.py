@@ -45,17 +45,21 @@ class SecAggConfig(_Section):
     num_shares: float = Field(
         1.0,
         gt=0,
-        description="shares each client's key is split into: a count (>= 2) or, at most 1, a fraction of "
-        "the sampled clients",
+        description="shares each client's key is split into (its share holders, itself included): a count "
+        "(odd and above 2, or the number of sampled clients) or, at most 1, a fraction of the sampled clients",
     )
     reconstruction_threshold: float = Field(
         0.5,
         gt=0,
         description="shares needed to rebuild a key: a count (>= 2) or, at most 1, a fraction of num_shares; "
-        "more clients than this may drop out of a round and it still completes",
+        "a round completes while every client keeps this many live share holders (with shares covering "
+        "all n sampled clients, n - threshold may drop out)",
     )
     clipping_range: float = Field(
-        1.0, gt=0, description="each update value is clipped to ±this before quantisation"
+        1.0,
+        gt=0,
+        description="each update value, times its client's weight over the largest weight, is clipped to "
+        "±this before quantisation (under privacy.dp every weight is 1: the update value itself)",
     )
     quantization_range: int = Field(
         2**22, gt=1, description="values are quantised to integers in [0, quantization_range)"

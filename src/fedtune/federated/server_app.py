@@ -158,7 +158,10 @@ class Federation:
             self.progress.phase(f"secagg {stage}", done, total)
 
         result = secure_round(self.grid, messages, self.cfg, on_stage=shown)
-        return self.strategy.aggregate_mean(server_round, result.mean_update, result.replies, result.weights)
+        traffic = {n: (sum(result.bytes_down[n]), sum(result.bytes_up[n])) for n in result.bytes_down}
+        return self.strategy.aggregate_mean(
+            server_round, result.mean_update, result.replies, result.weights, traffic
+        )
 
     def _log(self, server_round: int, t0: float, train: Any, evaluated: Any, **extra: Any) -> dict[str, Any]:
         """Append the round's client lines and its server line to metrics.jsonl."""

@@ -130,7 +130,11 @@ def test_a_secure_mean_becomes_the_global_plus_the_mean() -> None:
     s = strategy("model.lora.r=2", clients=2)
     send(s, 1, GLOBAL)
     mean = _delta(0.25)
-    arrays, metrics = s.aggregate_mean(1, mean, _replies(2), [1.0, 3.0])
+    arrays, metrics = s.aggregate_mean(1, mean, _replies(2), [1.0, 3.0], {1000: (7, 9)})
+    assert [(line["client"], line.get("bytes_up"), line["train_loss"]) for line in s.round_log] == [
+        (0, 9, 1.0),
+        (1, 0, 2.0),
+    ]
     got = from_record(arrays)
     for key in SHAPES:
         np.testing.assert_allclose(got[key], 0.25)

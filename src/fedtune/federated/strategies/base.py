@@ -316,16 +316,25 @@ class AdapterStrategy(Strategy):
         return RoundMetrics(loss, len(read)).to_record()
 
     def aggregate_mean(
-        self, server_round: int, mean_update: Arrays, replies: list[TrainReply], weights: list[float]
+        self,
+        server_round: int,
+        mean_update: Arrays,
+        replies: list[TrainReply],
+        weights: list[float],
+        traffic: dict[int, tuple[int, int]] | None = None,
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The new global from the clients' weighted mean update alone (SecAgg+ reveals only that).
 
         ``mean_update`` is ``Σ w_i Δ_i / Σ w_i`` over :meth:`sent_part` of the adapter; under
         client-level DP every weight is 1 and the updates were clipped by the clients, so the
         sum is ``n`` times the mean and is noised and divided by the expected cohort as usual.
+        ``traffic``: node id -> (bytes down, bytes up) over the round, for the clients' lines.
         """
         self.current_round = server_round
         template = self.sent_part(self._global)
+        for reply in replies:
+            down, up = (traffic or {}).get(self.node_of.get(reply.partition_id, -1), (0, 0))
+            self.round_log.append(line_from_reply(server_round, "train", reply, bytes_up=up, bytes_down=down))
         if not replies:
             return None, None
         if self.dp is not None:
