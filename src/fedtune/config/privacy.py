@@ -45,8 +45,9 @@ class SecAggConfig(_Section):
     num_shares: float = Field(
         1.0,
         gt=0,
-        description="shares each client's key is split into (its share holders, itself included): a count "
-        "(odd and above 2, or the number of sampled clients) or, at most 1, a fraction of the sampled clients",
+        description="shares each client's key is split into (its share holders, itself included): a "
+        "count (odd and above 2, or the number of sampled clients) or, at most 1, a fraction of the "
+        "sampled clients",
     )
     reconstruction_threshold: float = Field(
         0.5,
