@@ -35,10 +35,14 @@ pytestmark = pytest.mark.integration  # a Flower simulation (Ray) per mode
 DP = ("privacy.dp=true", "privacy.sampling='fixed'", "privacy.noise_multiplier=1.0", "privacy.clip_norm=0.05")
 MODES = {
     "plain": (),
-    "dp": DP,
-    "dp-client-noise": (*DP, "privacy.noise='client'"),
-    "fflora-dp": (*DP, "fed.strategy='fflora'"),
-    "ffa-lora-dp": (*DP, "model.lora.freeze_a=true"),
+    "dp": DP,  # noise on the server
+    # client noise shares, FF-LoRA's global adapter, FFA-LoRA's B only: one round for three modes
+    "fflora-ffa-dp-client-noise": (
+        *DP,
+        "privacy.noise='client'",
+        "fed.strategy='fflora'",
+        "model.lora.freeze_a=true",
+    ),
 }
 
 
