@@ -34,9 +34,14 @@ def deployment(tmp_path: Path) -> Iterator[LoopbackDeployment]:
 
 
 SPLIT = "model.name=tiny-llama-4l split.enabled=true split.n_head=1 split.n_tail=1"
+# SecAgg+ across processes, with client-level DP's noise shared out among the clients
+SECAGG = (
+    "privacy.secagg.enabled=true privacy.dp=true privacy.noise=client privacy.noise_multiplier=1.0 "
+    "privacy.sampling=fixed privacy.clip_norm=0.1"
+)
 
 
-@pytest.mark.parametrize("extra", ["", SPLIT], ids=["adapter", "split"])
+@pytest.mark.parametrize("extra", ["", SPLIT, SECAGG], ids=["adapter", "split", "secagg-dp"])
 def test_flwr_run_trains_one_round_across_two_supernodes(deployment: LoopbackDeployment, extra: str) -> None:
     # Prepare: the CLI's SuperLink connection, in its own FLWR_HOME. A split run's trunk service
     # runs in the ServerApp process; the ClientApp processes stream to it directly.
@@ -58,7 +63,7 @@ def test_flwr_run_trains_one_round_across_two_supernodes(deployment: LoopbackDep
         env=env,
         capture_output=True,
         text=True,
-        timeout=DEADLINE_S,
+        timeout=DEADLINE_S * (3 if extra == SECAGG else 1),  # SecAgg+: 3 more ClientApp starts a node
     )
 
     # Assert: one complete round and the final adapter in the run directory
@@ -75,7 +80,12 @@ def test_flwr_run_trains_one_round_across_two_supernodes(deployment: LoopbackDep
         if line["round"] == 1 and line["phase"] == "train"
     }
     assert clients == {0, 1}, context
-    if extra:  # activations crossed to the trunk service, and its adapter is in the checkpoint
+    if extra == SECAGG:  # the round went through SecAgg+ and was accounted
+        lines = list(map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()))
+        (server,) = [x for x in lines if x["phase"] == "server" and x["round"] == 1]
+        assert server["epsilon"] > 0 and server["num_clients"] == 2, context
+        assert (run_dir / "final" / "privacy.json").is_file(), context
+    if extra == SPLIT:  # activations crossed to the trunk service, and its adapter is in the checkpoint
         lines = list(map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()))
         assert all(x["trunk_bytes_up"] > 0 for x in lines if x["phase"] == "train"), context
         assert [x["trunk_passes"] for x in lines if x["phase"] == "server" and x["round"] == 1] == [4], (
