@@ -1,10 +1,13 @@
-"""A SecAgg+ training round / a plain one: wall time and bytes per client, side by side.
+"""A SecAgg+ round and a client-level DP round / a plain one: wall time and bytes per client.
 
 One Flower simulation (Ray) of the tiny config with 4 clients; after a warm-up round (the
-workers load the model and data), plain and SecAgg+ rounds alternate (ABAB...), each training
-the same clients from the same adapter with the same seeds (round 1's instructions every time):
+workers load the model and data), plain, DP and SecAgg+ rounds alternate (ABCABC...), each
+training the same clients from the same adapter with the same seeds (round 1's instructions
+every time):
 
 - plain: the strategy's instructions out, the trained adapters back (fp16), FedAvg;
+- dp: the same with ``privacy.dp`` (noise multiplier 1, every client sampled): the clients clip
+  their updates and send them in float32, the server checks, noises and accounts;
 - secagg: the same instructions through Flower's ``SecAggPlusWorkflow`` and ``secaggplus_mod``
   (``fedtune.federated.secagg.secure_round``): 4 stages, the masked update back (one int64 per
   coordinate), the mean unmasked on the server.
@@ -60,26 +63,51 @@ def main() -> None:
             *args.set,
         ],
     )
-    found: dict[str, Any] = {"plain": [], "secagg": [], "plain_bytes": {}, "secagg_bytes": {}}
+    private = cfg.model_copy(
+        update={
+            "privacy": cfg.privacy.model_copy(
+                update={
+                    "dp": True,
+                    "noise_multiplier": 1.0,
+                    "secagg": cfg.privacy.secagg.model_copy(update={"enabled": False}),
+                }
+            )
+        }
+    )
+    found: dict[str, Any] = {
+        "plain": [],
+        "dp": [],
+        "secagg": [],
+        "plain_bytes": {},
+        "dp_bytes": {},
+        "secagg_bytes": {},
+    }
     server = ServerApp()
 
     @server.main()
     def _main(grid: Grid, context: Context) -> None:
-        s = build_strategy(cfg, discover(grid, cfg))
+        clients = discover(grid, cfg)
+        s, s_dp = build_strategy(cfg, clients), build_strategy(private, clients)
         start = {k: v.numpy() for k, v in initial_adapter_state(cfg.model, seed=cfg.seed).items()}
         arrays = to_record(start, "float32")
 
-        def plain() -> float:
-            t0 = time.perf_counter()
-            messages = list(s.configure_train(1, arrays, ConfigRecord(), grid))
-            replies = list(grid.send_and_receive(messages, timeout=cfg.fed.timeout))
-            s.aggregate_train(1, replies)
-            wall = time.perf_counter() - t0
-            for m in messages:
-                found["plain_bytes"].setdefault(m.metadata.dst_node_id, [0, 0])[0] = payload_bytes(m.content)
-            for r in replies:
-                found["plain_bytes"][r.metadata.src_node_id][1] = payload_bytes(r.content)
-            return wall
+        def in_the_clear(strategy: Any, kind: str) -> Any:
+            def one_round() -> float:
+                t0 = time.perf_counter()
+                messages = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
+                replies = list(grid.send_and_receive(messages, timeout=cfg.fed.timeout))
+                strategy.aggregate_train(1, replies)
+                wall = time.perf_counter() - t0
+                sizes = found[f"{kind}_bytes"]
+                for m in messages:
+                    sizes.setdefault(m.metadata.dst_node_id, [0, 0])[0] = payload_bytes(m.content)
+                for r in replies:
+                    sizes[r.metadata.src_node_id][1] = payload_bytes(r.content)
+                return wall
+
+            return one_round
+
+        plain, dp = in_the_clear(s, "plain"), in_the_clear(s_dp, "dp")
 
         def secure() -> float:
             t0 = time.perf_counter()
@@ -91,6 +119,7 @@ def main() -> None:
         plain()  # warm-up: the workers load the model and tokenize their data
         for _ in range(args.repeats):
             found["plain"].append(plain())
+            found["dp"].append(dp())
             found["secagg"].append(secure())
         found["stages"] = STAGES
 
@@ -107,11 +136,17 @@ def _report(found: dict[str, Any]) -> None:
     s_up = [sum(u[i] for _, u in found["secagg_bytes"].values()) / n for i in range(4)]
     print(f"{'round':<24} {'wall s (median)':>16} {'down B/client':>14} {'up B/client':>14}")
     print(f"{'plain':<24} {plain_wall:>16.2f} {p_down:>14.0f} {p_up:>14.0f}")
+    d_down = sum(d for d, _ in found["dp_bytes"].values()) / n
+    d_up = sum(u for _, u in found["dp_bytes"].values()) / n
+    print(f"{'dp':<24} {statistics.median(found['dp']):>16.2f} {d_down:>14.0f} {d_up:>14.0f}")
     print(f"{'secagg':<24} {secure_wall:>16.2f} {sum(s_down):>14.0f} {sum(s_up):>14.0f}")
     for stage, down, up in zip(found["stages"], s_down, s_up, strict=True):
         print(f"{'  ' + stage:<24} {'':>16} {down:>14.0f} {up:>14.0f}")
-    walls = {kind: [round(w, 2) for w in found[kind]] for kind in ("plain", "secagg")}
-    print(f"walls (s): plain {walls['plain']}, secagg {walls['secagg']}")
+    walls = {kind: [round(w, 2) for w in found[kind]] for kind in ("plain", "dp", "secagg")}
+    print(f"walls (s): plain {walls['plain']}, dp {walls['dp']}, secagg {walls['secagg']}")
+    print(f"dp_bytes_up_ratio: {d_up / p_up:.3f}")
+    dp_pairs = [d / p for p, d in zip(found["plain"], found["dp"], strict=True)]
+    print(f"dp_round_time_ratio: {statistics.median(dp_pairs):.3f}")
     print(f"secagg_bytes_down_ratio: {sum(s_down) / p_down:.3f}")
     print(f"secagg_bytes_up_ratio: {sum(s_up) / p_up:.3f}")
     print(f"ratio of the medians: {secure_wall / plain_wall:.3f}")

@@ -126,14 +126,17 @@ class ServerDp:
         figures.update(self.spent())
         return mean, figures
 
-    def spent(self) -> dict[str, float | None]:
-        """ε so far by the run's accountant (``epsilon``) and by both (``epsilon_rdp``, ``epsilon_pld``)."""
-        both = self.ledger.epsilons()
-        return {
-            "epsilon": self.ledger.epsilon(),
-            "epsilon_rdp": both.get("rdp"),
-            "epsilon_pld": both.get("pld"),
-        }
+    def spent(self, *, both: bool = False) -> dict[str, float | None]:
+        """ε so far by the run's accountant (``epsilon``, and as ``epsilon_rdp`` / ``epsilon_pld``).
+
+        ``both``: the other accountant's too (PLD takes ~0.3 s, so rounds report only the run's own;
+        ``final/privacy.json`` has both).
+        """
+        epsilon = self.ledger.epsilon()
+        out: dict[str, float | None] = {"epsilon": epsilon, f"epsilon_{self.plan.accountant}": epsilon}
+        if both:
+            out |= {f"epsilon_{kind}": value for kind, value in self.ledger.epsilons().items()}
+        return out
 
     def summary(self) -> dict[str, Any]:
         """What ``final/privacy.json`` says: the guarantee, and how it was obtained."""
@@ -141,7 +144,7 @@ class ServerDp:
         return {
             "guarantee": "client-level (ε, δ)-DP of the released adapters",
             "delta": p.delta,
-            **self.spent(),
+            **self.spent(both=True),
             "accountant": p.accountant,
             "rounds_accounted": self.ledger.num_releases,
             "noise_multiplier": p.noise_multiplier,
