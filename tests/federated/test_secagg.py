@@ -476,3 +476,32 @@ def test_under_dp_every_weight_is_1_and_the_mean_is_uniform_within_2c_over_t(tmp
         1, result.mean_update, result.replies, result.weights
     )  # noised by the strategy
     assert new is not None and RoundMetrics.from_record(metrics).num_clients == len(deltas)
+
+
+class _Corrupting(Loopback):
+    """A Loopback whose node ``bad`` sends a masked vector missing its last array in stage 2."""
+
+    def __init__(self, clients: int, bad: int) -> None:
+        super().__init__(clients)
+        self.bad = bad
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+        out = super().send_and_receive(messages, timeout=timeout)
+        if len(self.replies) == 3:  # stage 2: the masked vectors
+            for reply in out:
+                if reply.metadata.src_node_id == self.bad and not reply.has_error():
+                    record = reply.content.config_records[RECORD_KEY_CONFIGS]
+                    record[Key.MASKED_PARAMETERS] = list(record[Key.MASKED_PARAMETERS])[:-1]
+        return out
+
+
+@IN_PROCESS
+def test_a_malformed_masked_update_is_left_out_as_a_dropout(cfg, plain, caplog) -> None:
+    result = _secure(cfg, _Corrupting(4, NODE + 1))
+    assert result.dropped == [NODE + 1] and [r.partition_id for r in result.replies] == [0, 2, 3]
+    assert _error(result, _fedavg(plain, [0, 2, 3])) <= _bound(cfg, plain, [0, 2, 3])
+    assert any(
+        "SecAgg+ update left out" in r.message and "masked vector" in r.message for r in caplog.records
+    )

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
 from flwr.common import EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Scalar, parameters_to_ndarrays
 from flwr.server import ClientManager, LegacyContext
 from flwr.server.compat.grid_client_proxy import GridClientProxy
@@ -49,7 +49,7 @@ from fedtune.federated.aggregation.secagg import (
     vector_layout,
 )
 from fedtune.federated.protocol import TrainReply, read_instruction
-from fedtune.federated.protocol.secagg import reply_from_metrics, workflow_state
+from fedtune.federated.protocol.secagg import masked_reply_error, reply_from_metrics, workflow_state
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,8 @@ def payload_bytes(content: RecordDict) -> int:
 class _CountingGrid(Grid):
     """The round loop's Grid, counting each node's payload bytes per workflow stage."""
 
-    def __init__(self, grid: Grid, on_stage: OnStage | None) -> None:
-        self.grid, self.on_stage = grid, on_stage
+    def __init__(self, grid: Grid, on_stage: OnStage | None, shapes: Sequence[tuple[int, ...]] = ()) -> None:
+        self.grid, self.on_stage, self.shapes = grid, on_stage, shapes
         self.answered: list[int] = []  # per stage run: the nodes that answered without an error
         self.down: dict[int, list[int]] = {}
         self.up: dict[int, list[int]] = {}
@@ -121,6 +121,27 @@ class _CountingGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self.grid.push_messages(messages)
 
+    def _malformed_as_dropped(self, sent: list[Message], replies: list[Message]) -> list[Message]:
+        """A masked update that cannot go into the sum is answered as a dropout (logged, left out).
+
+        Flower's workflow then never adds it and removes its masks in the unmask stage, as for
+        any client lost in training; the round goes on with the others.
+        """
+        by_id = {m.metadata.message_id: m for m in sent}
+        out = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            reason = (
+                None if reply.has_error() else masked_reply_error(reply.content, self.shapes, f"node {node}")
+            )
+            if reason is not None:
+                log.warning("SecAgg+ update left out: %s", reason)
+                reply = Message(
+                    Error(code=0, reason=reason), reply_to=by_id[reply.metadata.reply_to_message_id]
+                )
+            out.append(reply)
+        return out
+
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self.grid.pull_messages(message_ids)
 
@@ -131,6 +152,8 @@ class _CountingGrid(Grid):
         for msg in messages:
             self.down.setdefault(msg.metadata.dst_node_id, []).append(payload_bytes(msg.content))
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        if len(self.answered) == STAGES.index("collect masked vectors"):
+            replies = self._malformed_as_dropped(messages, replies)
         for reply in replies:
             size = 0 if reply.has_error() else payload_bytes(reply.content)
             self.up.setdefault(reply.metadata.src_node_id, []).append(size)
@@ -212,7 +235,7 @@ def secure_round(
     layout = vector_layout([{key: tuple(a.shape) for key, a in record.items()} for record in adapters])
     server_round = next(iter(insts.values())).server_round
     sec = cfg.privacy.secagg
-    counting = _CountingGrid(grid, on_stage)
+    counting = _CountingGrid(grid, on_stage, [shape for _, shape in layout])
     capture = _Capture(grid, sorted(insts))
     workflow = _Workflow(
         {node: replace(inst, secagg=True).to_content() for node, inst in insts.items()},

@@ -24,7 +24,7 @@ from flwr.common import Code, FitRes, Scalar, Status, ndarrays_to_parameters
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
 from fedtune.federated.protocol.messages import SECAGG_RECORD, TrainReply
-from fedtune.federated.protocol.wire import schema
+from fedtune.federated.protocol.wire import ProtocolError, schema
 
 _ADAPTER = next(f.key for f in schema(TrainReply) if f.name == "adapter")
 
@@ -56,6 +56,28 @@ def reply_from_metrics(metrics: Mapping[str, Scalar], where: str) -> TrainReply:
     """
     content = RecordDict({TrainReply.scalars: MetricRecord(dict(metrics)), _ADAPTER: ArrayRecord()})  # type: ignore[arg-type]
     return TrainReply.from_content(content, where=where)
+
+
+def masked_reply_error(content: RecordDict, shapes: Sequence[tuple[int, ...]], where: str) -> str | None:
+    """Why a stage-2 reply cannot go into the secure sum, or None when it can.
+
+    Its masked vector must have the round's layout (Flower's weight factor, then one array per
+    adapter tensor, ``shapes``) and its scalars must read as a :class:`TrainReply`.
+    """
+    from flwr.common import bytes_to_ndarray
+    from flwr.common.secure_aggregation.secaggplus_constants import Key
+    from flwr.compat.common.recorddict_compat import recorddict_to_fitres
+
+    try:
+        blobs = content.config_records[SECAGG_RECORD][Key.MASKED_PARAMETERS]
+        got = [tuple(bytes_to_ndarray(b).shape) for b in blobs]  # type: ignore[union-attr, arg-type]
+        reply_from_metrics(recorddict_to_fitres(content, keep_input=True).metrics, where)
+    except (ProtocolError, KeyError, ValueError, TypeError, AttributeError) as err:
+        return f"{where}: malformed SecAgg+ reply: {err}"[:300]
+    expected = [(1,), *(tuple(s) for s in shapes)]
+    if got != expected:
+        return f"{where}: masked vector of shapes {got[:4]}..., expected {expected[:4]}..."
+    return None
 
 
 def workflow_state(server_round: int) -> RecordDict:
