@@ -26,6 +26,7 @@ FLOWER_EXCEPTIONS = {
     ("fedtune/federated/secagg_client.py", "flwr.client.mod"),
     ("fedtune/federated/protocol/messages.py", "flwr.common.secure_aggregation.secaggplus_constants"),
     ("fedtune/federated/protocol/secagg.py", "flwr.common"),
+    ("fedtune/federated/protocol/secagg.py", "flwr.common.secure_aggregation.secaggplus_constants"),
     ("fedtune/federated/protocol/secagg.py", "flwr.compat.common.recorddict_compat"),
     ("fedtune/federated/protocol/secagg.py", "flwr.server.workflow.constant"),
 }
