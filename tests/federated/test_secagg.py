@@ -505,3 +505,18 @@ def test_a_malformed_masked_update_is_left_out_as_a_dropout(cfg, plain, caplog) 
     assert any(
         "SecAgg+ update left out" in r.message and "masked vector" in r.message for r in caplog.records
     )
+
+
+@IN_PROCESS
+def test_under_ffa_lora_only_b_is_masked_sent_and_summed(tmp_path: Path) -> None:
+    ffa = load_config(
+        "configs/tiny.toml", [*SECAGG, "model.lora.freeze_a=true", f"run.output_dir='{tmp_path}'"]
+    )
+    result = _secure(ffa, Loopback(4))
+    assert result.mean_update and all(".lora_B." in k for k in result.mean_update)
+    assert len(result.survivors) == 4
+    b_values = sum(v.size for v in result.mean_update.values())
+    full = _secure(load_config("configs/tiny.toml", [*SECAGG, f"run.output_dir='{tmp_path}'"]), Loopback(4))
+    assert sum(v.size for v in full.mean_update.values()) > b_values
+    masked = STAGES.index("collect masked vectors")
+    assert all(result.bytes_up[n][masked] < full.bytes_up[n][masked] for n in result.survivors)

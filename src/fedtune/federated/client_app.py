@@ -69,6 +69,7 @@ from fedtune.models.adapters import (
     load_adapter_state,
     parameter_names,
     reset_adapter,
+    sent_keys,
 )
 from fedtune.models.load import load_model
 from fedtune.privacy.dpfedavg import privatise
@@ -178,9 +179,7 @@ def freeze_a(model: PeftModel, task: Task) -> None:
 def sent_state(model: PeftModel, name: str, task: Task) -> dict[str, torch.Tensor]:
     """The trained adapter as it is sent: all of it, or only B under FFA-LoRA."""
     state = adapter_state(model, name)
-    if task.cfg.model.lora.freeze_a:
-        state = {k: v for k, v in state.items() if ".lora_A." not in k}
-    return state
+    return {k: state[k] for k in sent_keys(state, task.cfg.model.lora)}
 
 
 def _personal(runtime: Runtime, task: Task, *, trained: bool) -> None:

@@ -50,6 +50,7 @@ from fedtune.federated.aggregation.secagg import (
 )
 from fedtune.federated.protocol import TrainReply, read_instruction
 from fedtune.federated.protocol.secagg import masked_reply_error, reply_from_metrics, workflow_state
+from fedtune.models.adapters import sent_keys
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +233,10 @@ def secure_round(
     insts = {msg.metadata.dst_node_id: read_instruction(msg) for msg in messages}
     check_secagg(cfg, len(insts))
     adapters = [inst.adapter for inst in insts.values() if inst.adapter is not None]
-    layout = vector_layout([{key: tuple(a.shape) for key, a in record.items()} for record in adapters])
+    lora = cfg.model.lora  # FFA-LoRA: the vector holds B only, A is not trained
+    layout = vector_layout(
+        [{k: tuple(record[k].shape) for k in sent_keys(record, lora)} for record in adapters]
+    )
     server_round = next(iter(insts.values())).server_round
     sec = cfg.privacy.secagg
     counting = _CountingGrid(grid, on_stage, [shape for _, shape in layout])

@@ -18,6 +18,7 @@ from fedtune.federated.protocol import TrainReply
 from fedtune.federated.protocol.secagg import carries_secagg, masked_reply_content
 from fedtune.federated.records import from_record
 from fedtune.federated.task import Task
+from fedtune.models.adapters import sent_keys
 
 
 def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -39,6 +40,10 @@ def masked_reply(task: Task, reply: TrainReply, to: Message) -> Message:
     the client's training examples, or 1 under DP-FedAvg.
     """
     assert task.inst.adapter is not None  # read_instruction refuses a secagg instruction without one
-    vector = update_vector(from_record(reply.adapter), from_record(task.inst.adapter))
+    sent = from_record(task.inst.adapter)
+    sent = {
+        k: sent[k] for k in sent_keys(sent, task.cfg.model.lora)
+    }  # FFA-LoRA: B only, as the server's layout
+    vector = update_vector(from_record(reply.adapter), sent)
     weight = aggregation_weight(reply.num_examples, task.cfg.privacy.dp)
     return Message(masked_reply_content(reply, vector, weight), reply_to=to)

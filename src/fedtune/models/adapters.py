@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -200,6 +200,11 @@ def activate(model: PeftModel, names: list[str], *, trainable: str | list[str] |
     markers = [f".{name}." for name in chosen]
     for param_name, param in model.named_parameters():
         param.requires_grad = "lora_" in param_name and any(m in param_name for m in markers)
+
+
+def sent_keys(keys: Iterable[str], lora: LoraConfig) -> list[str]:
+    """The adapter keys a client sends back: all of them, or only B under FFA-LoRA (``freeze_a``)."""
+    return [k for k in keys if not (lora.freeze_a and ".lora_A." in k)]
 
 
 def parameter_names(state: Mapping[str, torch.Tensor], name: str = "default") -> dict[str, str]:

@@ -48,6 +48,7 @@ from fedtune.federated.protocol import (
 )
 from fedtune.federated.records import from_record, to_record
 from fedtune.metrics import MetricLine, line_from_reply
+from fedtune.models.adapters import sent_keys
 from fedtune.privacy.dpfedavg import clip_delta, global_norm
 from fedtune.privacy.server import ServerDp, split_state
 
@@ -251,7 +252,7 @@ class AdapterStrategy(Strategy):
         """The part of an adapter clients send back: all of it, or only B under FFA-LoRA."""
         if not self.cfg.model.lora.freeze_a:
             return state
-        return {k: v for k, v in state.items() if ".lora_A." not in k}
+        return {k: state[k] for k in sent_keys(state, self.cfg.model.lora)}
 
     def filled(self, part: Arrays) -> Arrays:
         """A mean over :meth:`sent_part` completed with the round's global (FFA-LoRA's frozen A)."""
