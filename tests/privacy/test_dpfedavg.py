@@ -38,14 +38,18 @@ def test_clip_delta_scales_down_and_reports_the_bit() -> None:
 def test_noised_mean_divides_by_the_expected_cohort_not_the_replies() -> None:
     template = {"w": np.zeros(2)}
     deltas = [{"w": np.array([1.0, 2.0])}, {"w": np.array([3.0, 0.0])}]
-    mean, noise_norm = noised_mean(deltas, template, expected_size=4, noise_std=0.0, rng=None)
+    mean, noise_norm, signal_norm = noised_mean(deltas, template, expected_size=4, noise_std=0.0, rng=None)
     np.testing.assert_allclose(mean["w"], [1.0, 0.5])  # (4, 2) / 4
     assert noise_norm == 0.0
+    assert signal_norm == pytest.approx(np.sqrt(1.0**2 + 0.5**2))
 
 
 def test_noised_mean_adds_the_noise_of_its_generator() -> None:
     template = {"w": np.zeros(3)}
-    mean, noise_norm = noised_mean([], template, expected_size=2, noise_std=0.5, rng=np.random.default_rng(7))
+    mean, noise_norm, signal_norm = noised_mean(
+        [], template, expected_size=2, noise_std=0.5, rng=np.random.default_rng(7)
+    )
+    assert signal_norm == 0.0
     noise = np.random.default_rng(7).normal(0.0, 0.5, size=3)
     np.testing.assert_allclose(mean["w"], noise / 2, rtol=1e-6)
     assert noise_norm == pytest.approx(np.linalg.norm(noise) / 2)

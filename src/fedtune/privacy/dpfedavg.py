@@ -57,8 +57,8 @@ def noised_mean(
     expected_size: float,
     noise_std: float,
     rng: np.random.Generator | None,
-) -> tuple[dict[str, np.ndarray], float]:
-    """``(Σ Δ_i + N(0, noise_std²)) / expected_size``, and the norm of the noise part.
+) -> tuple[dict[str, np.ndarray], float, float]:
+    """``(Σ Δ_i + N(0, noise_std²)) / expected_size``, and the norms of its noise and signal parts.
 
     Parameters
     ----------
@@ -76,8 +76,9 @@ def noised_mean(
 
     Returns
     -------
-    mean, noise_norm
-        float32 tensors; ``noise_norm`` is ``‖noise‖ / m`` (0 without server noise).
+    mean, noise_norm, signal_norm
+        float32 tensors; ``noise_norm`` is ``‖noise‖ / m`` (0 without server noise) and
+        ``signal_norm`` is ``‖Σ Δ_i‖ / m``, the mean before the noise.
     """
     if not expected_size > 0:
         raise ValueError(f"expected_size must be positive, got {expected_size}")
@@ -85,7 +86,7 @@ def noised_mean(
     for delta in deltas:
         for key in total:
             total[key] += delta[key].astype(np.float64)
-    noise_norm = 0.0
+    noise_norm, signal_norm = 0.0, global_norm(total) / expected_size
     if noise_std > 0:
         if rng is None:
             raise ValueError("noise_std > 0 needs a generator")
@@ -93,7 +94,7 @@ def noised_mean(
         noise_norm = global_norm(noise) / expected_size
         for key in total:
             total[key] += noise[key]
-    return {k: (v / expected_size).astype(np.float32) for k, v in total.items()}, noise_norm
+    return {k: (v / expected_size).astype(np.float32) for k, v in total.items()}, noise_norm, signal_norm
 
 
 def adaptive_clip(

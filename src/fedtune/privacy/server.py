@@ -20,7 +20,7 @@ import numpy as np
 
 from fedtune.config import Config
 from fedtune.privacy.accounting import Ledger
-from fedtune.privacy.dpfedavg import Arrays, adaptive_clip, dp_sample, global_norm, noised_mean
+from fedtune.privacy.dpfedavg import Arrays, adaptive_clip, dp_sample, noised_mean
 from fedtune.privacy.plan import DpPlan, dp_plan
 
 log = logging.getLogger(__name__)
@@ -97,8 +97,7 @@ class ServerDp:
         """
         p, client_noise = self.plan, self.cfg.privacy.noise == "client"
         noise_std = 0.0 if client_noise else p.update_noise * self.clip_norm
-        signal, _ = noised_mean(deltas, template, expected_size=p.cohort, noise_std=0.0, rng=None)
-        mean, noise_norm = noised_mean(
+        mean, noise_norm, signal_norm = noised_mean(
             deltas, template, expected_size=p.cohort, noise_std=noise_std, rng=self._rng(server_round, _NOISE)
         )
         z, count = p.noise_multiplier, len(deltas) if count is None else count
@@ -109,7 +108,6 @@ class ServerDp:
         if z > 0:
             self.ledger.compose(z, p.cohort)
         figures: dict[str, Any] = {"noise_multiplier": z, "clip_norm": self.clip_norm}
-        signal_norm = global_norm(signal)
         figures["noise_to_signal"] = noise_norm / signal_norm if signal_norm > 0 else None
         if self.cfg.privacy.adaptive_clipping:
             assert p.count_std is not None

@@ -110,6 +110,7 @@ class AdapterStrategy(Strategy):
         self._sent: dict[int, int] = {}  # node id -> bytes sent this phase
         self._references: dict[int, Arrays] = {}  # partition id -> start state sent this round
         self._wire_global: ArrayRecord | None = None
+        self._wire_decoded: Arrays | None = None  # _wire_global as the clients decode it
         self._global: Arrays = {}  # the global adapter at the start of this round
         self.dp = ServerDp(cfg) if cfg.privacy.dp else None  # client-level DP-FedAvg
         self.round_figures: dict[str, Any] = {}  # the round's privacy figures, for its server line
@@ -138,6 +139,14 @@ class AdapterStrategy(Strategy):
         inst = self.make_instruction(job, adapter=self.wire_global(global_state))
         return inst, global_state
 
+    def received(self, record: ArrayRecord) -> Arrays:
+        """``record`` as a client decodes it; the shared wire global is decoded once per phase."""
+        if record is not self._wire_global:
+            return from_record(record)
+        if self._wire_decoded is None:
+            self._wire_decoded = from_record(record)
+        return self._wire_decoded
+
     def make_instruction(self, job: Job, **fields: Any) -> Instruction:
         """An instruction for this phase with the round loop's ``instruction_fields``."""
         return Instruction(
@@ -153,7 +162,7 @@ class AdapterStrategy(Strategy):
             chosen = self.dp.sample(self.node_of, self.current_round)
         else:
             chosen = sample_clients(self.node_of, fraction, minimum, self.cfg.seed, self.current_round)
-        self._wire_global = None
+        self._wire_global, self._wire_decoded = None, None
         self._sent = {}
         messages = []
         for pid in chosen:
@@ -161,7 +170,7 @@ class AdapterStrategy(Strategy):
             if self.dp is not None and message_type == MessageType.TRAIN:
                 inst = replace(inst, clip_norm=self.dp.clip_norm, noise_std=self.dp.client_noise_std)
                 if inst.adapter is not None:  # the client clips against what it received (wire dtype)
-                    reference = from_record(inst.adapter)
+                    reference = self.received(inst.adapter)
             msg = instruction_message(inst, message_type, self.node_of[pid])
             self._sent[self.node_of[pid]] = payload_bytes(msg.content)
             if message_type == MessageType.TRAIN:
