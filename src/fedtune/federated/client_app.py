@@ -58,6 +58,7 @@ from fedtune.federated.task import (
     evaluate_reply,
     make_task,
     node_identity,
+    reply_dtype,
     tokenizer_for,
     train_reply,
 )
@@ -219,7 +220,7 @@ def train_adapter(task: Task) -> TrainReply:
         correction=correction,
         dp=dp,
     )
-    arrays = to_record(sent_state(runtime.model, name, task), task.cfg.fed.wire_dtype)
+    arrays = to_record(sent_state(runtime.model, name, task), reply_dtype(task))
     if task.inst.job is Job.FFLORA:  # the personal adapter stays on this client
         lora = task.cfg.model.lora.model_copy(update={"r": task.inst.rank, "ranks": None})
         state = adapter_state(runtime.model, "personal")
@@ -334,7 +335,8 @@ def case_query(msg: Message, context: Context) -> Message:
 def privatised(task: Task, reply: TrainReply) -> TrainReply:
     """Client-level DP: the update clipped to the instruction's norm (+ this client's noise share).
 
-    Sent in float32, so the server sees exactly the clipped update. The noise share is drawn
+    The trained adapter comes in float32 (``reply_dtype``) and is sent so, so the server sees
+    exactly the clipped update. The noise share is drawn
     from the OS's entropy: nobody, not even this client later, can subtract it.
     """
     assert task.inst.clip_norm is not None and task.inst.adapter is not None

@@ -128,6 +128,15 @@ def make_task(msg: Message, context: Context) -> Task:
     return Task(inst, cfg, node, root, start)
 
 
+def reply_dtype(task: Task) -> str:
+    """The dtype a trained adapter is encoded in: ``fed.wire_dtype``, or float32 under DP.
+
+    Under client-level DP the update is clipped on it, so it must not be rounded to the wire
+    dtype first.
+    """
+    return "float32" if task.inst.clip_norm is not None else task.cfg.fed.wire_dtype
+
+
 def train_reply(task: Task, arrays: ArrayRecord, result: TrainResult, **extra: Any) -> TrainReply:
     """The reply to a train instruction: the adapter and the round's training metrics."""
     return TrainReply(
