@@ -16,6 +16,10 @@ FLOWER_PUBLIC = ("flwr.app", "flwr.serverapp", "flwr.clientapp", "flwr.simulatio
 # (file, module): Flower beyond its public app APIs; docs/architecture.md ("Departures") says why
 FLOWER_EXCEPTIONS = {
     ("fedtune/federated/server_app.py", "flwr.common.config"),  # the installed app's folder
+    # the node worker's channel carries Flower's own message protobuf, as Flower does between processes
+    ("fedtune/federated/protocol/node.py", "flwr.common.serde"),
+    ("fedtune/federated/protocol/node.py", "flwr.proto.message_pb2"),
+    ("fedtune/federated/protocol/node.py", "flwr.proto.recorddict_pb2"),
     # SecAgg+ exists only in Flower's legacy API: its workflow, mod and their record layouts
     ("fedtune/federated/secagg.py", "flwr.common"),
     ("fedtune/federated/secagg.py", "flwr.server"),

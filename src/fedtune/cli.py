@@ -1,4 +1,4 @@
-"""The ``fedtune`` command: run, partition, data convert, eval, chat, report, serve-trunk, kb."""
+"""The ``fedtune`` command: run, node, partition, data convert, eval, chat, report, serve-trunk, kb."""
 
 from __future__ import annotations
 
@@ -263,6 +263,31 @@ def serve_trunk(
     from fedtune.split.serve_trunk import serve_trunk as serve
 
     serve(_config(config, set_), adapter=adapter, ready_file=ready_file, save_trunk=save_trunk, grace=grace)
+
+
+@app.command()
+def node(
+    dir_: Annotated[
+        Path, typer.Option("--dir", help="the worker's folder: the SuperNode's node config `worker`")
+    ] = Path("~/.cache/fedtune/node"),
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="load this config's model before the first message")
+    ] = None,
+    set_: SetOpt = None,
+    ready_file: Annotated[
+        Path | None, typer.Option(help="written with the socket's path once serving")
+    ] = None,
+) -> None:
+    """Serve a SuperNode's ClientApp from one long-lived process until SIGTERM / SIGINT.
+
+    Start it beside `flower-supernode ... --node-config "partition-id=0 ... worker='DIR'"`: the
+    ClientApp forwards every message to it, and it keeps the base model and the client's data
+    loaded across rounds and runs (reloading the model only when the config's model changes).
+    """
+    from fedtune.federated.node import serve
+
+    logging.getLogger("fedtune").setLevel(logging.INFO)
+    serve(dir_, preload=_config(config, set_) if config is not None else None, ready=ready_file)
 
 
 def main() -> None:

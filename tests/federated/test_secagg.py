@@ -289,16 +289,16 @@ def test_a_client_lost_after_training_is_left_out_and_the_round_completes(cfg, p
 
 @IN_PROCESS
 def test_a_client_that_fails_while_training_is_left_out(cfg, plain, monkeypatch) -> None:
-    from fedtune.federated import client_app
+    from fedtune.federated import client_work
 
-    train = client_app.TRAIN[Job.PLAIN]
+    train = client_work.TRAIN[Job.PLAIN]
 
     def fails_on_2(task):
         if task.partition_id == 2:
             raise RuntimeError("out of memory")
         return train(task)
 
-    monkeypatch.setitem(client_app.TRAIN, Job.PLAIN, fails_on_2)
+    monkeypatch.setitem(client_work.TRAIN, Job.PLAIN, fails_on_2)
     result = _secure(cfg, Loopback(4))
     assert result.dropped == [NODE + 2]
     assert _error(result, _fedavg(plain, [0, 1, 3])) <= _bound(cfg, plain, [0, 1, 3])

@@ -15,20 +15,19 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from fedtune.federated.aggregation.secagg import aggregation_weight, update_vector
 from fedtune.federated.protocol import TrainReply
-from fedtune.federated.protocol.secagg import carries_secagg, masked_reply_content
+from fedtune.federated.protocol.secagg import masked_reply_content
 from fedtune.federated.records import from_record
 from fedtune.federated.task import Task
 from fedtune.models.adapters import sent_keys
 
 
 def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Flower's ``secaggplus_mod`` for the messages of a SecAgg+ round; any other passes untouched.
+    """Flower's ``secaggplus_mod``, for the messages of a SecAgg+ round only.
 
     Flower's mod reads its record from every train message, so a plain round's instruction,
-    which has none, must not reach it.
+    which has none, must not reach it: the ClientApp's ``secagg`` mod checks, and imports this
+    module only then.
     """
-    if not carries_secagg(msg.content):
-        return call_next(msg, context)
     return secaggplus_mod(msg, context, call_next)
 
 
