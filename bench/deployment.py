@@ -1,33 +1,30 @@
-"""What a deployment round costs on top of the same round in simulation, side by side.
+"""What a deployment round costs beyond the engine's own floor, against the same round in simulation.
 
-Both sides run the same config (demo.toml with the overrides below: 2 clients, 1 round,
-3 training steps of batch 4 per client) on this machine's cores:
+Three runs on this machine's cores, side by side:
 
-- simulation: ``fedtune run`` (Flower's simulation runtime, one Ray worker that keeps the
-  model loaded between messages; with the default ``simulation.cpus_per_client`` the
-  clients take turns);
-- deployment: ``flower-superlink`` and two ``flower-supernode`` processes on loopback and
-  ``flwr run`` of this app. Each message starts a fresh ``flwr-clientapp`` process that
-  imports torch/transformers/peft and loads the model again; the two SuperNodes run
-  their clients at the same time, sharing the cores, so both sides train with
-  ``train.num_threads`` = cores // clients unless ``--threads`` says otherwise.
+- simulation: ``fedtune run`` (Flower's simulation runtime; one Ray worker keeps the model
+  loaded between messages);
+- deployment: ``flower-superlink`` and two ``flower-supernode`` processes on loopback, each
+  SuperNode with a warm node worker (``fedtune node``, which loads the model at start and
+  keeps it and the client's data across messages), and ``flwr run`` of this app;
+- the floor: a trivial Flower app (bench/floor_app: numpy arrays the size of the adapter,
+  train + evaluate per round, clients that only echo) on the same SuperLink and SuperNodes.
+  It costs what any app pays there: a ``flwr-clientapp`` process per message and Flower's
+  polling (an idle SuperNode asks for work every 3 s).
 
-Round times are the server lines' ``seconds`` of round 1 (train, aggregate, evaluate and
-checkpoint). ``*_train_s`` / ``*_evaluate_s`` are the mean time inside the ClientApp's
-handlers; in deployment they include the model load and data preparation that the
-simulation did once, in round 0. ``*_outside_handlers_s`` is the rest of the round: in
-simulation the round minus all handlers (clients take turns), in deployment the round
-minus the slowest client of each phase (clients run at once); that is process start,
-imports, polling, transport, aggregation and the checkpoint. ``cold_*`` are one fresh
-interpreter's import of the ClientApp module, model load and one client's data.
+Both fedtune runs get the same config (demo.toml with the overrides below: 2 clients, 2
+rounds, 3 training steps of batch 4 per client, ``train.num_threads`` = cores // clients).
+A round's time is its server line's ``seconds`` (train, aggregate, evaluate, checkpoint),
+averaged over rounds 1 and 2; the floor's is the median of its rounds.
 
-Usage: python bench/deployment.py [--model smollm2] [--steps 3] [--threads N]
-Last line: ``deployment_round_overhead_s: X`` (deployment round - simulation round).
+Usage: python bench/deployment.py [--model smollm2] [--steps 3] [--threads N] [--rounds 2]
+Last line: ``deployment_over_simulation: X`` = (deployment round - floor round) / simulation round.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -42,25 +39,11 @@ from fedtune.rundir import RunDir
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the loopback deployment is a test harness, not library code
 from loopback import LoopbackDeployment, flwr_env  # noqa: E402
+from node_workers import NodeWorkers  # noqa: E402
 
 BIN = Path(sys.executable).parent
 CONFIG = "configs/demo.toml"
-COLD_START = """
-import time
-t0 = time.perf_counter()
-import fedtune.federated.client_app  # what every flwr-clientapp process imports
-t1 = time.perf_counter()
-from fedtune.config import load_config
-from fedtune.models.adapters import attach_lora
-from fedtune.models.load import load_model, load_tokenizer
-from fedtune.data.pipeline import client_tokenized
-cfg = load_config({config!r}, {overrides!r})
-tokenizer = load_tokenizer(cfg.model)
-attach_lora(load_model(cfg.model), cfg.model.lora)
-t2 = time.perf_counter()
-client_tokenized(cfg, tokenizer, 0)
-print(t1 - t0, t2 - t1, time.perf_counter() - t2)
-"""
+FLOOR_APP = REPO / "bench" / "floor_app"
 
 
 def _metrics(out_dir: Path) -> list[dict[str, Any]]:
@@ -69,13 +52,12 @@ def _metrics(out_dir: Path) -> list[dict[str, Any]]:
     return run.metrics()
 
 
-def _round(metrics: list[dict[str, Any]], server_round: int = 1) -> dict[str, Any]:
-    """Server-line seconds and per-phase handler seconds (one per client) of a round."""
-    lines = [m for m in metrics if m["round"] == server_round]
+def _rounds(metrics: list[dict[str, Any]], rounds: int) -> dict[str, float]:
+    """Mean server-line seconds and mean handler seconds over rounds 1..``rounds``."""
+    lines = [m for m in metrics if 1 <= m["round"] <= rounds]
     return {
-        "round": next(m["seconds"] for m in lines if m["phase"] == "server"),
-        "train": [m["seconds"] for m in lines if m["phase"] == "train"],
-        "evaluate": [m["seconds"] for m in lines if m["phase"] == "evaluate"],
+        phase: statistics.mean(m["seconds"] for m in lines if m["phase"] == phase)
+        for phase in ("server", "train", "evaluate")
     }
 
 
@@ -87,48 +69,61 @@ def _run(cmd: list[str], env: dict[str, str], timeout: float) -> float:
     return time.perf_counter() - t0
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument(
-        "--threads",
-        type=int,
-        help="train.num_threads per client; default cores // clients, 0 for torch's own default",
-    )
-    parser.add_argument("--timeout", type=float, default=600, help="seconds per runtime")
-    args = parser.parse_args()
-    clients = 2
-    # The deployment's SuperNodes train at the same time on this machine's cores; torch's
-    # default (every core per process) oversubscribes them: 90 s instead of 5 s per client.
-    threads = max(1, (os.cpu_count() or 1) // clients) if args.threads is None else args.threads
+def _overrides(args: argparse.Namespace, clients: int, threads: int) -> list[str]:
     overrides = [
         f"model.name={args.model}",
         f"partition.num_partitions={clients}",
-        "fed.rounds=1",
+        f"fed.rounds={args.rounds}",
         f"train.max_steps={args.steps}",
         "train.batch_size=4",
         "data.max_train_examples=16",
         "data.max_test_examples=8",
         "run.report=false",
     ]
-    if threads:
-        overrides.append(f"train.num_threads={threads}")
+    return [*overrides, f"train.num_threads={threads}"] if threads else overrides
+
+
+def _floor(env: dict[str, str], out: Path, clients: int, timeout: float) -> list[float]:
+    """The trivial app's round times on the deployment that ``env`` connects to."""
+    run_config = f"rounds=3 nodes={clients} out='{out}'"
+    cmd = [str(BIN / "flwr"), "run", str(FLOOR_APP), "bench", "--run-config", run_config, "--stream"]
+    _run(cmd, env, timeout)
+    return [float(t) for t in json.loads(out.read_text())["round_s"]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="train.num_threads per client; default cores // clients, 0 for torch's own default",
+    )
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per runtime")
+    args = parser.parse_args()
+    clients = 2
+    # The deployment's clients train at the same time on this machine's cores; torch's
+    # default (every core per process) oversubscribes them: 90 s instead of 5 s per client.
+    threads = max(1, (os.cpu_count() or 1) // clients) if args.threads is None else args.threads
+    overrides = _overrides(args, clients, threads)
 
     with tempfile.TemporaryDirectory(prefix="fedtune-bench-deploy-") as tmp:
         root = Path(tmp)
         env = flwr_env(root / "cli")
-
         sim_out = root / "simulation"
         sets = [a for o in [*overrides, f"run.output_dir={sim_out}"] for a in ("--set", o)]
         sim_wall = _run(
             [str(BIN / "fedtune"), "run", "--config", CONFIG, *sets, "--no-progress"], env, args.timeout
         )
-        sim = _round(_metrics(sim_out))
+        sim = _rounds(_metrics(sim_out), args.rounds)
 
         dep_out = root / "deployment"
-        with LoopbackDeployment(root, clients) as deployment:
+        workers = NodeWorkers(root, clients, config=CONFIG, overrides=overrides, env=env)
+        with workers, LoopbackDeployment(root, clients, node_config=workers.node_config()) as deployment:
             env = deployment.connect("bench")  # FLWR_HOME <root>/cli, as for the simulation
+            floor = _floor(env, root / "floor.json", clients, args.timeout)
             run_config = (
                 f"config-file='{CONFIG}' overrides='{' '.join([*overrides, f'run.output_dir={dep_out}'])}'"
             )
@@ -137,38 +132,27 @@ def main() -> None:
                 env,
                 args.timeout,
             )
-        dep = _round(_metrics(dep_out))
+            served = sum(workers.log(i).count("message of run") for i in range(clients))
+        dep = _rounds(_metrics(dep_out), args.rounds)
 
-        cold = subprocess.run(
-            [sys.executable, "-c", COLD_START.format(config=CONFIG, overrides=overrides)],
-            env=env,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        cold_import, cold_load, cold_data = map(float, cold.stdout.split()[-3:])
-
-    sim_outside = sim["round"] - sum(sim["train"]) - sum(sim["evaluate"])  # clients in turn
-    dep_outside = dep["round"] - max(dep["train"]) - max(dep["evaluate"])  # clients at once
+    floor_round = statistics.median(floor)
     print(f"model: {args.model}")
     print(f"clients: {clients}")
+    print(f"rounds: {args.rounds}")
     print(f"train_steps: {args.steps}")
     print(f"threads_per_client: {threads or 'torch default'}")
     print(f"simulation_wall_s: {sim_wall:.2f}")
     print(f"deployment_wall_s: {dep_wall:.2f}")
-    print(f"simulation_round_s: {sim['round']:.2f}")
-    print(f"deployment_round_s: {dep['round']:.2f}")
-    print(f"simulation_train_s: {statistics.mean(sim['train']):.2f}")
-    print(f"deployment_train_s: {statistics.mean(dep['train']):.2f}")
-    print(f"simulation_evaluate_s: {statistics.mean(sim['evaluate']):.2f}")
-    print(f"deployment_evaluate_s: {statistics.mean(dep['evaluate']):.2f}")
-    print(f"simulation_outside_handlers_s: {sim_outside:.2f}")
-    print(f"deployment_outside_handlers_s: {dep_outside:.2f}")
-    print(f"cold_import_s: {cold_import:.2f}")
-    print(f"cold_model_load_s: {cold_load:.2f}")
-    print(f"cold_client_data_s: {cold_data:.2f}")
-    print(f"deployment_round_overhead_s: {dep['round'] - sim['round']:.2f}")
+    print(f"messages_served_by_workers: {served}")
+    print(f"simulation_round_s: {sim['server']:.2f}")
+    print(f"deployment_round_s: {dep['server']:.2f}")
+    print(f"floor_round_s: {floor_round:.2f} (rounds: {', '.join(f'{t:.2f}' for t in floor)})")
+    print(f"simulation_train_s: {sim['train']:.2f}")
+    print(f"deployment_train_s: {dep['train']:.2f}")
+    print(f"simulation_evaluate_s: {sim['evaluate']:.2f}")
+    print(f"deployment_evaluate_s: {dep['evaluate']:.2f}")
+    print(f"deployment_round_overhead_s: {dep['server'] - sim['server']:.2f}")
+    print(f"deployment_over_simulation: {(dep['server'] - floor_round) / sim['server']:.3f}")
 
 
 if __name__ == "__main__":
