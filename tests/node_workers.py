@@ -55,28 +55,37 @@ class NodeWorkers:
         path = self.root / f"worker-{i}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def _spawn(self, i: int) -> subprocess.Popen[bytes]:
+        ready = self.root / f"worker-{i}.ready"
+        ready.unlink(missing_ok=True)
+        cmd = [str(BIN / "fedtune"), "node", "--dir", str(self.folder(i)), *self.args]
+        cmd += ["--ready-file", str(ready)]
+        with (self.root / f"worker-{i}.log").open("ab") as out:
+            return subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )
+
+    def _wait_ready(self, i: int, deadline: float) -> None:
+        while not (self.root / f"worker-{i}.ready").exists():
+            if self.procs[i].poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"node worker {i} did not start:\n{self.log(i)[-3000:]}")
+            time.sleep(0.2)
+
+    def restart(self, i: int) -> None:
+        """SIGKILL worker ``i`` (as a crash would) and start it again, as systemd's Restart= would."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.procs[i].pid, signal.SIGKILL)
+        self.procs[i].wait()
+        self.procs[i] = self._spawn(i)
+        self._wait_ready(i, time.monotonic() + self.startup_timeout_s)
+
     def __enter__(self) -> NodeWorkers:
         self.root.mkdir(parents=True, exist_ok=True)
-        ready = [self.root / f"worker-{i}.ready" for i in range(self.num_nodes)]
         try:
-            for i in range(self.num_nodes):
-                with (self.root / f"worker-{i}.log").open("wb") as out:
-                    cmd = [str(BIN / "fedtune"), "node", "--dir", str(self.folder(i)), *self.args]
-                    self.procs.append(
-                        subprocess.Popen(
-                            [*cmd, "--ready-file", str(ready[i])],
-                            stdout=out,
-                            stderr=subprocess.STDOUT,
-                            env=self.env,
-                            start_new_session=True,
-                        )
-                    )
+            self.procs = [self._spawn(i) for i in range(self.num_nodes)]
             deadline = time.monotonic() + self.startup_timeout_s
-            for i, proc in enumerate(self.procs):
-                while not ready[i].exists():
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"node worker {i} did not start:\n{self.log(i)[-3000:]}")
-                    time.sleep(0.2)
+            for i in range(self.num_nodes):
+                self._wait_ready(i, deadline)
         except BaseException:
             self.stop()
             raise
