@@ -1,0 +1,94 @@
+"""A deployment with TLS and SuperNode authentication on loopback, as docs/deployment.md sets one up.
+
+The certificates and keys are made at run time (``certificates.py``): a CA and a server
+certificate for 127.0.0.1, and an ECDSA P-384 key pair per SuperNode. The SuperLink runs
+with ``--enable-supernode-auth``; an administrator's CLI registers two of the public keys
+with ``flwr supernode register``; a third SuperNode brings a key nobody registered. One
+round of configs/tiny.toml then runs over TLS with the two registered nodes only.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from certificates import make_node_key, make_tls_files
+from loopback import LoopbackDeployment, superlink_healthy
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+# the run itself takes ~30 s on 2 idle cores; it took 150 s while other jobs loaded them to 8
+DEADLINE_S = 360.0
+OVERRIDES = "partition.num_partitions=2 fed.rounds=1 fed.timeout=300"
+
+
+def wait_until_online(dep: LoopbackDeployment, timeout_s: float) -> list[dict[str, str]]:
+    """``flwr supernode ls`` until every node it lists is online; the last listing."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes: list[dict[str, str]] = dep.flwr("supernode", "ls")["nodes"]
+        if all(node["status"] == "online" for node in nodes) or time.monotonic() > deadline:
+            return nodes
+        time.sleep(1.0)
+
+
+def flwr_run(
+    env: dict[str, str], overrides: str, dep: LoopbackDeployment
+) -> subprocess.CompletedProcess[str]:
+    """``flwr run REPO deployment --stream`` of configs/tiny.toml; the logs if it overruns."""
+    args = [str(BIN / "flwr"), "run", str(REPO), "deployment", "--stream"]
+    args += ["--run-config", f"config-file='configs/tiny.toml' overrides='{overrides}'"]
+    try:
+        return subprocess.run(args, env=env, capture_output=True, text=True, timeout=DEADLINE_S)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"flwr run took over {DEADLINE_S:.0f} s\n{exc.stdout!r:.3000}\n{dep.diagnostics()}")
+
+
+def test_tls_and_supernode_auth_admit_registered_nodes_only(tmp_path: Path) -> None:
+    # Prepare: a CA, a certificate for 127.0.0.1, keys for two registered nodes and one stranger
+    tls = make_tls_files(tmp_path / "pki")
+    keys = [make_node_key(tmp_path / "keys" / f"node{i}") for i in range(2)]
+    stranger_key = make_node_key(tmp_path / "keys" / "stranger")
+    root = tmp_path / "deployment"
+    with LoopbackDeployment(root, num_nodes=2, tls=tls, node_keys=keys) as dep:
+        # partition 2 of 3: were it admitted, its metrics would carry client 2
+        stranger = dep.start_supernode(
+            "supernode-stranger", {"partition-id": 2, "num-partitions": 3}, key=stranger_key
+        )
+        env = dep.connect("deployment", default=True)  # the user's CLI: root-certificates, no insecure
+        out_dir = root / "runs"
+
+        # Execute: the stranger is turned away, then one round runs over TLS
+        stranger_rc = stranger.wait(timeout=DEADLINE_S)
+        before = wait_until_online(dep, timeout_s=60)
+        cli = flwr_run(env, f"{OVERRIDES} run.output_dir={out_dir}", dep)
+        after = dep.flwr("supernode", "ls")["nodes"]
+        context = f"flwr run exited {cli.returncode}\n{cli.stdout[-3000:]}\n{cli.stderr[-3000:]}\n"
+        context += dep.diagnostics()
+
+        # Assert: TLS only; the stranger exited refused and was never a node
+        assert not superlink_healthy(dep.port), "the SuperLink answered plain HTTP"
+        assert superlink_healthy(dep.port, tls.ca_cert), context
+        stranger_log = (root / "supernode-stranger.log").read_text(errors="replace")
+        assert stranger_rc != 0, context
+        assert "Failed to activate SuperNode" in stranger_log, context
+        registered = {str(node_id) for node_id in dep.node_ids}
+        assert len(registered) == 2, context
+        assert {n["node-id"]: n["status"] for n in before} == dict.fromkeys(registered, "online"), context
+        assert {n["node-id"] for n in after} == registered, context
+
+    # Assert: one complete round with the two registered nodes' partitions
+    runs = list(out_dir.glob("*/state.json"))
+    assert len(runs) == 1, context
+    assert json.loads(runs[0].read_text())["last_round"] == 1, context
+    assert (runs[0].parent / "final" / "adapter_model.safetensors").is_file(), context
+    lines = [json.loads(line) for line in (runs[0].parent / "metrics.jsonl").read_text().splitlines()]
+    clients = {line["client"] for line in lines if line["round"] == 1 and line["phase"] == "train"}
+    assert clients == {0, 1}, context
