@@ -162,7 +162,7 @@ class LoopbackDeployment:
         )
         return self.env(home)
 
-    def flwr(self, *args: str, home: str = "admin", timeout_s: float = 60.0) -> Any:
+    def flwr(self, *args: str, home: str = "admin", timeout_s: float = 60.0) -> dict[str, Any]:
         """``flwr ARGS... loopback --format json`` from ``<root>/<home>``; its JSON reply.
 
         For the administrator's commands (``supernode register KEY``, ``supernode ls``);
@@ -187,7 +187,7 @@ class LoopbackDeployment:
             reply = None
         if cli.returncode != 0 or not isinstance(reply, dict) or not reply.get("success"):
             raise RuntimeError(f"flwr {' '.join(args)} exited {cli.returncode}:\n{cli.stdout}\n{cli.stderr}")
-        return reply
+        return dict(reply)
 
     def diagnostics(self, lines: int = 30) -> str:
         """The last ``lines`` lines of every component's log, for assertion messages."""
