@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-DEADLINE_S = 150.0  # the run itself takes ~30 s on 2 cores; slack for a loaded machine
+DEADLINE_S = 360.0  # the run itself takes ~30-60 s on 2 cores; slack for a loaded machine
 
 
 @pytest.fixture
