@@ -227,7 +227,10 @@ class FedConfig(_Section):
         description="seconds a train or evaluate phase waits for replies (unset: fed.timeout)",
     )
     wait_timeout: float = Field(
-        300, gt=0, description="seconds to wait for the clients to connect before the run is refused"
+        300,
+        gt=0,
+        description="seconds to wait for the clients to connect, then for each to answer who it is "
+        "(a node that does not is left out; too few nodes and the run is refused)",
     )
     min_train_replies: int = Field(
         1, gt=0, description="quorum: fewest good train replies a round completes on"

@@ -87,6 +87,7 @@ def phase_outcome(
 
     ``partition_of`` maps node id -> partition id (unknown nodes get ``client`` None);
     ``deadline`` names the wait a missing reply exceeded (e.g. ``"fed.round_timeout=60s"``).
+    Failures come in partition order (then node order), whatever order the replies came in.
     """
     good, failures = [], []
 
@@ -108,4 +109,5 @@ def phase_outcome(
     for msg in sent:
         if msg.metadata.message_id not in answered:
             failed(msg.metadata.dst_node_id, f"no reply within {deadline}")
+    failures.sort(key=lambda line: (line["client"] is None, line["client"] or 0, line["node"]))
     return PhaseOutcome(good, failures)

@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 
 from fedtune.config import Config
 from fedtune.errors import FedtuneError
-from fedtune.federated.failures import deadline_key, phase_deadline, phase_outcome, train_quorum
+from fedtune.federated.failures import phase_outcome, train_quorum
 from fedtune.federated.protocol import QueryReply, query_message, read_reply
 from fedtune.federated.strategies import sample_clients
 from fedtune.metrics import MetricLine
@@ -54,7 +54,9 @@ def collect(
     return replies
 
 
-def wait_for_nodes(grid: Grid, cfg: Config, poll: float = 0.5) -> list[int]:
+def wait_for_nodes(
+    grid: Grid, cfg: Config, poll: float = 0.5, *, logger: logging.Logger | None = None
+) -> list[int]:
     """The node ids, once ``fed.min_available_clients`` (else every partition) are connected.
 
     Raises FedtuneError naming the mismatch when they are not all there after ``fed.wait_timeout``.
@@ -72,7 +74,9 @@ def wait_for_nodes(grid: Grid, cfg: Config, poll: float = 0.5) -> list[int]:
                 f"{key}={expected} are needed: start more SuperNodes or lower {key}"
             )
         if now > next_note:
-            _FLWR_LOG.warning("waiting for clients: %s of %s (%s) connected", len(nodes), expected, key)
+            (logger or _FLWR_LOG).warning(
+                "waiting for clients: %s of %s (%s) connected", len(nodes), expected, key
+            )
             next_note = now + 30
         time.sleep(poll)
     return nodes
@@ -85,17 +89,22 @@ class Discovered(NamedTuple):
     failures: list[MetricLine]
 
 
-def discover(grid: Grid, cfg: Config, *, poll: float = 0.5) -> Discovered:
+def discover(
+    grid: Grid, cfg: Config, *, poll: float = 0.5, logger: logging.Logger | None = None
+) -> Discovered:
     """Wait for the clients and ask each for its partition id; leave out those that fail.
 
     A node whose ClientApp cannot start (a missing data file, a foreign app) or does not
-    answer within the phase deadline is left out with one warning and never sampled; the run
+    answer within ``fed.wait_timeout`` is left out with one warning and never sampled; the run
     goes on while at least ``fed.min_available_clients`` (if set) and the train quorum remain.
+    ``logger``: where the waiting notes and the left-out nodes are told (default: Flower's).
     """
-    nodes = wait_for_nodes(grid, cfg, poll)
+    say = logger or _FLWR_LOG
+    nodes = wait_for_nodes(grid, cfg, poll, logger=say)
     messages = [query_message(cfg, n) for n in nodes]
-    replies = collect(grid, messages, phase_deadline(cfg), lambda *_: None, poll=poll)
-    outcome = phase_outcome(0, "discovery", messages, replies, QueryReply, {}, deadline_key(cfg))
+    wait = cfg.fed.wait_timeout  # a node's first ClientApp start (imports, data) counts as connecting
+    replies = collect(grid, messages, wait, lambda *_: None, poll=poll)
+    outcome = phase_outcome(0, "discovery", messages, replies, QueryReply, {}, f"fed.wait_timeout={wait:g}s")
     clients: dict[int, int] = {}
     for reply in outcome.good:
         pid = read_reply(reply, QueryReply).partition_id
@@ -103,7 +112,7 @@ def discover(grid: Grid, cfg: Config, *, poll: float = 0.5) -> Discovered:
             raise FedtuneError(f"two nodes claim partition-id {pid}")
         clients[reply.metadata.src_node_id] = pid
     for line in outcome.failures:
-        _FLWR_LOG.warning("node %s left out of the federation: %s", line["node"], line["cause"])
+        say.warning("node %s left out of the federation: %s", line["node"], line["cause"])
     fed = cfg.fed
     sampled = len(sample_clients(clients, fed.fraction_train, fed.min_train_clients, cfg.seed, 1))
     need = max(fed.min_available_clients or 1, train_quorum(fed, sampled))

@@ -83,7 +83,7 @@ class Federation:
         for line in outcome.failures:
             if phase == "train":
                 line["attempt"] = self.strategy.attempt
-            _FLWR_LOG.warning(
+            self.progress.logger.warning(
                 "round %s %s: client %s failed: %s", server_round, phase, line["client"], line["cause"]
             )
         self.strategy.round_log.extend(outcome.failures)
@@ -113,7 +113,9 @@ class Federation:
                 f"round {server_round}: {len(outcome.good)} good train replies of {self.sampled} sampled "
                 f"clients, below the quorum of {need} (fed.min_train_replies, fed.min_train_fraction)"
             )
-            _FLWR_LOG.warning("%s%s", note, "; retrying on a fresh sample" if attempt < retries else "")
+            self.progress.logger.warning(
+                "%s%s", note, "; retrying on a fresh sample" if attempt < retries else ""
+            )
         self.run.append_metrics(self.strategy.round_log)
         self.strategy.round_log.clear()
         raise RoundFailed(f"{note} after {retries} retries (fed.round_retries)")
@@ -234,8 +236,9 @@ def run_federation(
     ``state.json`` (:meth:`RunDir.mark_failed`), logged as one ``fedtune run FAILED`` line
     and raised again; the complete rounds stay, for a resume.
     """
+    say = logger or log  # fedtune run: fedtune's logger; flwr run: Flower's, which reaches the CLI
     try:
-        found = discovered or discover(grid, cfg)
+        found = discovered or discover(grid, cfg, logger=say)
         last = run.last_round()
         if last < 0:  # fresh run: seeded starting adapter, evaluated as round 0
             run.save_round(0, initial_adapter_state(cfg.model, seed=cfg.seed), cfg)
@@ -251,7 +254,7 @@ def run_federation(
     except Exception as err:
         cause = str(err) if isinstance(err, FedtuneError) else f"{type(err).__name__}: {err}"
         run.mark_failed(cause)
-        _FLWR_LOG.error("fedtune run FAILED after round %s: %s", run.last_round(), cause)
+        say.error("fedtune run FAILED after round %s: %s", run.last_round(), cause)
         raise
 
 
@@ -320,7 +323,7 @@ def main(grid: Grid, context: Context) -> None:
         check_strategy(cfg)
         check_privacy(cfg)  # refuses a privacy target the plan cannot meet, before a run directory exists
     try:
-        found = discover(grid, cfg)  # before a run directory exists: a failed start leaves none
+        found = discover(grid, cfg, logger=_FLWR_LOG)  # before a run directory: a failed start leaves none
     except FedtuneError as err:
         _FLWR_LOG.error("fedtune run FAILED: %s", err)
         raise
