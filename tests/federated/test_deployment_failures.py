@@ -103,35 +103,40 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _clientapp_of(supernode: int) -> int | None:
+DATA_LINE = "partition_id_to_indices"  # a ClientApp partitioning its data: it holds its message
+
+
+def _clientapps_of(supernode: int) -> set[int]:
+    """The ``flwr-clientapp`` processes under a SuperNode (one per message it runs)."""
+    found = set()
     for pid in _children(supernode):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
         if "flwr-clientapp" in cmd:
-            return pid
-    return None
+            found.add(pid)
+    return found
 
 
 def test_a_clientapp_killed_mid_round_is_one_failure_and_the_round_completes(tmp_path: Path) -> None:
-    # Prepare: 3 SuperNodes, a quorum of 2; no round-0 evaluation, so node 2's next ClientApp
-    # after discovery is its round-1 train
-    overrides = (
-        "partition.num_partitions=3 fed.min_train_replies=2 "
-        f"fed.round_timeout=150 {TINY}"
-    )
+    # Prepare: 3 SuperNodes, a quorum of 2, no evaluation: node 2's next ClientApp after round 0 is
+    # recorded runs its round-1 train. It is killed once it has taken its message and is loading
+    # its data (its log line); killed any earlier, Flower starts another for the same message.
+    overrides = f"partition.num_partitions=3 fed.min_train_replies=2 fed.round_timeout=120 {TINY}"
+    killed, seen, loaded = None, set(), 0
     with LoopbackDeployment(tmp_path, 3) as dep:
         proc = flwr_run(dep, overrides)
-        supernode = dep.procs[3].pid  # [superlink, supernode-0, supernode-1, supernode-2]
-        # Execute: once round 0 is recorded, kill node 2's ClientApp process as soon as it starts
-        killed, deadline = None, time.monotonic() + 240
+        supernode, log = dep.procs[3].pid, dep.logs[3]  # [superlink, supernode-0, -1, -2]
+        deadline = time.monotonic() + 240
         while killed is None and time.monotonic() < deadline and proc.poll() is None:
-            started = any((tmp_path / "runs").glob("*/state.json"))
-            if started and (pid := _clientapp_of(supernode)) is not None:
-                os.kill(pid, signal.SIGKILL)
-                killed = pid
-            time.sleep(0.2)
+            apps, data = _clientapps_of(supernode), log.read_text(errors="replace").count(DATA_LINE)
+            if not any((tmp_path / "runs").glob("*/state.json")):
+                seen, loaded = seen | apps, data  # discovery's ClientApp, perhaps still exiting
+            elif data > loaded and (fresh := apps - seen):
+                killed = fresh.pop()
+                os.kill(killed, signal.SIGKILL)
+            time.sleep(0.1)
         context = finish(proc, dep)
 
     # Assert: round 1 completed on clients 0 and 1; client 2's failure is one line
@@ -141,7 +146,8 @@ def test_a_clientapp_killed_mid_round_is_one_failure_and_the_round_completes(tmp
     lines = metrics(run_dir)
     (failure,) = [x for x in lines if x.get("event") == "failure"]
     assert (failure["round"], failure["phase"], failure["client"]) == (1, "train", 2), context
+    cause = str(failure["cause"])  # the SuperNode's reply for a ClientApp gone for 2 heartbeats (60 s)
+    assert cause.startswith("error reply 8 (the ClientApp process died"), context
     assert {x["client"] for x in lines if x["phase"] == "train" and "event" not in x} == {0, 1}, context
     (server,) = [x for x in lines if x["phase"] == "server" and x["round"] == 1]
     assert server["num_clients"] == 2, context
-    print("cause of the killed ClientApp:", failure["cause"])
