@@ -106,7 +106,8 @@ class Federation:
         for attempt in range(retries + 1):
             self.strategy.attempt = attempt
             outcome = self._phase(self.strategy.configure_train, server_round, arrays, "train")
-            need = train_quorum(self.cfg.fed, self.sampled)
+            # capped by the sample: a DP round's Poisson sample may be smaller, even empty
+            need = min(train_quorum(self.cfg.fed, self.sampled), self.sampled)
             if len(outcome.good) >= need:
                 return self.strategy.aggregate_train(server_round, outcome.good)
             note = (
