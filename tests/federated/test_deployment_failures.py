@@ -3,7 +3,8 @@
 (a) a SuperNode whose data file is missing is left out at discovery and the run completes on
 the others; (b) fewer SuperNodes than partitions: a clear error after ``fed.wait_timeout``,
 no run directory, and ``flwr ls`` shows the run failed; (c) a ClientApp process killed
-mid-round: the round completes on the others, the kill is one failure line.
+mid-round: the round completes on the others, the kill is one failure line; (d) the SuperLink
+killed after round 1: ``resume-dir`` in a new deployment ends with the uninterrupted run's adapter.
 """
 
 from __future__ import annotations
@@ -29,17 +30,20 @@ BIN = Path(sys.executable).parent
 TINY = "fed.rounds=1 fed.evaluate_before=false fed.fraction_evaluate=0 fed.wait_timeout=120"
 
 
-def flwr_run(dep: LoopbackDeployment, overrides: str, **popen: object) -> subprocess.Popen[str]:
-    """``flwr run`` of the repository's app with configs/tiny.toml and ``overrides``, streaming."""
+def flwr_run(dep: LoopbackDeployment, overrides: str, *, run_config: str = "") -> subprocess.Popen[str]:
+    """``flwr run`` of the repository's app with configs/tiny.toml and ``overrides``, streaming.
+
+    ``run_config`` replaces the whole ``--run-config`` (e.g. ``resume-dir='...'``).
+    """
     env = dep.connect("loop", default=True)
-    run_config = f"config-file='configs/tiny.toml' overrides='run.output_dir={dep.root / 'runs'} {overrides}'"
+    output = f"run.output_dir={dep.root / 'runs'}"
+    run_config = run_config or f"config-file='configs/tiny.toml' overrides='{output} {overrides}'"
     return subprocess.Popen(
         [str(BIN / "flwr"), "run", str(REPO), "loop", "--run-config", run_config, "--stream"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        **popen,  # type: ignore[arg-type]
     )
 
 
@@ -151,3 +155,37 @@ def test_a_clientapp_killed_mid_round_is_one_failure_and_the_round_completes(tmp
     assert {x["client"] for x in lines if x["phase"] == "train" and "event" not in x} == {0, 1}, context
     (server,) = [x for x in lines if x["phase"] == "server" and x["round"] == 1]
     assert server["num_clients"] == 2, context
+
+
+def test_a_superlink_killed_after_round_1_resumes_to_the_same_final_adapter(tmp_path: Path) -> None:
+    # Prepare: 2 SuperNodes, 2 rounds; an uninterrupted run to compare with
+    overrides = f"partition.num_partitions=2 fed.rounds=2 {TINY.replace('fed.rounds=1 ', '')}"
+    with LoopbackDeployment(tmp_path / "whole", 2) as dep:
+        context = finish(flwr_run(dep, overrides), dep)
+    (whole,) = (tmp_path / "whole" / "runs").iterdir()
+    assert (whole / "final" / "adapter_model.safetensors").is_file(), context
+
+    # Execute: the SuperLink (and the ServerApp under it) dies once round 1 is checkpointed ...
+    with LoopbackDeployment(tmp_path / "cut", 2) as dep:
+        proc = flwr_run(dep, overrides)
+        state, deadline = tmp_path / "cut" / "runs", time.monotonic() + 300
+        while time.monotonic() < deadline and not any(
+            json.loads(p.read_text())["last_round"] >= 1 for p in state.glob("*/state.json")
+        ):
+            time.sleep(0.1)
+        os.killpg(dep.procs[0].pid, signal.SIGKILL)  # the SuperLink's process group, as a host crash
+        time.sleep(2)
+        proc.kill()  # the CLI streaming from the dead SuperLink
+        proc.communicate()
+    (cut,) = state.iterdir()
+    left = json.loads((cut / "state.json").read_text())
+    # ... and a new SuperLink and SuperNodes continue it with resume-dir
+    with LoopbackDeployment(tmp_path / "again", 2) as dep:
+        context = finish(flwr_run(dep, "", run_config=f"resume-dir='{cut}'"), dep)
+
+    # Assert: the resumed run ends with exactly the uninterrupted run's adapter
+    assert left == {"last_round": 1} and not (tmp_path / "again" / "runs").exists(), context
+    assert json.loads((cut / "state.json").read_text()) == {"last_round": 2}, context
+    assert (cut / "final" / "adapter_model.safetensors").read_bytes() == (
+        whole / "final" / "adapter_model.safetensors"
+    ).read_bytes(), context

@@ -114,7 +114,7 @@ def discover(
     for line in outcome.failures:
         say.warning("node %s left out of the federation: %s", line["node"], line["cause"])
     fed = cfg.fed
-    sampled = len(sample_clients(clients, fed.fraction_train, fed.min_train_clients, cfg.seed, 1))
+    sampled = len(sample_clients(clients.values(), fed.fraction_train, fed.min_train_clients, cfg.seed, 1))
     need = max(fed.min_available_clients or 1, train_quorum(fed, sampled))
     if len(clients) < need:
         raise FedtuneError(
