@@ -67,6 +67,13 @@ def test_missing_field_names_record(capsys, tmp_path: Path) -> None:
         ("train.batch_size=0", "train.batch_size"),
         ("data.max_target_length=-3", "data.max_target_length"),
         ("fed.strategy='fedmagic'", "fed.strategy"),
+        ("fed.min_train_replies=4", "fed.min_train_replies=4"),  # 3 clients: a quorum never met
+        ("fed.round_timeout=0", "fed.round_timeout"),
+        # the server would wait for a third client that never comes
+        (
+            "simulation.num_supernodes=2",
+            "simulation.num_supernodes=2 is fewer than partition.num_partitions=3",
+        ),
     ],
 )
 def test_bad_settings(capsys, tmp_path: Path, override: str, message: str) -> None:

@@ -14,6 +14,7 @@ from fedtune.config import Config, LoraConfig, ModelConfig, RunSection
 from fedtune.errors import FedtuneError
 from fedtune.federated import stack_cache
 from fedtune.federated.personal import load_personal, save_personal, state_root
+from fedtune.metrics import failure_line
 from fedtune.rundir import (
     RunDir,
     client_state_root,
@@ -76,6 +77,20 @@ def test_append_metrics_takes_any_iterable_of_mappings(run: RunDir) -> None:
     assert [r["round"] for r in run.metrics()] == [1, 2, 2]
     run.rollback_to(1)
     assert run.metrics() == [{"round": 1, "phase": "server"}]
+
+
+def test_a_failed_run_keeps_its_cause_and_its_failure_lines_until_the_next_complete_round(
+    run: RunDir,
+) -> None:
+    run.mark_complete(1)
+    run.append_metrics([{"round": 2, "phase": "train", "client": 0}])
+    run.append_metrics([failure_line(2, "train", 1001, 1, "no reply within fed.round_timeout=5s")])
+    run.mark_failed("round 2: below the quorum")
+    assert (run.last_round(), run.failed(), run.stopped()) == (1, "round 2: below the quorum", None)
+    run.rollback_to(1)  # a resume: the half round goes, the failure it saw stays
+    assert [(r["round"], r.get("event")) for r in run.metrics()] == [(2, "failure")]
+    run.mark_complete(2)
+    assert run.failed() is None
 
 
 def test_client_state_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -296,7 +296,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except FedtuneError as err:
-        console.print(f"[red]error:[/red] {escape(str(err))}")
+        console.print(f"[red]error:[/red] {escape(str(err))}", soft_wrap=True)  # one line, however long
         sys.exit(2)
     except (typer.Exit, SystemExit) as err:
         code = getattr(err, "exit_code", getattr(err, "code", 0))

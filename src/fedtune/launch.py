@@ -9,6 +9,7 @@ before the directory is made.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 from fedtune.config import Config
@@ -47,6 +48,10 @@ def preflight(cfg: Config) -> None:
         raise FedtuneError(
             f"fed.min_available_clients={cfg.fed.min_available_clients} exceeds the {len(parts)} partitions"
         )
+    nodes, needed = cfg.simulation.num_supernodes, cfg.fed.min_available_clients or len(parts)
+    if nodes is not None and nodes < needed:  # the server would wait for clients that never come
+        key = "fed.min_available_clients" if cfg.fed.min_available_clients else "partition.num_partitions"
+        raise FedtuneError(f"simulation.num_supernodes={nodes} is fewer than {key}={needed}")
     for pid in range(len(parts)):
         train, _ = client_conversations(cfg, pid)
         tokenize_conversation(
@@ -73,6 +78,14 @@ def run(cfg: Config | None = None, *, resume: str | Path | None = None, progress
         preflight(cfg)
         run_dir = RunDir.create(cfg)
     simulate(cfg, run_dir, progress=progress)
+    if (failed := run_dir.failed()) is not None:
+        if resume is None and run_dir.last_round() < 0:  # nothing ran: leave no run directory behind
+            shutil.rmtree(run_dir.path)
+            raise FedtuneError(f"the federation did not start: {failed}")
+        raise FedtuneError(
+            f"run FAILED after round {run_dir.last_round()} of {cfg.fed.rounds}: {failed}; "
+            f"continue with: fedtune run --resume {run_dir.path}"
+        )
     if (stopped := run_dir.stopped()) is not None:
         log.warning("%s: stopped after round %s: %s", run_dir.path, run_dir.last_round(), stopped)
     elif run_dir.last_round() < cfg.fed.rounds:

@@ -2,7 +2,10 @@
 
 The round loop writes one line per client per phase per round (``phase`` ``"train"`` or
 ``"evaluate"``, ``client`` its partition id) and one ``"server"`` line per round with the
-round's totals; round 0 evaluates the starting adapter. The reader
+round's totals; round 0 evaluates the starting adapter. A client that failed in a phase
+gets one line with ``event`` ``"failure"``, its ``node`` and the ``cause``
+(:func:`failure_line`; ``phase`` ``"discovery"`` for a node left out before the rounds);
+such a line has no results, so readers look for results, not for phases. The reader
 (:func:`parse_line`) checks each key against the annotations below, so a metric added
 here is written, read and reported without a second list of keys to edit.
 """
@@ -17,14 +20,14 @@ from typing import Any, TypedDict
 from fedtune.errors import FedtuneError
 from fedtune.scalars import NO_MATCH, match_scalar
 
-__all__ = ["MetricLine", "line_from_reply", "parse_line", "server_line"]
+__all__ = ["MetricLine", "failure_line", "line_from_reply", "parse_line", "server_line"]
 
 
 class MetricLine(TypedDict, total=False):
     """One line of ``metrics.jsonl``; every key but ``round`` and ``phase`` may be absent."""
 
     round: int
-    phase: str  # "train" | "evaluate" | "server"
+    phase: str  # "train" | "evaluate" | "server" | "discovery"
     client: int | None  # partition id; None on server lines
     num_examples: int
     num_clients: int
@@ -52,6 +55,10 @@ class MetricLine(TypedDict, total=False):
     clip_norm: float  # the clip norm of this round's updates
     noise_to_signal: float  # ‖noise‖ / ‖mean of the clipped updates‖
     within_share: float  # adaptive clipping: the noised share of updates within the clip norm
+    event: str  # "failure": the client failed in this phase (no results on the line)
+    node: int  # failure lines: the node id of the client's SuperNode
+    cause: str  # failure lines: why (an error reply, a reply that fails the protocol, no reply)
+    attempt: int  # the try of the round's train phase (0 first; fed.round_retries more)
 
 
 _HINTS = typing.get_type_hints(MetricLine)
@@ -99,3 +106,15 @@ def server_line(server_round: int, clients: list[MetricLine], seconds: float, **
     }
     line.update({k: v for k, v in values.items() if v is not None})
     return typing.cast(MetricLine, line)
+
+
+def failure_line(server_round: int, phase: str, node: int, client: int | None, cause: str) -> MetricLine:
+    """The line of a client that failed in ``phase``: its node, partition id (if known) and cause."""
+    return {
+        "round": server_round,
+        "phase": phase,
+        "event": "failure",
+        "node": node,
+        "client": client,
+        "cause": cause,
+    }

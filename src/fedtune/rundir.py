@@ -5,7 +5,7 @@
     RUN_DIR/
       config.toml          resolved config
       metrics.jsonl        one JSON object per client per phase per round (+ "server" lines)
-      state.json           {"last_round": k}: rounds 1..k are complete
+      state.json           {"last_round": k}: rounds 1..k are complete (+ "stopped" or "failed": why)
       rounds/0000/         the starting adapter; rounds/NNNN/ the global adapter after round N
                            (+ server_state.safetensors: the server optimiser's moments)
       final/               the global adapter after the last round
@@ -184,8 +184,20 @@ class RunDir:
 
     def stopped(self) -> str | None:
         """Why the run ended early on purpose, or None."""
+        return self._state().get("stopped")
+
+    def mark_failed(self, cause: str) -> None:
+        """The run failed (e.g. a round below its quorum); rounds 1..last are complete, resumable."""
+        state = {"last_round": self.last_round(), "failed": cause}
+        write_text_atomic(self.path / STATE, json.dumps(state) + "\n")
+
+    def failed(self) -> str | None:
+        """Why the run failed, or None (a later complete round clears it)."""
+        return self._state().get("failed")
+
+    def _state(self) -> dict[str, Any]:
         path = self.path / STATE
-        return json.loads(path.read_text()).get("stopped") if path.is_file() else None
+        return dict(json.loads(path.read_text())) if path.is_file() else {}
 
     def save_final(
         self, state: Mapping[str, torch.Tensor], cfg: Config, *, lora: LoraConfig | None = None
@@ -218,8 +230,11 @@ class RunDir:
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
     def rollback_to(self, server_round: int) -> None:
-        """Forget anything past ``server_round`` (the remains of an interrupted round)."""
-        kept = [r for r in self.metrics() if int(r.get("round", 0)) <= server_round]
+        """Forget anything past ``server_round`` (the remains of an interrupted round).
+
+        Failure lines stay: the clients did fail, and the report shows it.
+        """
+        kept = [r for r in self.metrics() if int(r.get("round", 0)) <= server_round or "event" in r]
         write_text_atomic(self.metrics_file, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
         rounds = self.path / ROUNDS
         if rounds.is_dir():

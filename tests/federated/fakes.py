@@ -92,3 +92,40 @@ def eval_round(s: AdapterStrategy, server_round: int, global_state, fail: set[in
     ]
     s.aggregate_evaluate(server_round, replies)
     return {pid: inst for pid, (inst, _) in sent.items()}
+
+
+class FakeGrid:
+    """A Grid without a runtime, for the round loop: ``answer(pid, message)`` replies to each message.
+
+    ``answer`` returns the reply, or None for a client that never answers. Node ids are
+    ``NODE + pid`` as in :func:`strategy`; ``sent`` keeps every message pushed.
+    """
+
+    def __init__(self, answer, nodes: int = 3) -> None:  # type: ignore[no-untyped-def]
+        self.answer = answer
+        self.nodes = [NODE + i for i in range(nodes)]
+        self.sent: list[Message] = []
+        self._ready: dict[str, Message] = {}
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def push_messages(self, messages) -> list[str]:  # type: ignore[no-untyped-def]
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = f"m{len(self.sent)}"  # as the runtime assigns
+            self.sent.append(msg)
+            reply = self.answer(msg.metadata.dst_node_id - NODE, msg)
+            if reply is not None:
+                self._ready[msg.metadata.message_id] = reply
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, ids) -> list[Message]:  # type: ignore[no-untyped-def]
+        return [self._ready.pop(i) for i in list(ids) if i in self._ready]
+
+
+def query_reply(msg: Message, pid: int, n: int = 4) -> Message:
+    from fedtune.federated.protocol import QueryReply
+
+    return reply_message(QueryReply(pid, n, 1), msg)

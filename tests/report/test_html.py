@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 import fedtune.report.html as report_html
 from fedtune.errors import FedtuneError
+from fedtune.metrics import failure_line
 from fedtune.report import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -72,3 +74,16 @@ def test_bad_metrics_line(run_dir: Path) -> None:
     with pytest.raises(FedtuneError, match=r"metrics\.jsonl:12: not valid JSON"):
         write_report(run_dir)
     assert not (run_dir / "report").exists()
+
+
+def test_failures_are_tabled_when_there_are_any(run_dir: Path) -> None:
+    assert "Client failures" not in write_report(run_dir).read_text(encoding="utf-8")
+    with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(failure_line(1, "train", 1002, 2, "error reply 8 (<died>)")) + "\n")
+        fh.write(json.dumps(failure_line(0, "discovery", 1003, None, "no reply")) + "\n")
+    text = write_report(run_dir).read_text(encoding="utf-8")
+    assert "<h2>Client failures (2)</h2>" in text
+    assert '<td class="num">2</td><td class="num">1002</td><td>error reply 8 (&lt;died&gt;)</td>' in text
+    assert (
+        '<td class="num"></td><td class="num">1003</td><td>no reply</td>' in text
+    )  # discovery: no partition

@@ -220,6 +220,34 @@ class FedConfig(_Section):
     krum_malicious: int = Field(0, ge=0, description="Krum: assumed number of malicious clients")
     evaluate_before: bool = Field(True, description="evaluate the starting adapter as round 0")
     timeout: float = Field(3600, gt=0, description="seconds to wait for client replies")
+    # failures: deadlines, quorum and retries (docs/deployment.md, "When clients fail")
+    round_timeout: float | None = Field(
+        None,
+        gt=0,
+        description="seconds a train or evaluate phase waits for replies (unset: fed.timeout)",
+    )
+    wait_timeout: float = Field(
+        300,
+        gt=0,
+        description="seconds to wait for the clients to connect, then for each to answer who it is "
+        "(a node that does not is left out; too few nodes and the run is refused)",
+    )
+    min_train_replies: int = Field(
+        1, gt=0, description="quorum: fewest good train replies a round completes on"
+    )
+    min_train_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="quorum: fewest good train replies as a share of the sampled clients "
+        "(the quorum is the larger of this and min_train_replies)",
+    )
+    round_retries: int = Field(
+        0,
+        ge=0,
+        description="train phases retried, freshly sampled, when a round falls below its quorum "
+        "(not with privacy.dp)",
+    )
 
 
 class SimulationConfig(_Section):

@@ -14,19 +14,21 @@ round. Split learning joins through one :class:`~fedtune.split.rounds.RoundHook`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shlex
 import time
-from collections.abc import Callable, Iterable
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.config import Config, apply_overrides, config_from_run_config
 from fedtune.errors import FedtuneError
+from fedtune.federated.failures import PhaseOutcome, deadline_key, phase_deadline, phase_outcome, train_quorum
+from fedtune.federated.nodes import Discovered, collect, discover, wait_for_nodes
 from fedtune.federated.progress import RoundProgress
-from fedtune.federated.protocol import ProtocolError, QueryReply, RoundMetrics, query_message, read_reply
+from fedtune.federated.protocol import EvaluateReply, RoundMetrics, TrainReply
 from fedtune.federated.records import from_record, to_record, to_torch
 from fedtune.federated.secagg import secure_round
 from fedtune.federated.strategies import AdapterStrategy, build_strategy, check_strategy
@@ -36,74 +38,14 @@ from fedtune.privacy.plan import check_privacy
 from fedtune.rundir import RunDir
 from fedtune.split.rounds import RoundHook, round_hook
 
+__all__ = ["Federation", "RoundFailed", "app", "collect", "discover", "make_server_app", "wait_for_nodes"]
+
 log = logging.getLogger(__name__)
+_FLWR_LOG = logging.getLogger("flwr")  # Flower forwards only its own logger to `flwr run --stream`
 
 
-def collect(
-    grid: Grid,
-    messages: Iterable[Message],
-    timeout: float,
-    on_reply: Callable[[int, int], None],
-    poll: float = 0.2,
-) -> list[Message]:
-    """Send ``messages`` and gather the replies until all are in or ``timeout`` seconds pass.
-
-    Flower's ``Grid.send_and_receive`` with a callback per reply (progress within a round)
-    and a shorter poll; built on the Grid's public ``push_messages`` / ``pull_messages``.
-    """
-    pending = set(grid.push_messages(messages))
-    total, replies = len(pending), []
-    on_reply(0, total)
-    deadline = time.monotonic() + timeout
-    while pending and time.monotonic() < deadline:
-        got = list(grid.pull_messages(pending))
-        if got:
-            replies.extend(got)
-            pending.difference_update(m.metadata.reply_to_message_id for m in got)
-            on_reply(len(replies), total)
-        elif pending:
-            time.sleep(poll)
-    return replies
-
-
-def wait_for_nodes(grid: Grid, cfg: Config, poll: float = 0.5) -> list[int]:
-    """The node ids, once ``fed.min_available_clients`` (else every partition) are connected."""
-    expected = cfg.fed.min_available_clients or cfg.partition.num_partitions
-    start = time.monotonic()
-    next_note = start + 30
-    while len(nodes := list(grid.get_node_ids())) < expected:
-        now = time.monotonic()
-        if now > start + cfg.fed.timeout:
-            raise FedtuneError(f"only {len(nodes)} of {expected} clients connected within fed.timeout")
-        if now > next_note:  # a mismatch with the number of SuperNodes looks like a hang otherwise
-            logging.getLogger("flwr").warning(
-                "waiting for clients: %s of %s connected "
-                "(partition.num_partitions / fed.min_available_clients)",
-                len(nodes),
-                expected,
-            )
-            next_note = now + 30
-        time.sleep(poll)
-    return nodes
-
-
-def discover(grid: Grid, cfg: Config, *, poll: float = 0.5) -> dict[int, int]:
-    """Wait for the clients and ask each for its partition id: node id -> partition id."""
-    nodes = wait_for_nodes(grid, cfg, poll)
-    clients: dict[int, int] = {}
-    for reply in grid.send_and_receive([query_message(cfg, n) for n in nodes], timeout=cfg.fed.timeout):
-        node = reply.metadata.src_node_id
-        if reply.has_error():
-            raise FedtuneError(f"client on node {node} failed to start: {reply.error.reason}")
-        try:
-            pid = read_reply(reply, QueryReply).partition_id
-        except ProtocolError as err:
-            raise FedtuneError(f"client on node {node} is not a fedtune client: {err}") from None
-        if pid in clients.values():
-            raise FedtuneError(f"two nodes claim partition-id {pid}")
-        clients[node] = pid
-    log.debug("clients (node -> partition): %s", clients)
-    return clients
+class RoundFailed(FedtuneError):
+    """A round fell below its train quorum after its retries."""
 
 
 class Federation:
@@ -119,30 +61,72 @@ class Federation:
         progress: RoundProgress,
     ) -> None:
         self.grid, self.cfg, self.run, self.hook, self.progress = grid, cfg, run, hook, progress
+        self.clients = clients  # node id -> partition id
+        self.sampled = 0  # clients sent the last phase's instructions
         self.strategy: AdapterStrategy = build_strategy(cfg, clients)
         self.strategy.run_dir = str(run.path.resolve())  # where simulated clients may keep state
         self.strategy.instruction_fields = hook.instruction_fields()
 
-    def _phase(self, configure: Any, server_round: int, arrays: ArrayRecord, phase: str) -> list[Message]:
-        messages = configure(server_round, arrays, ConfigRecord(), self.grid)
-        return collect(
+    def _phase(self, configure: Any, server_round: int, arrays: ArrayRecord, phase: str) -> PhaseOutcome:
+        """Send a phase's instructions, wait up to the deadline; a failure line per failed client."""
+        messages = list(configure(server_round, arrays, ConfigRecord(), self.grid))
+        replies = collect(
             self.grid,
             messages,
-            self.cfg.fed.timeout,
+            phase_deadline(self.cfg),
             lambda done, total: self.progress.phase(phase, done, total),
         )
+        kind = TrainReply if phase == "train" else EvaluateReply
+        outcome = phase_outcome(
+            server_round, phase, messages, replies, kind, self.clients, deadline_key(self.cfg)
+        )
+        for line in outcome.failures:
+            if phase == "train":
+                line["attempt"] = self.strategy.attempt
+            self.progress.logger.warning(
+                "round %s %s: client %s failed: %s", server_round, phase, line["client"], line["cause"]
+            )
+        self.strategy.round_log.extend(outcome.failures)
+        self.sampled = len(messages)
+        return outcome
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        replies = self._phase(self.strategy.configure_evaluate, server_round, arrays, "evaluate")
-        return self.strategy.aggregate_evaluate(server_round, replies)
+        outcome = self._phase(self.strategy.configure_evaluate, server_round, arrays, "evaluate")
+        return self.strategy.aggregate_evaluate(server_round, outcome.good)
+
+    def _quorate_train(
+        self, server_round: int, arrays: ArrayRecord
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The train phase, retried on a fresh sample while below the quorum; then aggregated.
+
+        The aggregate is over exactly the good replies. Below the quorum after
+        ``fed.round_retries`` retries, the round's failure lines are written and RoundFailed raised.
+        """
+        retries = self.cfg.fed.round_retries
+        for attempt in range(retries + 1):
+            self.strategy.attempt = attempt
+            outcome = self._phase(self.strategy.configure_train, server_round, arrays, "train")
+            # capped by the sample: a DP round's Poisson sample may be smaller, even empty
+            need = min(train_quorum(self.cfg.fed, self.sampled), self.sampled)
+            if len(outcome.good) >= need:
+                return self.strategy.aggregate_train(server_round, outcome.good)
+            note = (
+                f"round {server_round}: {len(outcome.good)} good train replies of {self.sampled} sampled "
+                f"clients, below the quorum of {need} (fed.min_train_replies, fed.min_train_fraction)"
+            )
+            self.progress.logger.warning(
+                "%s%s", note, "; retrying on a fresh sample" if attempt < retries else ""
+            )
+        self.run.append_metrics(self.strategy.round_log)
+        self.strategy.round_log.clear()
+        raise RoundFailed(f"{note} after {retries} retries (fed.round_retries)")
 
     def train(self, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, MetricRecord | None]:
         self.hook.begin_round()
         if self.cfg.privacy.secagg.enabled:
             new_arrays, trained = self._secure_train(server_round, arrays)
         else:
-            replies = self._phase(self.strategy.configure_train, server_round, arrays, "train")
-            new_arrays, trained = self.strategy.aggregate_train(server_round, replies)
+            new_arrays, trained = self._quorate_train(server_round, arrays)
         if new_arrays is None:
             raise FedtuneError(f"round {server_round}: no client returned an update (see the log)")
         # float32 as checkpointed: a resumed run must continue from exactly what is on disk
@@ -238,33 +222,54 @@ class Federation:
 
 
 def run_federation(
-    grid: Grid, cfg: Config, run: RunDir, *, progress: bool = True, logger: logging.Logger | None = None
+    grid: Grid,
+    cfg: Config,
+    run: RunDir,
+    *,
+    progress: bool = True,
+    logger: logging.Logger | None = None,
+    discovered: Discovered | None = None,
 ) -> None:
     """Run (or continue) the federation described by ``cfg`` into ``run``.
 
-    ``progress``: a bar in a terminal, else one line per round to ``logger``.
+    ``progress``: a bar in a terminal, else one line per round to ``logger``. ``discovered``:
+    the clients if the caller already ran :func:`discover`. A failure is recorded in
+    ``state.json`` (:meth:`RunDir.mark_failed`), logged as one ``fedtune run FAILED`` line
+    and raised again; the complete rounds stay, for a resume.
     """
-    clients = discover(grid, cfg)
-    last = run.last_round()
-    if last < 0:  # fresh run: seeded starting adapter, evaluated as round 0
-        run.save_round(0, initial_adapter_state(cfg.model, seed=cfg.seed), cfg)
-    run.rollback_to(max(last, 0))
-    current = run.load_round(max(last, 0))
-    hook = round_hook(cfg, current)
+    say = logger or log  # fedtune run: fedtune's logger; flwr run: Flower's, which reaches the CLI
     try:
-        shown = RoundProgress(cfg.fed.rounds, enabled=progress, logger=logger)
-        Federation(grid, cfg, run, clients, hook, shown).rounds(current)
-    finally:
-        hook.stop()
+        found = discovered or discover(grid, cfg, logger=say)
+        last = run.last_round()
+        if last < 0:  # fresh run: seeded starting adapter, evaluated as round 0
+            run.save_round(0, initial_adapter_state(cfg.model, seed=cfg.seed), cfg)
+        run.rollback_to(max(last, 0))
+        run.append_metrics({**line, "round": max(last, 0)} for line in found.failures)
+        current = run.load_round(max(last, 0))
+        hook = round_hook(cfg, current)
+        try:
+            shown = RoundProgress(cfg.fed.rounds, enabled=progress, logger=logger)
+            Federation(grid, cfg, run, found.clients, hook, shown).rounds(current)
+        finally:
+            hook.stop()
+    except Exception as err:
+        cause = str(err) if isinstance(err, FedtuneError) else f"{type(err).__name__}: {err}"
+        run.mark_failed(cause)
+        say.error("fedtune run FAILED after round %s: %s", run.last_round(), cause)
+        raise
 
 
 def make_server_app(cfg: Config, run: RunDir, *, progress: bool = True) -> ServerApp:
-    """A ServerApp bound to a config and run directory (what ``fedtune run`` starts)."""
+    """A ServerApp bound to a config and run directory (what ``fedtune run`` starts).
+
+    A FedtuneError ends the app quietly: it is in ``state.json``, which ``fedtune run`` reads.
+    """
     server = ServerApp()
 
     @server.main()
     def _main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg, run, progress=progress)
+        with contextlib.suppress(FedtuneError):
+            run_federation(grid, cfg, run, progress=progress)
 
     return server
 
@@ -318,8 +323,17 @@ def main(grid: Grid, context: Context) -> None:
         cfg = config_from_run_config(run_config, app_dir=_app_dir(grid))
         check_strategy(cfg)
         check_privacy(cfg)  # refuses a privacy target the plan cannot meet, before a run directory exists
+    try:
+        found = discover(grid, cfg, logger=_FLWR_LOG)  # before a run directory: a failed start leaves none
+    except FedtuneError as err:
+        _FLWR_LOG.error("fedtune run FAILED: %s", err)
+        raise
+    if not resume:
         run = RunDir.create(cfg)
-    # Flower forwards only its own logger's records to `flwr run --stream` and `flwr log`.
-    flwr_log = logging.getLogger("flwr")
-    flwr_log.info("fedtune run directory: %s", run.path.resolve())
-    run_federation(grid, cfg, run, progress=True, logger=flwr_log)
+    _FLWR_LOG.info("fedtune run directory: %s", run.path.resolve())
+    run_federation(grid, cfg, run, progress=True, logger=_FLWR_LOG, discovered=found)
+    if cfg.run.report:
+        from fedtune.report import write_report
+
+        write_report(run.path)
+        _FLWR_LOG.info("report: %s", run.report_page.resolve())

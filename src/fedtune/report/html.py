@@ -16,7 +16,15 @@ from fedtune.report.plots import (
     plot_global_loss,
     plot_privacy,
 )
-from fedtune.report.runs import ClientLoss, RunTotals, loss_table, read_metrics, run_totals
+from fedtune.report.runs import (
+    ClientLoss,
+    MetricRecord,
+    RunTotals,
+    failure_lines,
+    loss_table,
+    read_metrics,
+    run_totals,
+)
 from fedtune.rundir import REPORT_PAGE, RunDir
 
 __all__ = ["render_html", "write_report"]
@@ -51,6 +59,31 @@ def _loss_rows(losses: Sequence[ClientLoss]) -> str:
     )
 
 
+def _blank(value: object) -> str:
+    return "" if value is None else html.escape(str(value))
+
+
+def _failures(failures: Sequence[MetricRecord]) -> str:
+    """A table of the clients that failed, one row per failure line; nothing when none did."""
+    if not failures:
+        return ""
+    rows = "\n".join(
+        f'<tr><td class="num">{f.get("round")}</td><td>{html.escape(str(f.get("phase")))}</td>'
+        f'<td class="num">{_blank(f.get("client"))}</td><td class="num">{_blank(f.get("node"))}</td>'
+        f"<td>{html.escape(str(f.get('cause', '')))}</td></tr>"
+        for f in failures
+    )
+    return f"""
+<h2>Client failures ({len(failures)})</h2>
+<table>
+<thead><tr><th>round</th><th>phase</th><th>client</th><th>node</th><th>cause</th></tr></thead>
+<tbody>
+{rows}
+</tbody>
+</table>
+"""
+
+
 def _totals_rows(totals: RunTotals) -> str:
     rows = [
         ("rounds", str(totals.rounds)),
@@ -67,8 +100,12 @@ def render_html(
     losses: Sequence[ClientLoss],
     totals: RunTotals,
     images: Sequence[tuple[str, str]],
+    failures: Sequence[MetricRecord] = (),
 ) -> str:
-    """The report page as a string; ``images`` are ``(src, alt)`` with ``src`` relative to the page."""
+    """The report page as a string; ``images`` are ``(src, alt)`` with ``src`` relative to the page.
+
+    ``failures``: the failure lines of ``metrics.jsonl``, tabled when there are any.
+    """
     title = f"fedtune report: {html.escape(run_dir.name)}"
     figures = "\n".join(f'<img src="{html.escape(src)}" alt="{html.escape(alt)}">' for src, alt in images)
     return f"""<!DOCTYPE html>
@@ -94,7 +131,7 @@ def render_html(
 <table>
 {_totals_rows(totals)}
 </table>
-
+{_failures(failures)}
 <h2>Plots</h2>
 {figures}
 
@@ -135,6 +172,7 @@ def write_report(run_dir: Path | str) -> Path:
             loss_table(records),
             run_totals(records),
             [(filename, alt) for filename, _, alt in plots],
+            failure_lines(records),
         )
         (staging / REPORT_PAGE).write_text(page, encoding="utf-8")
     logger.info("wrote report %s", run.report_page)

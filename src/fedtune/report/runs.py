@@ -133,3 +133,8 @@ def run_totals(records: Iterable[MetricRecord]) -> RunTotals:
         bytes_down=sum(down for _, down in per_round.values()),
         seconds=sum(r.get("seconds", 0.0) for r in records if r.get("phase") == "server"),
     )
+
+
+def failure_lines(records: Iterable[MetricRecord]) -> list[MetricRecord]:
+    """The lines of clients that failed (``event`` ``"failure"``), in file order."""
+    return [r for r in records if r.get("event") == "failure"]

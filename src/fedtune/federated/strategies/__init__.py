@@ -13,6 +13,7 @@ from fedtune.config import Config
 from fedtune.errors import FedtuneError
 from fedtune.federated.aggregation.ranks import rank_rule
 from fedtune.federated.aggregation.secagg import check_secagg
+from fedtune.federated.failures import train_quorum
 from fedtune.federated.strategies.base import AdapterStrategy, sample_clients
 from fedtune.federated.strategies.fedavg import FedAvgStrategy
 from fedtune.federated.strategies.fedprox import FedProxStrategy
@@ -122,6 +123,7 @@ def check_strategy(cfg: Config) -> StrategyEntry:
             f"fed.strategy: {cfg.fed.strategy!r} does not apply to split runs (split.enabled); "
             f"use one of {fits}"
         )
+    check_quorum(cfg)
     if cfg.privacy.secagg.enabled:
         if not caps.weighted_sum:
             sums = ", ".join(k for k in STRATEGIES if STRATEGIES.get(k).capabilities.weighted_sum)
@@ -132,6 +134,28 @@ def check_strategy(cfg: Config) -> StrategyEntry:
         fed = cfg.fed  # the round's sample size, as the strategy draws it
         check_secagg(cfg, len(sample_clients(range(n), fed.fraction_train, fed.min_train_clients, 0, 1)))
     return entry
+
+
+def check_quorum(cfg: Config) -> None:
+    """Refuse a train quorum above the clients a round samples, and retries under client-level DP.
+
+    A retried train phase is a second sampling event in its round, which the DP accountant's
+    one-sample-per-round analysis does not cover, so DP runs stop instead of retrying.
+    """
+    fed, n = cfg.fed, cfg.partition.num_partitions
+    sampled = len(sample_clients(range(n), fed.fraction_train, fed.min_train_clients, 0, 1))
+    if (need := train_quorum(fed, sampled)) > sampled:
+        raise FedtuneError(
+            f"fed.min_train_replies={fed.min_train_replies} / fed.min_train_fraction="
+            f"{fed.min_train_fraction}: a round needs {need} good train replies but "
+            f"samples only {sampled} clients (partition.num_partitions={n}, fed.fraction_train="
+            f"{fed.fraction_train}, fed.min_train_clients={fed.min_train_clients})"
+        )
+    if cfg.privacy.dp and fed.round_retries > 0:
+        raise FedtuneError(
+            f"fed.round_retries={fed.round_retries}: a retried train phase samples again, which the "
+            "privacy accounting (privacy.dp) does not cover; set fed.round_retries=0"
+        )
 
 
 def build_strategy(cfg: Config, clients: dict[int, int]) -> AdapterStrategy:
@@ -145,6 +169,7 @@ __all__ = [
     "Capabilities",
     "StrategyEntry",
     "build_strategy",
+    "check_quorum",
     "check_strategy",
     "sample_clients",
 ]

@@ -64,14 +64,19 @@ def payload_bytes(content: RecordDict) -> int:
 
 
 def sample_clients(
-    partition_ids: Iterable[int], fraction: float, minimum: int, seed: int, server_round: int
+    partition_ids: Iterable[int],
+    fraction: float,
+    minimum: int,
+    seed: int,
+    server_round: int,
+    attempt: int = 0,
 ) -> list[int]:
-    """A reproducible sample: ``max(minimum, floor(fraction * n))`` ids, drawn per (seed, round)."""
+    """A reproducible sample: ``max(minimum, floor(fraction * n))`` ids, drawn per (seed, round, attempt)."""
     ids = sorted(partition_ids)
     size = min(len(ids), max(minimum, math.floor(fraction * len(ids))))
     if size >= len(ids):
         return ids
-    rng = random.Random(f"fedtune-{seed}-{server_round}")
+    rng = random.Random(f"fedtune-{seed}-{server_round}" + (f"-{attempt}" if attempt else ""))
     return sorted(rng.sample(ids, size))
 
 
@@ -107,6 +112,7 @@ class AdapterStrategy(Strategy):
         self.instruction_fields: dict[str, Any] = {}
         self.run_dir: str | None = None  # where simulated clients keep state (FF-LoRA, stack cache)
         self.current_round = 0  # the round being configured or aggregated
+        self.attempt = 0  # the try of this round's train phase: a retry samples afresh
         self._sent: dict[int, int] = {}  # node id -> bytes sent this phase
         self._references: dict[int, Arrays] = {}  # partition id -> start state sent this round
         self._wire_global: ArrayRecord | None = None
@@ -161,7 +167,10 @@ class AdapterStrategy(Strategy):
         if self.dp is not None and message_type == MessageType.TRAIN:
             chosen = self.dp.sample(self.node_of, self.current_round)
         else:
-            chosen = sample_clients(self.node_of, fraction, minimum, self.cfg.seed, self.current_round)
+            attempt = self.attempt if message_type == MessageType.TRAIN else 0
+            chosen = sample_clients(
+                self.node_of, fraction, minimum, self.cfg.seed, self.current_round, attempt
+            )
         self._wire_global, self._wire_decoded = None, None
         self._sent = {}
         messages = []
