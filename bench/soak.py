@@ -97,6 +97,9 @@ def main() -> None:
         "train.max_steps=2",
         "run.report=false",
         "fed.timeout=300",
+        "fed.round_timeout=150",  # a killed flwr-clientapp is reported after Flower's heartbeats (~60 s)
+        "fed.min_train_fraction=0.5",
+        "fed.round_retries=2",
     ]
     rng = random.Random(args.seed)
     events: list[str] = []
