@@ -184,8 +184,16 @@ class FedConfig(_Section):
     min_available_clients: int | None = Field(
         None, gt=0, description="clients the server waits for (unset: partition.num_partitions)"
     )
-    wire_dtype: Literal["float16", "float32"] = Field(
-        "float16", description="dtype of adapters on the wire (float16 halves the bytes)"
+    wire_dtype: Literal["float16", "float32", "int8", "nf4"] = Field(
+        "float16",
+        description="adapters on the wire: float16 (half of float32's bytes), float32, int8 (blockwise "
+        "absmax, 8 bits) or nf4 (4-bit NormalFloat); int8/nf4 replies carry the update trained - sent",
+    )
+    wire_block: int = Field(64, ge=1, description="int8/nf4: values per block sharing one scale")
+    error_feedback: bool = Field(
+        False,
+        description="int8/nf4: each client adds its last update's rounding error to the next update "
+        "(kept in its state dir)",
     )
     stack_mode: Literal["merge", "svd"] = Field(
         "merge", description="stack: merge into base + fresh adapters (FLoRA), or SVD back to each rank"

@@ -126,7 +126,7 @@ class AdapterStrategy(Strategy):
     def wire_global(self, state: Arrays) -> ArrayRecord:
         """``state`` in the wire dtype, encoded once per phase and shared by every client."""
         if self._wire_global is None:
-            self._wire_global = to_record(state, self.cfg.fed.wire_dtype)
+            self._wire_global = to_record(state, self.cfg.fed.wire_dtype, self.cfg.fed.wire_block)
         return self._wire_global
 
     def instruction(self, pid: int, global_state: Arrays, message_type: str) -> tuple[Instruction, Arrays]:
@@ -149,6 +149,8 @@ class AdapterStrategy(Strategy):
 
     def make_instruction(self, job: Job, **fields: Any) -> Instruction:
         """An instruction for this phase with the round loop's ``instruction_fields``."""
+        if self.cfg.fed.error_feedback:  # the client keeps its rounding error under the run's state root
+            fields.setdefault("run_dir", self.run_dir)
         return Instruction(
             job=job, server_round=self.current_round, config=self.cfg, **self.instruction_fields, **fields
         )
@@ -232,10 +234,9 @@ class AdapterStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         self.current_round = server_round
-        read = self.read_replies(replies, TrainReply)
+        read, states = self.decoded(self.read_replies(replies, TrainReply))
         start = len(self.round_log)
         lines = [self._line("train", msg, reply) for msg, reply in read]
-        states = [from_record(reply.adapter, check_finite=False) for _, reply in read]
         pids = [reply.partition_id for _, reply in read]
         kept, reasons = filter_updates(
             states,
@@ -256,6 +257,22 @@ class AdapterStrategy(Strategy):
             clip = self.cfg.fed.clip_norm
             updates = [replace(u, state=clip_update(u.state, self._references[u.pid], clip)) for u in updates]
         return self._result(self.aggregate_updates(updates), updates)
+
+    def decoded(
+        self, read: list[tuple[Message, TrainReply]]
+    ) -> tuple[list[tuple[Message, TrainReply]], list[Arrays]]:
+        """Replies whose adapters decode, and their states (a ``delta`` one: added to what was sent)."""
+        kept, states = [], []
+        for msg, reply in read:
+            try:
+                where = f"client {reply.partition_id}"
+                reference = self._references.get(reply.partition_id, {}) if reply.delta else None
+                states.append(from_record(reply.adapter, check_finite=False, delta_of=reference, where=where))
+            except ProtocolError as err:
+                log.warning("round %s: reply left out: %s", self.current_round, err)
+                continue
+            kept.append((msg, reply))
+        return kept, states
 
     def sent_part(self, state: Arrays) -> Arrays:
         """The part of an adapter clients send back: all of it, or only B under FFA-LoRA."""
