@@ -132,6 +132,8 @@ def test_bad_input_is_refused() -> None:
     good = quantise(np.ones(4, np.float32), "int8", 4)
     with pytest.raises(FedtuneError, match="11 bytes, expected 10"):
         dequantise(good + b"\x00", "int8", 4, 4)
+    with pytest.raises(FedtuneError, match="code -128 is not a level"):
+        dequantise(good[:-1] + b"\x80", "int8", 4, 4)
     with pytest.raises(FedtuneError, match="unknown wire format 'int4'"):
         quantise(np.ones(4), "int4", 4)
     with pytest.raises(FedtuneError, match="NaN or Inf"):

@@ -129,6 +129,8 @@ def dequantise(data: bytes, fmt: str, block: int, size: int) -> np.ndarray:
     idx: np.ndarray
     if fmt == "int8":
         idx = raw.view(np.int8).astype(np.int16) + 127
+        if idx.size and idx.min() < 0:
+            raise FedtuneError("int8 code -128 is not a level (codes are -127..127)")
     else:
         idx = np.stack([raw & 0x0F, raw >> 4], axis=1).ravel()[:size]
     values: np.ndarray = (_LEVELS[fmt][idx] * np.repeat(scales, block)[:size]).astype(np.float32)
