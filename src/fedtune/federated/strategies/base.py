@@ -266,6 +266,8 @@ class AdapterStrategy(Strategy):
         for msg, reply in read:
             try:
                 where = f"client {reply.partition_id}"
+                if reply.delta not in (None, 1):
+                    raise ProtocolError(f"{where}: field 'delta' is {reply.delta}, not 1 or absent")
                 reference = self._references.get(reply.partition_id, {}) if reply.delta else None
                 states.append(from_record(reply.adapter, check_finite=False, delta_of=reference, where=where))
             except ProtocolError as err:
