@@ -52,6 +52,7 @@ REPORT_PAGE = "index.html"
 CLIENTS = "clients"
 PERSONAL = "personal-"  # + the round, 4 digits
 STACK_FILE = "stack.safetensors"
+RESIDUAL = "residual-"  # + the round, 4 digits, + .safetensors: fed.error_feedback's rounding error
 
 
 class RunDir:
@@ -291,11 +292,25 @@ def stack_file(root: Path, pid: int) -> Path:
     return client_folder(root, pid) / STACK_FILE
 
 
+def residual_file(root: Path, pid: int, server_round: int) -> Path:
+    """Partition ``pid``'s rounding error left after its update of ``server_round`` (error feedback)."""
+    return client_folder(root, pid) / f"{RESIDUAL}{server_round:04d}.safetensors"
+
+
+def residual_rounds(root: Path, pid: int) -> list[int]:
+    """The rounds of partition ``pid``'s residual files, ascending."""
+    folder = client_folder(root, pid)
+    names = (p.name.removeprefix(RESIDUAL).removesuffix(".safetensors") for p in folder.glob(f"{RESIDUAL}*"))
+    return sorted(int(n) for n in names if n.isdigit())
+
+
 __all__ = [
     "RunDir",
     "client_folder",
     "client_state_root",
     "personal_folder",
     "personal_rounds",
+    "residual_file",
+    "residual_rounds",
     "stack_file",
 ]

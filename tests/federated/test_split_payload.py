@@ -138,3 +138,13 @@ def test_split_protect_noises_what_leaves_the_client(monkeypatch) -> None:
     torch.testing.assert_close(again, clean)  # the same round sends the same h1 without noise
     relative = float((noised - clean).norm() / clean.norm())
     assert 0.5 < relative < 1.5  # noise std = 1.0 x each sample's RMS
+
+
+def test_int8_split_reply_is_the_head_and_tail_update(monkeypatch) -> None:
+    # Prepare / Execute: a split round with int8 replies (the instruction's adapter in float32)
+    _, reply, _, client_keys = _one_round(monkeypatch, "fed.wire_dtype='int8'")
+
+    # Assert: head + tail only, one int8 array each, marked as the update (trained - sent)
+    parsed = TrainReply.from_content(reply.content)
+    assert set(parsed.adapter.keys()) == client_keys and parsed.delta == 1
+    assert {a.stype for a in parsed.adapter.values()} == {"fedtune.int8.b64"}

@@ -26,10 +26,9 @@ from fedtune.config.sections import (
     RunSection,
     Schedule,
     SimulationConfig,
-    SplitConfig,
-    SplitProtectConfig,
     TrainConfig,
 )
+from fedtune.config.split import SplitConfig, SplitProtectConfig
 
 __all__ = [
     "Config",

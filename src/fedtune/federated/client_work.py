@@ -59,10 +59,10 @@ from fedtune.federated.task import (
     evaluate_reply,
     make_task,
     node_identity,
-    reply_dtype,
     tokenizer_for,
     train_reply,
 )
+from fedtune.federated.uplink import encode_reply
 from fedtune.models.adapters import (
     activate,
     adapter_state,
@@ -220,7 +220,7 @@ def train_adapter(task: Task) -> TrainReply:
         correction=correction,
         dp=dp,
     )
-    arrays = to_record(sent_state(runtime.model, name, task), reply_dtype(task))
+    arrays = encode_reply(task, sent_state(runtime.model, name, task))
     if task.inst.job is Job.FFLORA:  # the personal adapter stays on this client
         lora = task.cfg.model.lora.model_copy(update={"r": task.inst.rank, "ranks": None})
         state = adapter_state(runtime.model, "personal")

@@ -19,8 +19,9 @@ from functools import lru_cache
 
 from fedtune.config import Config, ModelConfig, SplitConfig
 from fedtune.federated.protocol import EvaluateReply, TrainReply
-from fedtune.federated.records import from_record, to_record, to_torch
-from fedtune.federated.task import Task, evaluate_reply, reply_dtype, tokenizer_for, train_reply
+from fedtune.federated.records import from_record, to_torch
+from fedtune.federated.task import Task, evaluate_reply, tokenizer_for, train_reply
+from fedtune.federated.uplink import encode_reply
 from fedtune.split.client import RemoteTrunk, TrunkClient
 from fedtune.split.host import trunk_address
 from fedtune.split.lm import SplitLM, parts_from_config
@@ -84,7 +85,7 @@ def split_train(task: Task) -> TrainReply:
             model, train_ds, tokenizer_for(cfg.model), cfg.train, seed=seed, proximal_mu=task.inst.proximal_mu
         )
         traffic = {"trunk_bytes_up": float(client.bytes_up), "trunk_bytes_down": float(client.bytes_down)}
-    arrays = to_record(client_adapter_state_dict(model.head, model.tail), reply_dtype(task))
+    arrays = encode_reply(task, client_adapter_state_dict(model.head, model.tail))
     return train_reply(task, arrays, result, **traffic)
 
 

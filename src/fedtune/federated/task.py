@@ -21,6 +21,7 @@ from fedtune.config import Config, ModelConfig
 from fedtune.data.pipeline import client_tokenized
 from fedtune.federated.personal import state_root
 from fedtune.federated.protocol import EvaluateReply, Instruction, TrainReply, read_instruction
+from fedtune.federated.records import blockwise
 from fedtune.models.load import load_tokenizer
 from fedtune.training.local import EvalResult, TrainResult
 from fedtune.training.schedule import at_round
@@ -132,9 +133,18 @@ def reply_dtype(task: Task) -> str:
     """The dtype a trained adapter is encoded in: ``fed.wire_dtype``, or float32 under DP.
 
     Under client-level DP the update is clipped on it, so it must not be rounded to the wire
-    dtype first.
+    dtype first; under SecAgg+ the adapter never leaves (Flower's mod quantises the update), so
+    a blockwise format would only round it twice.
     """
-    return "float32" if task.inst.clip_norm is not None else task.cfg.fed.wire_dtype
+    wire = task.cfg.fed.wire_dtype
+    if task.inst.clip_norm is not None or (task.inst.secagg and blockwise(wire)):
+        return "float32"
+    return wire
+
+
+def delta_coded(task: Task) -> bool:
+    """True when the trained adapter is sent as the update (trained - sent): blockwise formats."""
+    return blockwise(reply_dtype(task))
 
 
 def train_reply(task: Task, arrays: ArrayRecord, result: TrainResult, **extra: Any) -> TrainReply:
@@ -148,6 +158,7 @@ def train_reply(task: Task, arrays: ArrayRecord, result: TrainResult, **extra: A
         lr=task.cfg.train.lr,
         first_step_at=result.first_step_at,
         seconds=time.perf_counter() - task.start,
+        delta=1 if delta_coded(task) else None,
         **extra,
     )
 

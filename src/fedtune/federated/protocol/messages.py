@@ -111,6 +111,7 @@ class TrainReply(Wire):
     trunk_bytes_down: float | None = None
     unclipped: int | None = None  # DP, adaptive clipping: 1 if the update's norm was within the clip norm
     local_epsilon: float | None = None  # privacy.local_dp: this client's ε spent so far (DP-SGD)
+    delta: int | None = None  # 1: ``adapter`` is the update trained - sent (fed.wire_dtype int8 / nf4)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from fedtune.errors import FedtuneError
 from fedtune.federated.aggregation.ranks import rank_rule
 from fedtune.federated.aggregation.secagg import check_secagg
 from fedtune.federated.failures import train_quorum
+from fedtune.federated.records import blockwise
 from fedtune.federated.strategies.base import AdapterStrategy, sample_clients
 from fedtune.federated.strategies.fedavg import FedAvgStrategy
 from fedtune.federated.strategies.fedprox import FedProxStrategy
@@ -47,12 +48,16 @@ class Capabilities:
     weighted_sum
         The aggregate is a weighted sum of the client updates, so secure aggregation and
         client-level DP (clip each update, noise the sum) apply.
+    restarts
+        Clients start new adapter factors every round (FLoRA's fresh or SVD-projected ones), so
+        an update's rounding error has no parameter to be carried into (``fed.error_feedback``).
     """
 
     split: bool = False
     mixed_ranks: bool = False
     client_state: bool = False
     weighted_sum: bool = False
+    restarts: bool = False
 
 
 @dataclass(frozen=True)
@@ -84,7 +89,7 @@ for _name, _entry in {
     "krum": StrategyEntry(KrumStrategy, _ROBUST),
     "fflora": StrategyEntry(FFLoraStrategy, Capabilities(client_state=True, weighted_sum=True)),
     # stacking concatenates factors: not a sum
-    "stack": StrategyEntry(StackStrategy, Capabilities(mixed_ranks=True, client_state=True)),
+    "stack": StrategyEntry(StackStrategy, Capabilities(mixed_ranks=True, client_state=True, restarts=True)),
     # a weighted sum of zero-padded A's and of zero-padded B's
     "zero-pad": StrategyEntry(ZeroPadStrategy, Capabilities(mixed_ranks=True, weighted_sum=True)),
     # the server needs every client's own update for its control variate
@@ -133,6 +138,7 @@ def check_strategy(cfg: Config) -> StrategyEntry:
             )
         fed = cfg.fed  # the round's sample size, as the strategy draws it
         check_secagg(cfg, len(sample_clients(range(n), fed.fraction_train, fed.min_train_clients, 0, 1)))
+    check_error_feedback(cfg, caps)
     return entry
 
 
@@ -158,6 +164,28 @@ def check_quorum(cfg: Config) -> None:
         )
 
 
+def check_error_feedback(cfg: Config, caps: Capabilities) -> None:
+    """``fed.error_feedback`` needs updates this side quantises, into parameters that persist.
+
+    Under client-level DP the update is clipped and sent in float32 and under SecAgg+ Flower
+    quantises the update itself, so there is no rounding of fedtune's to feed back.
+    """
+    fed = cfg.fed
+    if not fed.error_feedback:
+        return
+    why = None
+    if not blockwise(fed.wire_dtype):
+        why = f"needs fed.wire_dtype 'int8' or 'nf4', not {fed.wire_dtype!r} (no rounding to feed back)"
+    elif cfg.privacy.dp:
+        why = "not with privacy.dp: a private update is clipped and sent in float32, not quantised"
+    elif cfg.privacy.secagg.enabled:
+        why = "not with privacy.secagg: SecAgg+ quantises the update itself, fedtune's codes are not used"
+    elif caps.restarts:
+        why = f"not with fed.strategy {fed.strategy!r}: its clients start new adapter factors every round"
+    if why:
+        raise FedtuneError(f"fed.error_feedback: {why}")
+
+
 def build_strategy(cfg: Config, clients: dict[int, int]) -> AdapterStrategy:
     """The strategy named by ``fed.strategy`` for ``clients`` (node id -> partition id)."""
     return check_strategy(cfg).cls(cfg, clients)
@@ -169,6 +197,7 @@ __all__ = [
     "Capabilities",
     "StrategyEntry",
     "build_strategy",
+    "check_error_feedback",
     "check_quorum",
     "check_strategy",
     "sample_clients",

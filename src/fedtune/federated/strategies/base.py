@@ -3,15 +3,12 @@
 :class:`AdapterStrategy` implements Flower's public Message-API ``Strategy`` (configure /
 aggregate train and evaluate) with what an LLM run needs:
 
-- clients are sampled by partition id from an RNG seeded per (seed, round) (node ids
-  are random per run, so Flower's sampling could not be resumed exactly);
+- clients are sampled by partition id, seeded per (seed, round): resumable, unlike node ids;
 - each client gets a typed :class:`~fedtune.federated.protocol.Instruction`; the adapter is
   cast to the wire dtype on the way down, the server keeps float32;
-- every reply is read through the protocol (a malformed or foreign one is logged and left
-  out) and every update checked (keys, shapes, dtype, NaN/Inf, optionally huge norm or
-  norm-clipped); a bad update is logged and left out, the round goes on;
-- updates are aggregated in partition order by :meth:`aggregate_updates` (pure maths from
-  :mod:`fedtune.federated.aggregation`), so results do not depend on reply order;
+- every reply is read through the protocol and every update checked (keys, shapes, dtype,
+  NaN/Inf, optionally norms); a bad one is logged and left out, the round goes on;
+- updates are aggregated in partition order by :meth:`aggregate_updates` (pure maths);
 - per-client metric lines (:class:`~fedtune.metrics.MetricLine`) go to ``round_log``.
 
 A strategy overrides one or two hooks: :meth:`instruction` (what one client is sent) and
@@ -132,7 +129,7 @@ class AdapterStrategy(Strategy):
     def wire_global(self, state: Arrays) -> ArrayRecord:
         """``state`` in the wire dtype, encoded once per phase and shared by every client."""
         if self._wire_global is None:
-            self._wire_global = to_record(state, self.cfg.fed.wire_dtype)
+            self._wire_global = to_record(state, self.cfg.fed.wire_dtype, self.cfg.fed.wire_block)
         return self._wire_global
 
     def instruction(self, pid: int, global_state: Arrays, message_type: str) -> tuple[Instruction, Arrays]:
@@ -155,6 +152,8 @@ class AdapterStrategy(Strategy):
 
     def make_instruction(self, job: Job, **fields: Any) -> Instruction:
         """An instruction for this phase with the round loop's ``instruction_fields``."""
+        if self.cfg.fed.error_feedback:  # the client keeps its rounding error under the run's state root
+            fields.setdefault("run_dir", self.run_dir)
         return Instruction(
             job=job, server_round=self.current_round, config=self.cfg, **self.instruction_fields, **fields
         )
@@ -241,10 +240,9 @@ class AdapterStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         self.current_round = server_round
-        read = self.read_replies(replies, TrainReply)
+        read, states = self.decoded(self.read_replies(replies, TrainReply))
         start = len(self.round_log)
         lines = [self._line("train", msg, reply) for msg, reply in read]
-        states = [from_record(reply.adapter, check_finite=False) for _, reply in read]
         pids = [reply.partition_id for _, reply in read]
         kept, reasons = filter_updates(
             states,
@@ -265,6 +263,21 @@ class AdapterStrategy(Strategy):
             clip = self.cfg.fed.clip_norm
             updates = [replace(u, state=clip_update(u.state, self._references[u.pid], clip)) for u in updates]
         return self._result(self.aggregate_updates(updates), updates)
+
+    def decoded(self, read: list[tuple[Message, TrainReply]]) -> tuple[list[Any], list[Arrays]]:
+        """Replies whose adapters decode, and their states (a ``delta`` one: added to what was sent)."""
+        kept, states = [], []
+        for msg, reply in read:
+            where = f"client {reply.partition_id}"
+            try:
+                if reply.delta not in (None, 1):
+                    raise ProtocolError(f"{where}: field 'delta' is {reply.delta}, not 1 or absent")
+                reference = self._references.get(reply.partition_id, {}) if reply.delta else None
+                states.append(from_record(reply.adapter, check_finite=False, delta_of=reference, where=where))
+                kept.append((msg, reply))
+            except ProtocolError as err:
+                log.warning("round %s: reply left out: %s", self.current_round, err)
+        return kept, states
 
     def sent_part(self, state: Arrays) -> Arrays:
         """The part of an adapter clients send back: all of it, or only B under FFA-LoRA."""

@@ -75,7 +75,7 @@ class RankedStrategy(AdapterStrategy):
         frozen = self.frozen_state(global_state)
         inst = self.make_instruction(
             Job.RANKED,
-            adapter=to_record(start, self.cfg.fed.wire_dtype),
+            adapter=to_record(start, self.cfg.fed.wire_dtype, self.cfg.fed.wire_block),
             rank=self.ranks[pid],
             frozen=None if frozen is None else self.wire_global(frozen),
             frozen_rank=None if frozen is None else state_rank(frozen),

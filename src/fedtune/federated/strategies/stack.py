@@ -66,7 +66,9 @@ class StackStrategy(RankedStrategy):
         tag = (self.current_round, str(message_type), held)
         if tag not in self._tails:
             self._tails = {t: r for t, r in self._tails.items() if t[0] == self.current_round}
-            self._tails[tag] = to_record(stack_cache.tail(whole, held), self.cfg.fed.wire_dtype)
+            self._tails[tag] = to_record(
+                stack_cache.tail(whole, held), self.cfg.fed.wire_dtype, self.cfg.fed.wire_block
+            )
         return self._tails[tag]
 
     def replies_read(self, fine: set[int]) -> None:
