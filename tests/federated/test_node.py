@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -106,6 +107,23 @@ def test_without_a_worker_the_client_works_in_process_and_says_so_once(
         assert node.forward("train", _train_message(), context) is None
     said = [r for r in caplog.records if "no node worker" in r.getMessage()]
     assert len(said) == 1 and fallback_said(context)
+
+
+def test_a_stale_socket_is_said_and_worked_around(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    where = node.WorkerDir(tmp_path / "w")
+    where.prepare()
+    with socket.socket(socket.AF_UNIX) as dead:  # a socket file nobody listens on, as a crash leaves
+        dead.bind(str(where.socket))
+    assert node.forward("train", _train_message(), _context(worker=str(where.path))) is None
+    assert any("(stale socket)" in r.getMessage() for r in caplog.records)
+
+
+def test_a_folder_another_user_owns_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    where = node.WorkerDir(tmp_path / "w")
+    where.prepare()
+    monkeypatch.setattr(node.os, "getuid", lambda: os.stat(where.path).st_uid + 1)
+    with pytest.raises(FedtuneError, match=r"w is owned by uid \d+, not this user"):
+        node.forward("train", _train_message(), _context(worker=str(where.path)))
 
 
 # -- a real worker ----------------------------------------------------------------
