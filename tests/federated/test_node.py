@@ -118,6 +118,17 @@ def test_a_stale_socket_is_said_and_worked_around(tmp_path: Path, caplog: pytest
     assert any("(stale socket)" in r.getMessage() for r in caplog.records)
 
 
+def test_a_second_worker_on_a_live_folder_is_refused(tmp_path: Path) -> None:
+    where = node.WorkerDir(tmp_path / "w")
+    where.prepare()
+    with socket.socket(socket.AF_UNIX) as live:  # the first worker's socket, listening
+        live.bind(str(where.socket))
+        live.listen()
+        with pytest.raises(FedtuneError, match="another worker already serves"):
+            where.prepare()
+    assert where.socket.exists()
+
+
 def test_a_folder_another_user_owns_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     where = node.WorkerDir(tmp_path / "w")
     where.prepare()
@@ -164,6 +175,8 @@ def test_the_worker_replies_exactly_as_the_client_process_would(worker: Path) ->
 @pytest.mark.integration
 def test_the_worker_survives_bad_input_and_refuses_a_wrong_token(worker: Path) -> None:
     where = node.WorkerDir(worker)
+    with socket.socket(socket.AF_UNIX) as peer:  # connects, then hangs up mid-handshake
+        peer.connect(str(where.socket))
     with Client(str(where.socket), "AF_UNIX", authkey=where.token()) as conn:  # a garbage request
         conn.send_bytes(b"\x00\x00\x00\x03abcgarbage")
         assert WorkReply.from_frames(*node._unframe(conn.recv_bytes())).error is not None

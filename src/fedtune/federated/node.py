@@ -18,10 +18,12 @@ process that only forwards stays as light as a bare Flower app.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
 import signal
+import socket
 import stat
 import time
 from dataclasses import dataclass
@@ -77,17 +79,27 @@ class WorkerDir:
             raise FedtuneError(f"node worker: no token file {self.token_file}") from None
 
     def prepare(self) -> bytes:
-        """Create the folder (0700) and a fresh token (0600); a stale socket is removed."""
+        """Create the folder (0700) and a fresh token (0600); refuse a folder a live worker serves.
+
+        A socket nobody answers on (a crashed worker's) is removed.
+        """
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.check_owner()
         os.chmod(self.path, 0o700)
+        if self.socket.exists():
+            with socket.socket(socket.AF_UNIX) as probe:
+                try:
+                    probe.connect(str(self.socket))
+                except OSError:
+                    self.socket.unlink()
+                else:
+                    raise FedtuneError(f"node worker: another worker already serves {self.socket}")
         token = secrets.token_hex(32).encode()
         tmp = self.token_file.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as out:
             out.write(token)
         os.replace(tmp, self.token_file)
-        self.socket.unlink(missing_ok=True)
         return token
 
 
@@ -184,15 +196,15 @@ def _serve_one(conn: Connection) -> None:
 
 
 def serve(path: Path, *, preload: Any = None, ready: Path | None = None) -> None:
-    """Serve messages on ``path``'s socket until SIGTERM / SIGINT; ``preload`` a Config to load first."""
-    where = WorkerDir(path.expanduser())
-    token = where.prepare()
-    if preload is not None:
-        from fedtune.federated.client_work import preload as load
+    """Serve messages on ``path``'s socket until SIGTERM / SIGINT; ``preload`` a Config to load first.
 
-        load(preload)
-    listener = Listener(str(where.socket), "AF_UNIX", authkey=token)
+    The socket is bound before the model loads, so a message that comes meanwhile waits for
+    the worker instead of loading a second copy in its ClientApp.
+    """
+    where = WorkerDir(path.expanduser())
+    listener = Listener(str(where.socket), "AF_UNIX", authkey=where.prepare())
     os.chmod(where.socket, 0o600)
+    bound = where.socket.stat().st_ino
     stopping = False
 
     def stop(signum: int, frame: Any) -> None:
@@ -202,21 +214,35 @@ def serve(path: Path, *, preload: Any = None, ready: Path | None = None) -> None
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    log.info("node worker serving on %s (pid %s)", where.socket, os.getpid())
-    if ready is not None:
-        ready.write_text(str(where.socket))
     try:
+        if preload is not None:
+            from fedtune.federated.client_work import preload as load
+
+            load(preload)
+        log.info("node worker serving on %s (pid %s)", where.socket, os.getpid())
+        if ready is not None:
+            ready.write_text(str(where.socket))
         while not stopping:
-            try:
-                conn = listener.accept()
-            except AuthenticationError:
-                log.warning("refused a connection: it does not hold %s", where.token_file)
-                continue
-            except OSError:
-                if stopping:
-                    break
-                raise
-            _serve_one(conn)
+            _accept(listener, where, lambda: stopping)
     finally:
-        where.socket.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # this worker's socket only, never a successor's
+            if where.socket.stat().st_ino == bound:
+                where.socket.unlink()
         log.info("node worker stopped")
+
+
+def _accept(listener: Listener, where: WorkerDir, stopping: Any) -> None:
+    """Accept one connection (HMAC challenge first) and serve its message; a failed handshake is logged."""
+    try:
+        conn = listener.accept()
+    except AuthenticationError:
+        log.warning("refused a connection: it does not hold %s", where.token_file)
+        return
+    except (EOFError, ConnectionError) as err:  # the peer went away mid-handshake (killed, probing)
+        log.warning("a connection closed during the handshake: %s", err)
+        return
+    except OSError:
+        if stopping():
+            return
+        raise
+    _serve_one(conn)
