@@ -98,7 +98,8 @@ def test_client_state_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     run_dir = tmp_path / "runs" / "r1"
     run_dir.mkdir(parents=True)
     # the node's own state dir wins; else the run dir when on this host; else the cache
-    assert client_state_root(str(tmp_path / "node"), str(run_dir)) == tmp_path / "node"
+    node = tmp_path / "node"  # a SuperNode's state-dir serves many runs: one folder each
+    assert client_state_root(str(node), str(run_dir)) == node / "runs" / run_dir.name
     assert client_state_root(None, str(run_dir)) == run_dir / "clients"
     assert client_state_root(None, "/elsewhere/runs/r2") == tmp_path / "cache" / "clients" / "r2"
     assert client_state_root(None, "") == tmp_path / "cache" / "clients" / "unnamed-run"

@@ -253,13 +253,15 @@ class RunDir:
 def client_state_root(node_state_dir: str | None, run_dir: str | None) -> Path:
     """Where a client keeps its state between rounds (personal adapters, the FLoRA stack).
 
-    The SuperNode's ``state-dir`` node config if given; else ``<run dir>/clients`` when the run
-    directory is on this host (simulation); else ``$FEDTUNE_CACHE/clients/<run dir's name>``.
+    Under the SuperNode's ``state-dir`` node config if given (``<state-dir>/runs/<run dir's
+    name>``: a SuperNode serves many runs, and one run's state must never reach another); else
+    ``<run dir>/clients`` when the run directory is on this host (simulation); else
+    ``$FEDTUNE_CACHE/clients/<run dir's name>``.
     """
     from fedtune.models.load import cache_dir
 
     if node_state_dir:
-        return Path(node_state_dir)
+        return Path(node_state_dir) / "runs" / (RunDir(run_dir).path.name if run_dir else "unnamed-run")
     if not run_dir:
         return cache_dir() / CLIENTS / "unnamed-run"
     run = RunDir(run_dir)
