@@ -26,6 +26,8 @@ from fedtune.models.load import load_tokenizer
 from fedtune.training.local import EvalResult, TrainResult
 from fedtune.training.schedule import at_round
 
+_DEFAULT_THREADS = torch.get_num_threads()  # this process's own, before any run set it
+
 
 @lru_cache(maxsize=1)
 def tokenizer_for(model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
@@ -50,9 +52,20 @@ class NodeData:
     share_case_base: bool | None = None
 
 
-@lru_cache(maxsize=32)
 def client_data(cfg: Config, node: NodeData) -> tuple[Dataset, Dataset]:
-    """A client's tokenized (train, test) split, cached per (config, node)."""
+    """A client's tokenized (train, test) split, cached per (config, node, its data file's version).
+
+    A long-lived process (a node worker) must not train on a stale copy of a file that changed.
+    """
+    stamp = None
+    if node.data_path and (path := Path(node.data_path)).exists():
+        stat = path.stat()
+        stamp = (stat.st_mtime_ns, stat.st_size)
+    return _client_data(cfg, node, stamp)
+
+
+@lru_cache(maxsize=32)
+def _client_data(cfg: Config, node: NodeData, stamp: tuple[int, int] | None) -> tuple[Dataset, Dataset]:
     return client_tokenized(
         cfg,
         tokenizer_for(cfg.model),
@@ -122,8 +135,7 @@ def make_task(msg: Message, context: Context) -> Task:
     start = time.perf_counter()
     inst = read_instruction(msg)
     cfg = at_round(inst.config, inst.server_round)  # the round's lr; SCAFFOLD's server reads it back
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
+    torch.set_num_threads(cfg.train.num_threads or _DEFAULT_THREADS)  # unset: as a fresh process
     node = node_identity(context)
     root = state_root(node.state_dir, inst.run_dir or "")
     return Task(inst, cfg, node, root, start)
