@@ -102,6 +102,24 @@ def test_a_reply_that_fails_the_protocol_is_a_failure() -> None:
     assert line["cause"].startswith("reply fails the protocol")
 
 
+def test_a_reply_whose_adapter_does_not_decode_is_a_failure_and_not_counted(tmp_path: Path) -> None:
+    # Prepare: client 0 replies with an adapter of the wrong shape; the quorum is both replies
+    cfg = _cfg(tmp_path, "fed.min_train_replies=2", clients=2)
+    bad = {k: np.zeros((1, 1), dtype=np.float32) for k in SHAPES}
+
+    def answer(pid: int, msg: Message) -> Message:
+        return train_reply(msg, pid, bad if pid == 0 else _filled(2.0), 1, delta=1)
+
+    fed = _federation(cfg, FakeGrid(answer, nodes=2))
+
+    # Execute / Assert: one failure line naming the fault, and the round is below its quorum
+    with pytest.raises(RoundFailed, match="1 good train replies of 2 sampled"):
+        fed.train(1, to_record(GLOBAL, "float32"))
+    lines = [x for x in fed.run.metrics() if x.get("event")]
+    assert [x["client"] for x in lines] == [0]
+    assert "client 0: update 'm.lora_A.weight' has shape (1, 1), the adapter sent (2, 3)" in lines[0]["cause"]
+
+
 def test_below_the_quorum_the_train_phase_is_retried_on_a_fresh_sample(tmp_path: Path) -> None:
     # Prepare: seed 3 samples clients [0, 3] first and [1, 2] on the retry; 0 and 3 fail
     cfg = _cfg(tmp_path, "seed=3", "fed.fraction_train=0.5", "fed.min_train_replies=2", "fed.round_retries=1")

@@ -17,7 +17,7 @@ messages of one phase; nothing here waits or sends.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from flwr.app import Message
@@ -82,11 +82,14 @@ def phase_outcome(
     kind: type[TrainReply | EvaluateReply | QueryReply],
     partition_of: Mapping[int, int],
     deadline: str,
+    check: Callable[[Message], object] | None = None,
 ) -> PhaseOutcome:
     """Sort a phase's ``replies`` to the ``sent`` messages into good ones and failures.
 
     ``partition_of`` maps node id -> partition id (unknown nodes get ``client`` None);
-    ``deadline`` names the wait a missing reply exceeded (e.g. ``"fed.round_timeout=60s"``).
+    ``deadline`` names the wait a missing reply exceeded (e.g. ``"fed.round_timeout=60s"``);
+    ``check`` may refuse a reply that reads fine with a ProtocolError (a train reply's adapter
+    that does not decode), so it fails here and does not count towards the quorum.
     Failures come in partition order (then node order), whatever order the replies came in.
     """
     good, failures = [], []
@@ -101,6 +104,8 @@ def phase_outcome(
             continue
         try:
             read_reply(msg, kind)
+            if check is not None:
+                check(msg)
         except ProtocolError as err:
             failed(node, f"reply fails the protocol: {err}")
             continue

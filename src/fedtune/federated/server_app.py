@@ -28,7 +28,7 @@ from fedtune.errors import FedtuneError
 from fedtune.federated.failures import PhaseOutcome, deadline_key, phase_deadline, phase_outcome, train_quorum
 from fedtune.federated.nodes import Discovered, collect, discover, wait_for_nodes
 from fedtune.federated.progress import RoundProgress
-from fedtune.federated.protocol import EvaluateReply, RoundMetrics, TrainReply
+from fedtune.federated.protocol import EvaluateReply, RoundMetrics, TrainReply, read_reply
 from fedtune.federated.records import from_record, to_record, to_torch
 from fedtune.federated.secagg import secure_round
 from fedtune.federated.strategies import AdapterStrategy, build_strategy, check_strategy
@@ -77,8 +77,9 @@ class Federation:
             lambda done, total: self.progress.phase(phase, done, total),
         )
         kind = TrainReply if phase == "train" else EvaluateReply
+        check = (lambda msg: self.strategy.decode(read_reply(msg, TrainReply))) if phase == "train" else None
         outcome = phase_outcome(
-            server_round, phase, messages, replies, kind, self.clients, deadline_key(self.cfg)
+            server_round, phase, messages, replies, kind, self.clients, deadline_key(self.cfg), check
         )
         for line in outcome.failures:
             if phase == "train":

@@ -210,9 +210,8 @@ class AdapterStrategy(Strategy):
         """Replies that carry no error and follow the protocol, in partition order."""
         good: list[tuple[Message, _R]] = []
         for msg in replies:
-            node = msg.metadata.src_node_id
             if msg.has_error():
-                log.warning("client on node %s failed: %s", node, msg.error.reason)
+                log.warning("client on node %s failed: %s", msg.metadata.src_node_id, msg.error.reason)
                 continue
             try:
                 good.append((msg, read_reply(msg, kind)))
@@ -226,13 +225,8 @@ class AdapterStrategy(Strategy):
         """Hook: the partitions whose replies came back fine this phase."""
 
     def _line(self, phase: str, msg: Message, reply: TrainReply | EvaluateReply) -> MetricLine:
-        line = line_from_reply(
-            self.current_round,
-            phase,
-            reply,
-            bytes_up=payload_bytes(msg.content),
-            bytes_down=self._sent.get(msg.metadata.src_node_id, 0),
-        )
+        up, down = payload_bytes(msg.content), self._sent.get(msg.metadata.src_node_id, 0)
+        line = line_from_reply(self.current_round, phase, reply, bytes_up=up, bytes_down=down)
         self.round_log.append(line)
         return line
 
@@ -264,16 +258,20 @@ class AdapterStrategy(Strategy):
             updates = [replace(u, state=clip_update(u.state, self._references[u.pid], clip)) for u in updates]
         return self._result(self.aggregate_updates(updates), updates)
 
+    def decode(self, reply: TrainReply) -> Arrays:
+        """A reply's adapter (a ``delta`` one added to what was sent); a ProtocolError names the fault."""
+        where = f"client {reply.partition_id}"
+        if reply.delta not in (None, 1):
+            raise ProtocolError(f"{where}: field 'delta' is {reply.delta}, not 1 or absent")
+        reference = self._references.get(reply.partition_id, {}) if reply.delta else None
+        return from_record(reply.adapter, check_finite=False, delta_of=reference, where=where)
+
     def decoded(self, read: list[tuple[Message, TrainReply]]) -> tuple[list[Any], list[Arrays]]:
-        """Replies whose adapters decode, and their states (a ``delta`` one: added to what was sent)."""
+        """Replies whose adapters decode, and their states; any other is logged and left out."""
         kept, states = [], []
         for msg, reply in read:
-            where = f"client {reply.partition_id}"
             try:
-                if reply.delta not in (None, 1):
-                    raise ProtocolError(f"{where}: field 'delta' is {reply.delta}, not 1 or absent")
-                reference = self._references.get(reply.partition_id, {}) if reply.delta else None
-                states.append(from_record(reply.adapter, check_finite=False, delta_of=reference, where=where))
+                states.append(self.decode(reply))
                 kept.append((msg, reply))
             except ProtocolError as err:
                 log.warning("round %s: reply left out: %s", self.current_round, err)
