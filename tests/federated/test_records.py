@@ -64,6 +64,9 @@ def test_an_unknown_or_damaged_array_is_refused_naming_its_key() -> None:
         ProtocolError, match=r"'m.lora_B.weight': int8 data of 4 values .* 9 bytes, expected 10"
     ):
         from_record(short)
+    huge = ArrayRecord({"w": Array("float32", (3,), "fedtune.int8.b10000000000", good.data[:9])})
+    with pytest.raises(ProtocolError, match=r"'w': wire block size must be in 1\.\.65536"):
+        from_record(huge)  # refused before anything the size of the block is allocated
     with pytest.raises(FedtuneError, match="wire format 'int4' is unknown"):
         to_record({"w": np.ones(4)}, "int4")
     with pytest.raises(FedtuneError, match="'nf4' needs a block size"):

@@ -190,7 +190,7 @@ class FedConfig(_Section):
         description="adapters on the wire: float16 (half of float32's bytes), float32, int8 (blockwise "
         "absmax, 8 bits) or nf4 (4-bit NormalFloat); int8/nf4 replies carry the update trained - sent",
     )
-    wire_block: int = Field(64, ge=1, description="int8/nf4: values per block sharing one scale")
+    wire_block: int = Field(64, ge=1, le=65536, description="int8/nf4: values per block sharing one scale")
     error_feedback: bool = Field(
         False,
         description="int8/nf4: each client adds its last update's rounding error to the next update "

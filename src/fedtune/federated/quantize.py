@@ -59,11 +59,14 @@ _LEVELS = {"int8": INT8, "nf4": NF4}
 _SCALE, _RATIO = np.dtype("<f4"), np.dtype("<f2")
 
 
+MAX_BLOCK = 1 << 16  # a block is a few dozen values; a sender's huge one is refused
+
+
 def _check(fmt: str, block: int) -> None:
     if fmt not in FORMATS:
         raise FedtuneError(f"unknown wire format {fmt!r} (blockwise formats: {', '.join(FORMATS)})")
-    if block < 1:
-        raise FedtuneError(f"wire block size must be at least 1, got {block}")
+    if not 1 <= block <= MAX_BLOCK:
+        raise FedtuneError(f"wire block size must be in 1..{MAX_BLOCK}, got {block}")
 
 
 def code_bytes(size: int, fmt: str) -> int:
@@ -133,7 +136,7 @@ def dequantise(data: bytes, fmt: str, block: int, size: int) -> np.ndarray:
             raise FedtuneError("int8 code -128 is not a level (codes are -127..127)")
     else:
         idx = np.stack([raw & 0x0F, raw >> 4], axis=1).ravel()[:size]
-    values: np.ndarray = (_LEVELS[fmt][idx] * np.repeat(scales, block)[:size]).astype(np.float32)
+    values: np.ndarray = (_LEVELS[fmt][idx] * scales[np.arange(size) // block]).astype(np.float32)
     return values
 
 
