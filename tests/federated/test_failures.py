@@ -195,6 +195,9 @@ def test_a_failed_run_is_marked_and_a_resume_continues_it(tmp_path: Path) -> Non
     assert (run.path / "final" / "adapter_model.safetensors").is_file()
     failed = [(x["round"], x["client"]) for x in run.metrics() if x.get("event") == "failure"]
     assert failed == [(0, 1), (0, 2), (1, 1), (1, 2)]  # round 0's evaluation, round 1's training
+    run.mark_failed("disk full while saving final/")  # a failure after the last round ...
+    run_federation(FakeGrid(_tiny_answer(set())), cfg, run, progress=False)  # type: ignore[arg-type]
+    assert run.failed() is None and run.last_round() == 2  # ... is cleared by the resume
 
 
 def test_discovery_leaves_out_a_node_whose_client_cannot_start(tmp_path: Path) -> None:

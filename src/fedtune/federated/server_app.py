@@ -245,6 +245,8 @@ def run_federation(
         if last < 0:  # fresh run: seeded starting adapter, evaluated as round 0
             run.save_round(0, initial_adapter_state(cfg.model, seed=cfg.seed), cfg)
         run.rollback_to(max(last, 0))
+        if run.failed() is not None:  # resumed: the failure is behind it (even one after the last round)
+            run.mark_complete(run.last_round())
         run.append_metrics({**line, "round": max(last, 0)} for line in found.failures)
         current = run.load_round(max(last, 0))
         hook = round_hook(cfg, current)
