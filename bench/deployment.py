@@ -54,7 +54,7 @@ def _metrics(out_dir: Path) -> list[dict[str, Any]]:
 
 def _rounds(metrics: list[dict[str, Any]], rounds: int) -> dict[str, float]:
     """Mean server-line seconds and mean handler seconds over rounds 1..``rounds``."""
-    lines = [m for m in metrics if 1 <= m["round"] <= rounds]
+    lines = [m for m in metrics if 1 <= m["round"] <= rounds and "seconds" in m]  # not failure lines
     return {
         phase: statistics.mean(m["seconds"] for m in lines if m["phase"] == phase)
         for phase in ("server", "train", "evaluate")

@@ -66,11 +66,14 @@ class Sampler(threading.Thread):
 def _kill_one(rng: random.Random, workers: NodeWorkers, deployment: LoopbackDeployment) -> str:
     """Kill a random client: its worker (restarted) or its running flwr-clientapp process."""
     i = rng.randrange(workers.num_nodes)
-    node = psutil.Process(deployment.procs[1 + i].pid)
-    apps = [p for p in node.children(recursive=True) if "flwr-clientapp" in " ".join(p.cmdline())]
-    if apps and rng.random() < 0.5:
-        apps[0].kill()
-        return f"killed the flwr-clientapp of node {i}"
+    if rng.random() < 0.5:
+        for proc in psutil.Process(deployment.procs[1 + i].pid).children(recursive=True):
+            try:
+                if "flwr-clientapp" in " ".join(proc.cmdline()):
+                    proc.kill()
+                    return f"killed the flwr-clientapp of node {i}"
+            except psutil.NoSuchProcess:  # it finished meanwhile
+                continue
     workers.restart(i)
     return f"killed and restarted worker {i}"
 
@@ -125,14 +128,22 @@ def main() -> None:
                 stderr=subprocess.DEVNULL,
             )
             t0, next_kill = time.monotonic(), time.monotonic() + args.kill_every
-            while cli.poll() is None and time.monotonic() - t0 < args.timeout:
-                if args.kill_every and time.monotonic() > next_kill:
-                    events.append(f"{time.monotonic() - t0:.0f} s: {_kill_one(rng, workers, dep)}")
-                    _pin(workers)
-                    next_kill = time.monotonic() + args.kill_every
-                time.sleep(1)
+            try:
+                while cli.poll() is None and time.monotonic() - t0 < args.timeout:
+                    if args.kill_every and time.monotonic() > next_kill:
+                        events.append(f"{time.monotonic() - t0:.0f} s: {_kill_one(rng, workers, dep)}")
+                        _pin(workers)
+                        next_kill = time.monotonic() + args.kill_every
+                    time.sleep(1)
+            finally:
+                if cli.poll() is None:
+                    cli.kill()
+                    cli.wait()
             wall = time.monotonic() - t0
             sampler.stop.set()
+            fallbacks = sum(
+                p.read_text(errors="replace").count("no node worker") for p in root.glob("supernode-*.log")
+            )
         lines = [json.loads(x) for p in out_dir.glob("*/metrics.jsonl") for x in p.read_text().splitlines()]
     _report(args, lines, sampler.samples, events, wall)
 
