@@ -141,8 +141,8 @@ def main() -> None:
                     cli.wait()
             wall = time.monotonic() - t0
             sampler.stop.set()
-            fallbacks = sum(
-                p.read_text(errors="replace").count("no node worker") for p in root.glob("supernode-*.log")
+            logs = [p.read_text(errors="replace") for p in root.glob("supernode-*.log")]
+            events.append(f"nodes that worked without their worker: {sum('no node worker' in t for t in logs)}")
             )
         lines = [json.loads(x) for p in out_dir.glob("*/metrics.jsonl") for x in p.read_text().splitlines()]
     _report(args, lines, sampler.samples, events, wall)
