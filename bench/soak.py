@@ -142,8 +142,8 @@ def main() -> None:
             wall = time.monotonic() - t0
             sampler.stop.set()
             logs = [p.read_text(errors="replace") for p in root.glob("supernode-*.log")]
-            events.append(f"nodes that worked without their worker: {sum('no node worker' in t for t in logs)}")
-            )
+            fell_back = sum("no node worker" in text for text in logs)
+            events.append(f"nodes that worked without their worker: {fell_back}")
         lines = [json.loads(x) for p in out_dir.glob("*/metrics.jsonl") for x in p.read_text().splitlines()]
     _report(args, lines, sampler.samples, events, wall)
 
