@@ -62,7 +62,9 @@ class WorkerDir:
         return self.path / "token"
 
     def check_owner(self) -> None:
-        """Refuse a folder, socket or token that another user owns or others may write."""
+        """Refuse a folder, socket or token that another user owns or others may write (or a long path)."""
+        if len(os.fsencode(self.socket)) > 100:  # a Unix socket's path has room for about 107 bytes
+            raise FedtuneError(f"node worker: folder {self.path} is too long a path for a Unix socket")
         for item in (self.path, self.socket, self.token_file):
             if not item.exists():
                 continue
