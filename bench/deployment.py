@@ -10,7 +10,9 @@ Three runs on this machine's cores, side by side:
 - the floor: a trivial Flower app (bench/floor_app: numpy arrays the size of the adapter,
   train + evaluate per round, clients that only echo) on the same SuperLink and SuperNodes.
   It costs what any app pays there: a ``flwr-clientapp`` process per message and Flower's
-  polling (an idle SuperNode asks for work every 3 s).
+  polling (an idle SuperNode asks for work every 3 s). It runs twice: with the adapter's
+  values in one array (the floor of the goal), and in as many distinct arrays as the adapter
+  has tensors, as fedtune sends it (Flower moves every array as objects of its own).
 
 Both fedtune runs get the same config (demo.toml with the overrides below: 2 clients, 2
 rounds, 3 training steps of batch 4 per client, ``train.num_threads`` = cores // clients).
@@ -34,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedtune.config import load_config
+from fedtune.models.adapters import initial_adapter_state
 from fedtune.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,9 +87,9 @@ def _overrides(args: argparse.Namespace, clients: int, threads: int) -> list[str
     return [*overrides, f"train.num_threads={threads}"] if threads else overrides
 
 
-def _floor(env: dict[str, str], out: Path, clients: int, timeout: float) -> list[float]:
+def _floor(env: dict[str, str], out: Path, clients: int, timeout: float, pieces: int = 1) -> list[float]:
     """The trivial app's round times on the deployment that ``env`` connects to."""
-    run_config = f"rounds=3 nodes={clients} out='{out}'"
+    run_config = f"rounds=3 nodes={clients} pieces={pieces} out='{out}'"
     cmd = [str(BIN / "flwr"), "run", str(FLOOR_APP), "bench", "--run-config", run_config, "--stream"]
     _run(cmd, env, timeout)
     return [float(t) for t in json.loads(out.read_text())["round_s"]]
@@ -124,6 +128,8 @@ def main() -> None:
         with workers, LoopbackDeployment(root, clients, node_config=workers.node_config()) as deployment:
             env = deployment.connect("bench")  # FLWR_HOME <root>/cli, as for the simulation
             floor = _floor(env, root / "floor.json", clients, args.timeout)
+            tensors = len(initial_adapter_state(load_config(CONFIG, overrides).model, seed=0))
+            floor_tensors = _floor(env, root / "floor-tensors.json", clients, args.timeout, tensors)
             run_config = (
                 f"config-file='{CONFIG}' overrides='{' '.join([*overrides, f'run.output_dir={dep_out}'])}'"
             )
@@ -135,7 +141,7 @@ def main() -> None:
             served = sum(workers.log(i).count("message of run") for i in range(clients))
         dep = _rounds(_metrics(dep_out), args.rounds)
 
-    floor_round = statistics.median(floor)
+    floor_round, floor_tensors_round = statistics.median(floor), statistics.median(floor_tensors)
     print(f"model: {args.model}")
     print(f"clients: {clients}")
     print(f"rounds: {args.rounds}")
@@ -151,7 +157,12 @@ def main() -> None:
     print(f"deployment_train_s: {dep['train']:.2f}")
     print(f"simulation_evaluate_s: {sim['evaluate']:.2f}")
     print(f"deployment_evaluate_s: {dep['evaluate']:.2f}")
+    print(
+        f"floor_per_tensor_round_s: {floor_tensors_round:.2f} ({tensors} distinct arrays, as fedtune sends)"
+    )
     print(f"deployment_round_overhead_s: {dep['server'] - sim['server']:.2f}")
+    per_tensor = (dep["server"] - floor_tensors_round) / sim["server"]
+    print(f"deployment_over_simulation_per_tensor_floor: {per_tensor:.3f}")
     print(f"deployment_over_simulation: {(dep['server'] - floor_round) / sim['server']:.3f}")
 
 

@@ -1,7 +1,8 @@
 """A trivial Flower app: the cost of the deployment runtime itself, per round.
 
-Each round sends every node a train message (one float16 array of ``size`` values, as the
-demo's adapter on the wire), then an evaluate message, and waits for all replies, polling
+Each round sends every node a train message (``size`` float16 values, as the demo's adapter on
+the wire, in one array or in ``pieces`` distinct arrays as fedtune sends one per tensor), then
+an evaluate message, and waits for all replies, polling
 every 0.2 s as fedtune's round loop does. The clients only echo. The round times go to the
 run config's ``out`` as JSON: bench/deployment.py subtracts them from fedtune's round.
 """
@@ -35,7 +36,10 @@ def main(grid: Grid, context: Context) -> None:
     rounds, size = int(context.run_config["rounds"]), int(context.run_config["size"])
     while len(nodes := list(grid.get_node_ids())) < int(context.run_config["nodes"]):
         time.sleep(0.2)
-    arrays = ArrayRecord({"adapter": Array(np.zeros(size, dtype=np.float16))})
+    pieces = int(context.run_config["pieces"])  # 1, or as many distinct arrays as the adapter has tensors
+    rng = np.random.default_rng(0)  # distinct data: Flower stores identical arrays once
+    parts = np.array_split(rng.standard_normal(size).astype(np.float16), pieces)
+    arrays = ArrayRecord({f"t{i}": Array(np.ascontiguousarray(part)) for i, part in enumerate(parts)})
     times = []
     for _ in range(rounds):
         t0 = time.perf_counter()
