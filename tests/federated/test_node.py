@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -42,6 +43,15 @@ def _train_message(server_round: int = 1):  # type: ignore[no-untyped-def]
     msg = instruction_message(inst, MessageType.TRAIN, 1)
     msg.metadata.__dict__["_message_id"] = f"m{server_round}"  # as the runtime assigns
     return msg
+
+
+@pytest.fixture
+def said(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """What the ClientApp says on Flower's logger (which may not propagate to the root logger)."""
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.addHandler(caplog.handler)
+    yield caplog
+    flwr_log.removeHandler(caplog.handler)
 
 
 def _context(**node: object) -> Context:
@@ -99,23 +109,23 @@ def test_a_folder_others_may_write_is_refused(tmp_path: Path) -> None:
 
 
 def test_without_a_worker_the_client_works_in_process_and_says_so_once(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, said: pytest.LogCaptureFixture
 ) -> None:
     assert node.forward("train", _train_message(), _context()) is None  # no worker configured: silent
     context = _context(worker=str(tmp_path / "none"))
     for _ in range(2):
         assert node.forward("train", _train_message(), context) is None
-    said = [r for r in caplog.records if "no node worker" in r.getMessage()]
-    assert len(said) == 1 and fallback_said(context)
+    lines = [r for r in said.records if "no node worker" in r.getMessage()]
+    assert len(lines) == 1 and fallback_said(context)
 
 
-def test_a_stale_socket_is_said_and_worked_around(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_stale_socket_is_said_and_worked_around(tmp_path: Path, said: pytest.LogCaptureFixture) -> None:
     where = node.WorkerDir(tmp_path / "w")
     where.prepare()
     with socket.socket(socket.AF_UNIX) as dead:  # a socket file nobody listens on, as a crash leaves
         dead.bind(str(where.socket))
     assert node.forward("train", _train_message(), _context(worker=str(where.path))) is None
-    assert any("(stale socket)" in r.getMessage() for r in caplog.records)
+    assert any("(stale socket)" in r.getMessage() for r in said.records)
 
 
 def test_a_second_worker_on_a_live_folder_is_refused(tmp_path: Path) -> None:
