@@ -49,6 +49,7 @@ def _train_message(server_round: int = 1):  # type: ignore[no-untyped-def]
 def said(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
     """What the ClientApp says on Flower's logger (which may not propagate to the root logger)."""
     flwr_log = logging.getLogger("flwr")
+    caplog.set_level(logging.WARNING, logger="flwr")  # the CLI quietens it to errors
     flwr_log.addHandler(caplog.handler)
     yield caplog
     flwr_log.removeHandler(caplog.handler)
