@@ -406,7 +406,7 @@ def test_a_simulated_secagg_round_is_fedavg_within_the_bound_and_survives_a_drop
 
     @server.main()
     def _main(grid: Grid, context: Context) -> None:
-        clients = discover(grid, cfg)
+        clients = discover(grid, cfg).clients
         s = build_strategy(cfg, clients)
         start = {k: v.numpy() for k, v in initial_adapter_state(cfg.model, seed=cfg.seed).items()}
         arrays = to_record(start, "float32")
