@@ -86,7 +86,7 @@ def main() -> None:
 
     @server.main()
     def _main(grid: Grid, context: Context) -> None:
-        clients = discover(grid, cfg)
+        clients = discover(grid, cfg).clients
         s, s_dp = build_strategy(cfg, clients), build_strategy(private, clients)
         start = {k: v.numpy() for k, v in initial_adapter_state(cfg.model, seed=cfg.seed).items()}
         arrays = to_record(start, "float32")
