@@ -48,10 +48,12 @@ def _train_message(server_round: int = 1):  # type: ignore[no-untyped-def]
 @pytest.fixture
 def said(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
     """What the ClientApp says on Flower's logger (which may not propagate to the root logger)."""
-    flwr_log = logging.getLogger("flwr")
+    flwr_log, propagate = logging.getLogger("flwr"), logging.getLogger("flwr").propagate
     caplog.set_level(logging.WARNING, logger="flwr")  # the CLI quietens it to errors
     flwr_log.addHandler(caplog.handler)
+    flwr_log.propagate = False  # each record once, whether or not it would reach the root logger
     yield caplog
+    flwr_log.propagate = propagate
     flwr_log.removeHandler(caplog.handler)
 
 
