@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.serde import (
     message_from_proto,
     message_to_proto,
@@ -125,6 +125,4 @@ def fallback_said(context: Context) -> bool:
 
 def note_fallback_said(context: Context) -> None:
     """Remember, for this run, that this node said it works without its worker."""
-    from flwr.app import ConfigRecord
-
     context.state[NODE_STATE] = ConfigRecord({FALLBACK_SAID: True})
