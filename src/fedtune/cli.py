@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fedtune.cli_ask import kb_ask
+from fedtune.cli_eval import eval_
 from fedtune.cli_kb import kb_app
 from fedtune.errors import FedtuneError
 
@@ -30,6 +31,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Data files: convert between f
 app.add_typer(data_app, name="data")
 app.add_typer(kb_app, name="kb")
 kb_app.command("ask")(kb_ask)  # the federated search runs Flower: its own module, beside kb's
+app.command("eval")(eval_)  # eval and judge: their own module (cli_eval.py)
+
 console = Console(stderr=True)
 out = Console()
 
@@ -127,21 +130,6 @@ def data_convert(
 
     n = convert_file(str(src), from_, str(dst), to, explain=explain)
     out.print(f"wrote {n} records to {dst}")
-
-
-@app.command("eval")
-def eval_(run_dir: RunDirArg) -> None:
-    """Held-out loss of every client under the base model and under the run's final adapter."""
-    from fedtune.inference import evaluate_clients, load_run
-
-    tuned = evaluate_clients(load_run(run_dir))  # first: a missing or corrupt adapter fails at once
-    base = evaluate_clients(load_run(run_dir, base_only=True))
-    table = Table(title=f"held-out loss: {run_dir}")
-    for col in ("client", "base", "adapter", "change"):
-        table.add_column(col, justify="right")
-    for pid in sorted(base):
-        table.add_row(str(pid), f"{base[pid]:.4f}", f"{tuned[pid]:.4f}", f"{tuned[pid] - base[pid]:+.4f}")
-    out.print(table)
 
 
 @app.command()

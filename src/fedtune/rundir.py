@@ -11,6 +11,11 @@
       final/               the global adapter after the last round
         privacy.json       with privacy.dp: ε spent, δ, accountant, noise, clipping, sampling
       report/              plots and index.html
+      eval/                ``fedtune eval`` / ``fedtune judge`` results (docs/evaluation.md):
+        generation.json    generation metrics per variant (base, adapter, personal), client, union
+        answers.jsonl      the generated answers, one line per variant x example
+        lm_eval.json       lm-evaluation-harness results for base and adapter
+        judge-single.json  LLM-as-judge grades; judge-vs-<other run>.json: pairwise verdicts
       clients/<id>/        a simulated client's own state (see :func:`client_state_root`):
         personal-NNNN/     its FF-LoRA personal adapter after round N
         stack.safetensors  the FLoRA stack it last received (``fed.stack_mode = "merge"``)
@@ -52,6 +57,12 @@ REPORT_PAGE = "index.html"
 CLIENTS = "clients"
 PERSONAL = "personal-"  # + the round, 4 digits
 STACK_FILE = "stack.safetensors"
+EVAL = "eval"
+GENERATION = "generation.json"
+ANSWERS = "answers.jsonl"
+LM_EVAL = "lm_eval.json"
+JUDGE_SINGLE = "judge-single.json"
+JUDGE_VS = "judge-vs-"  # + the other run directory's name + .json
 RESIDUAL = "residual-"  # + the round, 4 digits, + .safetensors: fed.error_feedback's rounding error
 
 
@@ -100,6 +111,30 @@ class RunDir:
     @property
     def report_page(self) -> Path:
         return self.report_dir / REPORT_PAGE
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.path / EVAL
+
+    @property
+    def generation_file(self) -> Path:
+        return self.eval_dir / GENERATION
+
+    @property
+    def answers_file(self) -> Path:
+        return self.eval_dir / ANSWERS
+
+    @property
+    def lm_eval_file(self) -> Path:
+        return self.eval_dir / LM_EVAL
+
+    @property
+    def judge_single_file(self) -> Path:
+        return self.eval_dir / JUDGE_SINGLE
+
+    def judge_vs_file(self, other: str | Path) -> Path:
+        """Pairwise verdicts of this run's answers against run directory ``other``'s."""
+        return self.eval_dir / f"{JUDGE_VS}{Path(other).resolve().name}.json"
 
     @property
     def clients_dir(self) -> Path:

@@ -84,6 +84,28 @@ def client_conversations(
     return _cap(train, cfg.data.max_train_examples), _cap(test, cfg.data.max_test_examples)
 
 
+def client_examples(
+    cfg: Config,
+    tokenizer: PreTrainedTokenizerBase,
+    partition_id: int,
+    *,
+    data_path: str | None = None,
+    state_dir: str | None = None,
+    case_base: str | None = None,
+) -> tuple[Dataset, Dataset]:
+    """One client's (train, test) conversations as the model sees them.
+
+    With ``rag.enabled`` each example has evidence in front of its question
+    (:func:`fedtune.rag.client.augment_split`); the arguments are :func:`client_tokenized`'s.
+    """
+    train, test = client_conversations(cfg, partition_id, data_path=data_path)
+    if cfg.rag.enabled:
+        train, test = augment_split(
+            cfg, tokenizer, train, test, state_dir=state_dir, source=case_base, seed=cfg.seed + partition_id
+        )
+    return train, test
+
+
 def client_tokenized(
     cfg: Config,
     tokenizer: PreTrainedTokenizerBase,
@@ -99,11 +121,9 @@ def client_tokenized(
     (:func:`fedtune.rag.client.augment_split`): ``state_dir`` is where the client's case base
     is indexed (unset: the fedtune cache), ``case_base`` the SuperNode's own case-base source.
     """
-    train, test = client_conversations(cfg, partition_id, data_path=data_path)
-    if cfg.rag.enabled:
-        train, test = augment_split(
-            cfg, tokenizer, train, test, state_dir=state_dir, source=case_base, seed=cfg.seed + partition_id
-        )
+    train, test = client_examples(
+        cfg, tokenizer, partition_id, data_path=data_path, state_dir=state_dir, case_base=case_base
+    )
     kw: dict[str, Any] = {
         "template_name": cfg.data.template,
         "max_source_length": cfg.data.max_source_length,

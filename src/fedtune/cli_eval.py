@@ -1,0 +1,100 @@
+"""``fedtune eval`` and ``fedtune judge``: held-out loss, generation metrics, lm-eval tasks, LLM-as-judge.
+
+The library is :mod:`fedtune.eval`; this module only parses arguments and prints tables. A
+bad input raises :class:`~fedtune.errors.FedtuneError` (exit status 2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+out = Console()
+RunDirArg = Annotated[Path, typer.Argument(help="a run directory written by `fedtune run`")]
+
+
+def eval_(
+    run_dir: RunDirArg,
+    loss: Annotated[bool, typer.Option(help="held-out loss per client, base and adapter")] = True,
+    generate: Annotated[
+        bool, typer.Option(help="answer each client's held-out split; ROUGE-L, BLEU, exact match")
+    ] = False,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="--generate: tokens per answer")] = 64,
+    sample: Annotated[bool, typer.Option("--sample/--greedy", help="--generate: sample or greedy")] = False,
+    temperature: Annotated[float, typer.Option(min=0.0, help="--sample: temperature")] = 0.7,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="--sample: nucleus mass")] = 0.9,
+    seed: Annotated[int, typer.Option(help="--sample: seed")] = 0,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="examples per client (--generate) / per task (--tasks)")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="prompts per generation / harness batch")] = 8,
+    tasks: Annotated[
+        str | None, typer.Option(help="lm-evaluation-harness tasks, comma-separated, on base and adapter")
+    ] = None,
+    include_path: Annotated[
+        Path | None, typer.Option(help="--tasks: a folder of task YAMLs (default: fedtune's own tasks)")
+    ] = None,
+) -> None:
+    """Held-out loss, generation metrics and lm-eval tasks: base model vs the run's final adapter.
+
+    Results go to RUN_DIR/eval/ (generation.json, answers.jsonl, lm_eval.json); see
+    docs/evaluation.md.
+    """
+    if loss:
+        _eval_loss(run_dir)
+    if generate:
+        from fedtune.eval.generate import Sampling
+        from fedtune.eval.generation import evaluate_generation
+
+        sampling = Sampling(max_new_tokens, sample, temperature, top_p, seed, batch_size)
+        result = evaluate_generation(run_dir, sampling, limit=limit)
+        out.print(_scores_table(f"generation: {run_dir}", result["variants"]))
+    if tasks is not None:
+        from fedtune.eval.harness import run_tasks
+
+        names = [t.strip() for t in tasks.split(",") if t.strip()]
+        harness = run_tasks(run_dir, names, include_path=include_path, limit=limit, batch_size=batch_size)
+        out.print(_harness_table(f"lm-eval: {run_dir}", harness["summary"]))
+
+
+def _eval_loss(run_dir: Path) -> None:
+    from fedtune.inference import evaluate_clients, load_run
+
+    tuned = evaluate_clients(load_run(run_dir))  # first: a missing or corrupt adapter fails at once
+    base = evaluate_clients(load_run(run_dir, base_only=True))
+    table = Table(title=f"held-out loss: {run_dir}")
+    for col in ("client", "base", "adapter", "change"):
+        table.add_column(col, justify="right")
+    for pid in sorted(base):
+        table.add_row(str(pid), f"{base[pid]:.4f}", f"{tuned[pid]:.4f}", f"{tuned[pid] - base[pid]:+.4f}")
+    out.print(table)
+
+
+def _scores_table(title: str, variants: dict[str, Any]) -> Table:
+    table = Table(title=title)
+    for col in ("variant", "client", "n", "ROUGE-L", "BLEU", "exact match"):
+        table.add_column(col, justify="right")
+    for variant, res in variants.items():
+        for client, s in [*res["clients"].items(), ("union", res["union"])]:
+            table.add_row(
+                variant,
+                client,
+                str(s["n"]),
+                f"{s['rouge_l']:.4f}",
+                f"{s['bleu']:.2f}",
+                f"{s['exact_match']:.4f}",
+            )
+    return table
+
+
+def _harness_table(title: str, summary: list[dict[str, object]]) -> Table:
+    table = Table(title=title)
+    for col in ("task", "metric", "base", "adapter"):
+        table.add_column(col, justify="right")
+    for row in summary:
+        table.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()))
+    return table

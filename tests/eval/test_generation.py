@@ -1,0 +1,77 @@
+"""`fedtune eval --generate`: answers per variant and client, scores per client and pooled, on disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedtune.errors import FedtuneError
+from fedtune.eval.generate import Sampling
+from fedtune.eval.generation import Example, evaluate_generation, held_out_examples, read_answers, summarise
+from fedtune.rundir import RunDir
+from helpers import run_cli
+
+
+def test_held_out_examples_take_the_last_answer_as_reference() -> None:
+    convs = [
+        [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}],
+        [{"role": "user", "content": "only a question"}],
+        [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}],
+    ]
+    got = held_out_examples(convs, client=1, limit=None)
+    assert [(e.index, e.reference) for e in got] == [(0, "a1"), (2, "a2")]
+    assert got[0].prompt == [{"role": "user", "content": "q1"}]
+    assert len(held_out_examples(convs, client=1, limit=1)) == 1
+    assert got[0].id == Example(5, 9, [{"role": "user", "content": "q1"}], "x").id  # the prompt decides
+
+
+def test_summarise_per_client_and_union() -> None:
+    rows = [
+        {"variant": "adapter", "client": 0, "reference": "yes", "answer": "yes"},
+        {"variant": "adapter", "client": 1, "reference": "no", "answer": "maybe"},
+        {"variant": "adapter", "client": 1, "reference": "up", "answer": "up"},
+    ]
+    out = summarise(rows)["adapter"]
+    assert out["clients"]["0"]["exact_match"] == 1.0
+    assert out["clients"]["1"]["exact_match"] == 0.5
+    assert out["union"]["exact_match"] == pytest.approx(2 / 3)  # pooled over examples, not clients
+    assert out["union"]["n"] == 3
+
+
+def test_evaluate_generation_writes_both_files(tiny_run: RunDir) -> None:
+    result = evaluate_generation(tiny_run.path, Sampling(max_new_tokens=4, batch_size=2), limit=2)
+    assert set(result["variants"]) == {"base", "adapter"}  # not an FF-LoRA run: no personal variant
+    on_disk = json.loads(tiny_run.generation_file.read_text())
+    assert on_disk == result
+    rows = [json.loads(line) for line in tiny_run.answers_file.read_text().splitlines()]
+    clients = {r["client"] for r in rows}
+    assert clients == {0, 1, 2}
+    assert len(rows) == 2 * len(clients) * 2  # variants x clients x limit
+    assert result["variants"]["adapter"]["union"]["n"] == 6
+    base = [(r["id"], r["reference"]) for r in rows if r["variant"] == "base"]
+    assert base == [(r["id"], r["reference"]) for r in rows if r["variant"] == "adapter"]  # same questions
+    assert len(read_answers(tiny_run.path, "adapter")) == 6
+    with pytest.raises(FedtuneError, match="no answers of variant 'personal'"):
+        read_answers(tiny_run.path, "personal")
+
+
+def test_eval_command_generates_and_prints(capsys, tiny_run: RunDir) -> None:
+    code, out, err = run_cli(
+        capsys, "eval", str(tiny_run.path), "--no-loss", "--generate", "--limit", "1", "--max-new-tokens", "3"
+    )
+    assert code == 0, err
+    assert "ROUGE-L" in out and "union" in out
+    assert tiny_run.generation_file.is_file()
+
+
+def test_eval_without_an_adapter_is_a_clear_error(capsys, tiny_run: RunDir) -> None:
+    import shutil
+
+    shutil.rmtree(tiny_run.path / "final")
+    shutil.rmtree(tiny_run.path / "rounds" / "0001")
+    code, _, err = run_cli(capsys, "eval", str(tiny_run.path), "--no-loss", "--generate")
+    assert code == 2
+    assert "error" in err
+    assert not Path(tiny_run.generation_file).exists()

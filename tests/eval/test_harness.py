@@ -1,0 +1,61 @@
+"""`fedtune eval --tasks`: lm-eval on base and adapter with fedtune's shipped wiki task, offline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedtune.errors import FedtuneError
+from fedtune.eval.harness import TASKS_DIR, _absolute_data_files, summary_rows, task_specs
+from fedtune.eval.taskdata import WIKI_MC, jsonl, wiki_mc_records
+from fedtune.rundir import RunDir
+from helpers import run_cli
+
+
+def test_shipped_task_data_is_what_taskdata_builds() -> None:
+    assert WIKI_MC.read_text(encoding="utf-8") == jsonl(wiki_mc_records())
+    first = wiki_mc_records()[0]
+    assert len(first["choices"]) == 4 and 0 <= first["label"] < 4
+
+
+def test_relative_data_files_are_read_beside_the_yaml() -> None:
+    folder = Path("/tasks")
+    got = _absolute_data_files({"test": "a.jsonl", "train": ["/abs/b.jsonl", "c.jsonl"]}, folder)
+    assert got == {"test": "/tasks/a.jsonl", "train": ["/abs/b.jsonl", "/tasks/c.jsonl"]}
+    _, specs = task_specs(["fedtune_wiki_mc"], TASKS_DIR)
+    assert specs[0]["dataset_kwargs"]["data_files"] == {"test": str(WIKI_MC)}
+
+
+def test_unknown_task_names_it() -> None:
+    with pytest.raises(FedtuneError, match=r"unknown lm-eval task.*no_such_task_xyz"):
+        task_specs(["no_such_task_xyz"], TASKS_DIR)
+
+
+def test_summary_rows_pair_base_and_adapter() -> None:
+    results = {
+        "adapter": {"t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": 0.1, "sample_len": 4}},
+        "base": {"t": {"alias": "t", "acc,none": 0.25, "acc_stderr,none": 0.1, "sample_len": 4}},
+    }
+    assert summary_rows(results) == [{"task": "t", "metric": "acc,none", "base": 0.25, "adapter": 0.5}]
+
+
+def test_eval_tasks_on_tiny_llama(capsys, tiny_run: RunDir) -> None:
+    code, out, err = run_cli(
+        capsys, "eval", str(tiny_run.path), "--no-loss", "--tasks", "fedtune_wiki_mc", "--limit", "4"
+    )
+    assert code == 0, err
+    doc = json.loads(tiny_run.lm_eval_file.read_text())
+    for variant in ("base", "adapter"):
+        res = doc["results"][variant]["fedtune_wiki_mc"]
+        assert res["sample_len"] == 4  # --limit examples were run
+        assert res["acc,none"] in {0.0, 0.25, 0.5, 0.75, 1.0}  # a mean over 4 examples
+    assert "fedtune_wiki_mc" in out
+
+
+def test_eval_unknown_task_exits_non_zero(capsys, tiny_run: RunDir) -> None:
+    code, _, err = run_cli(capsys, "eval", str(tiny_run.path), "--no-loss", "--tasks", "nope_task_42")
+    assert code == 2
+    assert "nope_task_42" in err
+    assert not tiny_run.lm_eval_file.exists()
