@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fedtune.cli_ask import kb_ask
-from fedtune.cli_eval import eval_
+from fedtune.cli_eval import eval_, judge
 from fedtune.cli_kb import kb_app
 from fedtune.errors import FedtuneError
 
@@ -32,6 +32,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(kb_app, name="kb")
 kb_app.command("ask")(kb_ask)  # the federated search runs Flower: its own module, beside kb's
 app.command("eval")(eval_)  # eval and judge: their own module (cli_eval.py)
+app.command()(judge)
 
 console = Console(stderr=True)
 out = Console()

@@ -98,3 +98,65 @@ def _harness_table(title: str, summary: list[dict[str, object]]) -> Table:
     for row in summary:
         table.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()))
     return table
+
+
+def judge(
+    run_dir: RunDirArg,
+    base_url: Annotated[str, typer.Option(help="OpenAI-compatible API root, e.g. http://localhost:8000/v1")],
+    model: Annotated[str, typer.Option(help="the judge model's name at the endpoint")],
+    against: Annotated[
+        Path | None, typer.Option(help="pairwise: compare with this run's answers (both orders asked)")
+    ] = None,
+    api_key_env: Annotated[
+        str, typer.Option(help="environment variable holding the API key")
+    ] = "OPENAI_API_KEY",
+    variant: Annotated[
+        str, typer.Option(help="which answers of RUN_DIR: base, adapter, personal")
+    ] = "adapter",
+    against_variant: Annotated[str, typer.Option(help="which answers of --against")] = "adapter",
+    limit: Annotated[int | None, typer.Option(min=1, help="judge the first N answers only")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="requests in flight")] = 4,
+    timeout: Annotated[float, typer.Option(min=0.1, help="seconds per request")] = 60.0,
+    retries: Annotated[int, typer.Option(min=0, help="retries on 429/5xx/timeouts/connection errors")] = 4,
+    backoff: Annotated[float, typer.Option(min=0.0, help="seconds before the first retry (doubles)")] = 1.0,
+    max_tokens: Annotated[int, typer.Option(min=1, help="judge tokens per answer")] = 1024,
+    reference: Annotated[bool, typer.Option(help="show the judge the reference answer")] = True,
+    cache: Annotated[Path, typer.Option(help="on-disk cache of judge replies")] = Path(
+        "~/.cache/fedtune/judge"
+    ),
+    use_cache: Annotated[
+        bool, typer.Option("--use-cache/--no-cache", help="read and write the cache")
+    ] = True,
+) -> None:
+    """LLM-as-judge of the answers `fedtune eval --generate` saved: 1-10 grades, or pairwise with --against.
+
+    Any OpenAI-compatible endpoint (only POST BASE_URL/chat/completions is used). Results go
+    to RUN_DIR/eval/judge-single.json or judge-vs-<other run>.json; see docs/evaluation.md.
+    """
+    import os
+
+    from fedtune.eval.judge import judge_run
+    from fedtune.eval.judge_client import Endpoint, JudgeClient, ReplyCache
+
+    endpoint = Endpoint(
+        base_url, model, os.environ.get(api_key_env) or None, timeout, retries, backoff, max_tokens=max_tokens
+    )
+    with JudgeClient(endpoint, ReplyCache(cache) if use_cache else None) as client:
+        path, result = judge_run(
+            client,
+            run_dir,
+            against=against,
+            variant=variant,
+            against_variant=against_variant,
+            limit=limit,
+            concurrency=concurrency,
+            reference=reference,
+        )
+    counts = ", ".join(f"{k} {v}" for k, v in result["counts"].items())
+    if against is None:
+        score = result["mean_score"]
+        out.print(f"mean score: {'-' if score is None else f'{score:.2f}'} / 10 ({counts})")
+    else:
+        rate = result["win_rate"]
+        out.print(f"win rate vs {against}: {'-' if rate is None else f'{rate:.3f}'} ({counts})")
+    out.print(f"wrote {path}")

@@ -1,26 +1,13 @@
-"""A tiny-llama run directory with a non-zero adapter, for eval and judge tests."""
+"""The tiny run directory fixture for eval and judge tests."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-import torch
 
-from fedtune.config import load_config
-from fedtune.models.adapters import initial_adapter_state
+from eval.runs import make_run
 from fedtune.rundir import RunDir
-
-
-def make_run(tmp_path: Path, *overrides: str) -> RunDir:
-    cfg = load_config("configs/tiny.toml", [f"run.output_dir='{tmp_path}'", *overrides])
-    run = RunDir.create(cfg)
-    state = initial_adapter_state(cfg.model, seed=0)
-    state = {k: v if "lora_A" in k else torch.full_like(v, 0.05) for k, v in state.items()}  # non-zero B
-    run.save_round(1, state, cfg)
-    run.mark_complete(1)
-    run.save_final(state, cfg)
-    return run
 
 
 @pytest.fixture
