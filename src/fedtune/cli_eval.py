@@ -59,6 +59,17 @@ def eval_(
         names = [t.strip() for t in tasks.split(",") if t.strip()]
         harness = run_tasks(run_dir, names, include_path=include_path, limit=limit, batch_size=batch_size)
         out.print(_harness_table(f"lm-eval: {run_dir}", harness["summary"]))
+    if generate or tasks is not None:
+        _refresh_report(run_dir)
+
+
+def _refresh_report(run_dir: Path) -> None:
+    """Rewrite an existing report so it shows the new results (``fedtune report`` makes a first one)."""
+    from fedtune.report import write_report
+    from fedtune.rundir import RunDir
+
+    if RunDir(run_dir).report_page.exists():
+        out.print(f"report: {write_report(run_dir)}")
 
 
 def _eval_loss(run_dir: Path) -> None:
@@ -160,3 +171,4 @@ def judge(
         rate = result["win_rate"]
         out.print(f"win rate vs {against}: {'-' if rate is None else f'{rate:.3f}'} ({counts})")
     out.print(f"wrote {path}")
+    _refresh_report(run_dir)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fedtune.errors import FedtuneError
 from fedtune.io import atomic_folder
+from fedtune.report.evaluation import eval_sections
 from fedtune.report.plots import (
     human_bytes,
     plot_bytes,
@@ -101,10 +102,12 @@ def render_html(
     totals: RunTotals,
     images: Sequence[tuple[str, str]],
     failures: Sequence[MetricRecord] = (),
+    evaluation: str = "",
 ) -> str:
     """The report page as a string; ``images`` are ``(src, alt)`` with ``src`` relative to the page.
 
     ``failures``: the failure lines of ``metrics.jsonl``, tabled when there are any.
+    ``evaluation``: the sections of ``fedtune eval`` / ``fedtune judge`` results (HTML).
     """
     title = f"fedtune report: {html.escape(run_dir.name)}"
     figures = "\n".join(f'<img src="{html.escape(src)}" alt="{html.escape(alt)}">' for src, alt in images)
@@ -132,6 +135,7 @@ def render_html(
 {_totals_rows(totals)}
 </table>
 {_failures(failures)}
+{evaluation}
 <h2>Plots</h2>
 {figures}
 
@@ -173,6 +177,7 @@ def write_report(run_dir: Path | str) -> Path:
             run_totals(records),
             [(filename, alt) for filename, _, alt in plots],
             failure_lines(records),
+            eval_sections(run.path),
         )
         (staging / REPORT_PAGE).write_text(page, encoding="utf-8")
     logger.info("wrote report %s", run.report_page)
