@@ -11,8 +11,8 @@ from fedtune.models.adapters import initial_adapter_state
 from fedtune.rundir import RunDir
 
 
-def make_run(tmp_path: Path, *overrides: str) -> RunDir:
-    cfg = load_config("configs/tiny.toml", [f"run.output_dir='{tmp_path}'", *overrides])
+def make_run(tmp_path: Path, *overrides: str, config: str = "configs/tiny.toml") -> RunDir:
+    cfg = load_config(config, [f"run.output_dir='{tmp_path}'", *overrides])
     run = RunDir.create(cfg)
     state = initial_adapter_state(cfg.model, seed=0)
     state = {k: v if "lora_A" in k else torch.full_like(v, 0.05) for k, v in state.items()}  # non-zero B

@@ -75,3 +75,25 @@ def test_eval_without_an_adapter_is_a_clear_error(capsys, tiny_run: RunDir) -> N
     assert code == 2
     assert "error" in err
     assert not Path(tiny_run.generation_file).exists()
+
+
+def test_fflora_rag_run_adds_personal_answers_with_evidence(tmp_path: Path) -> None:
+    import torch
+
+    from eval.runs import make_run
+    from fedtune.models.adapters import initial_adapter_state, save_adapter_folder
+
+    run = make_run(tmp_path, config="configs/rag-tiny.toml")
+    cfg = run.config()
+    for pid in (0, 1):
+        personal = initial_adapter_state(cfg.model, seed=3 + pid)
+        personal = {k: v if "lora_A" in k else torch.full_like(v, 0.2) for k, v in personal.items()}
+        save_adapter_folder(personal, cfg.model.lora, cfg.model, run.clients_dir / str(pid) / "personal-0001")
+
+    result = evaluate_generation(run.path, Sampling(max_new_tokens=3), limit=1)
+
+    assert list(result["variants"]) == ["base", "adapter", "personal"]
+    assert result["variants"]["personal"]["union"]["n"] == 2  # 2 clients x 1 example
+    rows = [json.loads(line) for line in run.answers_file.read_text().splitlines()]
+    assert all(r["prompt"][-1]["content"].startswith("Evidence:") for r in rows)  # retrieved as in training
+    assert all(not r["question"][-1]["content"].startswith("Evidence:") for r in rows)  # for the judge

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.config import Config
-from fedtune.data.pipeline import client_examples, partitions
+from fedtune.data.pipeline import client_conversations, client_examples, partitions
 from fedtune.data.tokenize import build_generation_input
 from fedtune.data.types import Conversation
 from fedtune.eval.generate import Sampling, adapter_off, generate_batched
@@ -29,34 +29,56 @@ from fedtune.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-Answer = dict[str, Any]  # one line of answers.jsonl: variant, client, index, id, prompt, reference, answer
+Answer = dict[
+    str, Any
+]  # a line of answers.jsonl: variant, client, index, id, prompt, question, reference, answer
 
 
 @dataclass(frozen=True)
 class Example:
-    """One held-out example: the conversation up to its last answer, and that answer."""
+    """One held-out example: the conversation up to its last answer, and that answer.
+
+    ``question`` is the prompt before retrieval put evidence in (RAG runs; else ``prompt``).
+    """
 
     client: int
     index: int
     prompt: Conversation
     reference: str
+    question: Conversation | None = None
 
     @property
     def id(self) -> str:
-        """The prompt's digest: the same question has the same id in every run (pairwise judging)."""
-        text = json.dumps(self.prompt, sort_keys=True, ensure_ascii=False)
+        """The question's digest: the same question has the same id in every run (pairwise judging)."""
+        text = json.dumps(self.question or self.prompt, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def held_out_examples(conversations: Sequence[Conversation], client: int, limit: int | None) -> list[Example]:
-    """The first ``limit`` conversations that end with an answer, as :class:`Example` s."""
+def held_out_examples(
+    conversations: Sequence[Conversation],
+    client: int,
+    limit: int | None,
+    originals: Sequence[Conversation] | None = None,
+) -> list[Example]:
+    """The first ``limit`` conversations that end with an answer, as :class:`Example` s.
+
+    ``originals``: the same conversations before retrieval (RAG runs), row for row.
+    """
     out: list[Example] = []
     for i, conv in enumerate(conversations):
         if limit is not None and len(out) >= limit:
             break
         if len(conv) >= 2 and conv[-1]["role"] == "assistant":
-            out.append(Example(client, i, list(conv[:-1]), conv[-1]["content"]))
+            question = list(originals[i][:-1]) if originals is not None else None
+            out.append(Example(client, i, list(conv[:-1]), conv[-1]["content"], question))
     return out
+
+
+def client_held_out(cfg: Config, tokenizer: Any, pid: int, limit: int | None) -> list[Example]:
+    """Client ``pid``'s held-out examples as the model sees them (with evidence in RAG runs)."""
+    seen = list(client_examples(cfg, tokenizer, pid)[1]["messages"])
+    originals = list(client_conversations(cfg, pid)[1]["messages"]) if cfg.rag.enabled else None
+    return held_out_examples(seen, pid, limit, originals)
 
 
 def answer(loaded: Loaded, examples: Sequence[Example], sampling: Sampling) -> list[str]:
@@ -96,6 +118,7 @@ def _rows(variant: str, examples: Sequence[Example], answers: Sequence[str]) -> 
             "index": e.index,
             "id": e.id,
             "prompt": e.prompt,
+            "question": e.question or e.prompt,
             "reference": e.reference,
             "answer": a,
         }
@@ -120,10 +143,7 @@ def evaluate_generation(
     run = RunDir.open(run_dir)
     tuned = load_run(run.path)
     cfg = tuned.cfg
-    examples = {
-        pid: held_out_examples(list(client_examples(cfg, tuned.tokenizer, pid)[1]["messages"]), pid, limit)
-        for pid in range(len(partitions(cfg)))
-    }
+    examples = {pid: client_held_out(cfg, tuned.tokenizer, pid, limit) for pid in range(len(partitions(cfg)))}
     rows: list[Answer] = []
     variants: list[tuple[str, Callable[[int], Loaded]]] = [
         ("base", lambda _: tuned),

@@ -127,7 +127,11 @@ def grade(
 ) -> dict[str, Any]:
     """Rate every answer; ``{"counts", "mean_score", "per_client", "items"}``."""
     prompts = [
-        single_prompt(question_text(a["prompt"]), a["answer"], a["reference"] if reference else None)
+        single_prompt(
+            question_text(a.get("question") or a["prompt"]),
+            a["answer"],
+            a["reference"] if reference else None,
+        )
         for a in answers
     ]
     replies = client.ask_many(prompts, concurrency)
@@ -173,7 +177,7 @@ def compare(
         raise FedtuneError("the two runs' answers share no question (answers are matched by prompt)")
     prompts = []
     for a, b in pairs:
-        q, ref = question_text(a["prompt"]), a["reference"] if reference else None
+        q, ref = question_text(a.get("question") or a["prompt"]), a["reference"] if reference else None
         prompts += [
             pair_prompt(q, a["answer"], b["answer"], ref),
             pair_prompt(q, b["answer"], a["answer"], ref),
