@@ -132,9 +132,9 @@ def judge(
     backoff: Annotated[float, typer.Option(min=0.0, help="seconds before the first retry (doubles)")] = 1.0,
     max_tokens: Annotated[int, typer.Option(min=1, help="judge tokens per answer")] = 1024,
     reference: Annotated[bool, typer.Option(help="show the judge the reference answer")] = True,
-    cache: Annotated[Path, typer.Option(help="on-disk cache of judge replies")] = Path(
-        "~/.cache/fedtune/judge"
-    ),
+    cache: Annotated[
+        Path | None, typer.Option(help="on-disk cache of judge replies (default: FEDTUNE_CACHE/judge)")
+    ] = None,
     use_cache: Annotated[
         bool, typer.Option("--use-cache/--no-cache", help="read and write the cache")
     ] = True,
@@ -148,11 +148,12 @@ def judge(
 
     from fedtune.eval.judge import judge_run
     from fedtune.eval.judge_client import Endpoint, JudgeClient, ReplyCache
+    from fedtune.models.load import cache_dir
 
     endpoint = Endpoint(
         base_url, model, os.environ.get(api_key_env) or None, timeout, retries, backoff, max_tokens=max_tokens
     )
-    with JudgeClient(endpoint, ReplyCache(cache) if use_cache else None) as client:
+    with JudgeClient(endpoint, ReplyCache(cache or cache_dir() / "judge") if use_cache else None) as client:
         path, result = judge_run(
             client,
             run_dir,
