@@ -44,6 +44,11 @@ def eval_(
     Results go to RUN_DIR/eval/ (generation.json, answers.jsonl, lm_eval.json); see
     docs/evaluation.md.
     """
+    prepared = None
+    if tasks is not None:  # unknown task names fail before any model loads
+        from fedtune.eval.harness import prepare_tasks
+
+        prepared = prepare_tasks([t.strip() for t in tasks.split(",") if t.strip()], include_path)
     if loss:
         _eval_loss(run_dir)
     if generate:
@@ -53,11 +58,10 @@ def eval_(
         sampling = Sampling(max_new_tokens, sample, temperature, top_p, seed, batch_size)
         result = evaluate_generation(run_dir, sampling, limit=limit)
         out.print(_scores_table(f"generation: {run_dir}", result["variants"]))
-    if tasks is not None:
+    if prepared is not None:
         from fedtune.eval.harness import run_tasks
 
-        names = [t.strip() for t in tasks.split(",") if t.strip()]
-        harness = run_tasks(run_dir, names, include_path=include_path, limit=limit, batch_size=batch_size)
+        harness = run_tasks(run_dir, prepared, limit=limit, batch_size=batch_size)
         out.print(_harness_table(f"lm-eval: {run_dir}", harness["summary"]))
     if generate or tasks is not None:
         _refresh_report(run_dir)

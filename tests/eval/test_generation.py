@@ -97,3 +97,12 @@ def test_fflora_rag_run_adds_personal_answers_with_evidence(tmp_path: Path) -> N
     rows = [json.loads(line) for line in run.answers_file.read_text().splitlines()]
     assert all(r["prompt"][-1]["content"].startswith("Evidence:") for r in rows)  # retrieved as in training
     assert all(not r["question"][-1]["content"].startswith("Evidence:") for r in rows)  # for the judge
+
+
+def test_fflora_run_without_personal_adapters_fails_before_generating(tmp_path: Path) -> None:
+    from eval.runs import make_run
+
+    run = make_run(tmp_path, "fed.strategy='fflora'", "model.lora.personal_r=4")
+    with pytest.raises(FedtuneError, match="no personal adapter of client 0"):
+        evaluate_generation(run.path, Sampling(max_new_tokens=2), limit=1)
+    assert not run.answers_file.exists()

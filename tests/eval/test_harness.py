@@ -59,3 +59,20 @@ def test_eval_unknown_task_exits_non_zero(capsys, tiny_run: RunDir) -> None:
     assert code == 2
     assert "nope_task_42" in err
     assert not tiny_run.lm_eval_file.exists()
+
+
+def test_adapter_off_switches_lm_evals_model_to_the_base(tiny_run: RunDir) -> None:
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from fedtune.eval.generate import adapter_off
+    from fedtune.inference import load_run
+
+    loaded = load_run(tiny_run.path)
+    lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=1)
+    req = [Instance("loglikelihood", doc={}, arguments=("Question: What is X?\nAnswer:", " a thing"), idx=0)]
+    tuned = lm.loglikelihood(req)[0][0]
+    with adapter_off(loaded.model, True):
+        base = lm.loglikelihood(req)[0][0]
+    assert base != tuned
+    assert lm.loglikelihood(req)[0][0] == tuned  # the adapter is back on after the block

@@ -21,10 +21,12 @@ from fedtune.config import Config
 from fedtune.data.pipeline import client_conversations, client_examples, partitions
 from fedtune.data.tokenize import build_generation_input
 from fedtune.data.types import Conversation
+from fedtune.errors import FedtuneError
 from fedtune.eval.generate import Sampling, adapter_off, generate_batched
 from fedtune.eval.metrics import score
 from fedtune.inference import Loaded, load_run
 from fedtune.io import write_text_atomic
+from fedtune.models.adapters import check_adapter_folder
 from fedtune.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -137,8 +139,8 @@ def evaluate_generation(
     """Generate and score every variant on every client's held-out split; write the files.
 
     Returns ``generation.json``'s content. ``limit`` caps the examples per client;
-    ``personal`` (FF-LoRA runs) adds the ``personal`` variant. A missing adapter folder fails
-    before anything is generated.
+    ``personal`` (FF-LoRA runs) adds the ``personal`` variant. A missing adapter folder (global
+    or personal) fails before anything is generated.
     """
     run = RunDir.open(run_dir)
     tuned = load_run(run.path)
@@ -150,6 +152,8 @@ def evaluate_generation(
         ("adapter", lambda _: tuned),
     ]
     if personal and is_fflora(cfg):
+        for pid in examples:  # every personal adapter found before anything is generated
+            check_adapter_folder(run.latest_personal(pid))
         variants.append(("personal", lambda pid: load_run(run.path, client=pid)))
     for variant, loader in variants:
         for pid, exs in examples.items():
@@ -171,8 +175,6 @@ def evaluate_generation(
 
 def read_answers(run_dir: str | Path, variant: str) -> list[Answer]:
     """``eval/answers.jsonl``'s rows of ``variant``; a FedtuneError when there are none."""
-    from fedtune.errors import FedtuneError
-
     run = RunDir.open(run_dir)
     path = run.answers_file
     if not path.is_file():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,25 @@ def _absolute_data_files(files: Any, folder: Path) -> Any:
     return files
 
 
+@dataclass(frozen=True)
+class TaskSet:
+    """Checked tasks, ready to run: the names, lm-eval's TaskManager, the specs it is given."""
+
+    names: tuple[str, ...]
+    include_path: Path
+    manager: Any
+    specs: list[str | dict[str, Any]]
+
+
+def prepare_tasks(names: Sequence[str], include_path: Path | None = None) -> TaskSet:
+    """Check ``names`` (before any model loads) and resolve them; see :func:`task_specs`."""
+    if not names:
+        raise FedtuneError("--tasks: no task named")
+    folder = include_path or TASKS_DIR
+    manager, specs = task_specs(names, folder)
+    return TaskSet(tuple(names), folder, manager, specs)
+
+
 def task_specs(names: Sequence[str], include_path: Path) -> tuple[Any, list[str | dict[str, Any]]]:
     """lm-eval's TaskManager over ``include_path`` and the task specs to run.
 
@@ -46,9 +66,11 @@ def task_specs(names: Sequence[str], include_path: Path) -> tuple[Any, list[str 
     inline config (its YAML, paths made absolute); others stay names. An unknown name is a
     FedtuneError naming it and where it was looked for.
     """
-    from lm_eval.tasks import TaskManager
-    from lm_eval.tasks._yaml_loader import load_yaml
-
+    try:
+        from lm_eval.tasks import TaskManager
+        from lm_eval.tasks._yaml_loader import load_yaml
+    except ImportError:
+        raise FedtuneError("--tasks needs lm-evaluation-harness: pip install 'fedtune[eval]'") from None
     if not include_path.is_dir():
         raise FedtuneError(f"--include-path {include_path}: not a folder")
     manager = TaskManager(include_path=str(include_path))
@@ -93,23 +115,14 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run_tasks(
-    run_dir: str | Path,
-    names: Sequence[str],
-    *,
-    include_path: Path | None = None,
-    limit: int | None = None,
-    batch_size: int = 8,
+    run_dir: str | Path, tasks: TaskSet, *, limit: int | None = None, batch_size: int = 8
 ) -> dict[str, Any]:
-    """Run ``names`` on base and adapter; write and return ``lm_eval.json``'s content."""
-    if not names:
-        raise FedtuneError("--tasks: no task named")
-    try:
-        from lm_eval import simple_evaluate
-        from lm_eval.models.huggingface import HFLM
-    except ImportError:
-        raise FedtuneError("--tasks needs lm-evaluation-harness: pip install 'fedtune[eval]'") from None
+    """Run ``tasks`` on adapter and base; write and return ``lm_eval.json``'s content."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
     run = RunDir.open(run_dir)
-    manager, specs = task_specs(names, include_path or TASKS_DIR)
+    manager, specs, names = tasks.manager, tasks.specs, tasks.names
     loaded = load_run(run.path)
     model = loaded.model
     assert model is not None
@@ -123,7 +136,7 @@ def run_tasks(
     doc = {
         "run": str(run.path),
         "tasks": list(names),
-        "include_path": str(include_path or TASKS_DIR),
+        "include_path": str(tasks.include_path),
         "limit": limit,
         "results": results,
         "summary": summary_rows(results),
