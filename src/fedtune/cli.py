@@ -59,6 +59,8 @@ def _quiet_libraries() -> None:
     # bars; fedtune logs client failures itself.
     logging.getLogger("flwr").setLevel(logging.ERROR)
     logging.getLogger("flwr").propagate = False  # it has its own handler
+    # lm-eval warns on every run that fedtune hands it a loaded model, which it does on purpose
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
     import datasets
     import transformers
 

@@ -55,9 +55,10 @@ def test_eval_tasks_on_tiny_llama(capsys, tiny_run: RunDir) -> None:
 
 
 def test_eval_unknown_task_exits_non_zero(capsys, tiny_run: RunDir) -> None:
-    code, _, err = run_cli(capsys, "eval", str(tiny_run.path), "--no-loss", "--tasks", "nope_task_42")
+    code, out, err = run_cli(capsys, "eval", str(tiny_run.path), "--tasks", "nope_task_42")
     assert code == 2
     assert "nope_task_42" in err
+    assert "held-out loss" not in out  # checked before the loss evaluation, not after
     assert not tiny_run.lm_eval_file.exists()
 
 
