@@ -77,3 +77,16 @@ def test_adapter_off_switches_lm_evals_model_to_the_base(tiny_run: RunDir) -> No
         base = lm.loglikelihood(req)[0][0]
     assert base != tuned
     assert lm.loglikelihood(req)[0][0] == tuned  # the adapter is back on after the block
+
+
+def test_a_task_whose_data_is_missing_is_a_clear_error(capsys, tiny_run: RunDir, tmp_path: Path) -> None:
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    yaml = (TASKS_DIR / "fedtune_wiki_mc.yaml").read_text().replace("fedtune_wiki_mc", "my_mc")
+    (tasks / "my_mc.yaml").write_text(yaml.replace("wiki_mc.jsonl", "missing.jsonl"))
+    code, _, err = run_cli(
+        capsys, "eval", str(tiny_run.path), "--no-loss", "--tasks", "my_mc", "--include-path", str(tasks)
+    )
+    assert code == 2
+    assert "my_mc" in err and "could not be loaded" in err
+    assert not tiny_run.lm_eval_file.exists()

@@ -130,8 +130,17 @@ def run_tasks(
     results: dict[str, Any] = {}
     for variant in ("adapter", "base"):
         log.info("lm-eval: %s on %s", ", ".join(names), variant)
-        with adapter_off(model, variant == "base"):
-            out = simple_evaluate(model=lm, tasks=specs, task_manager=manager, limit=limit, log_samples=False)
+        try:
+            with adapter_off(model, variant == "base"):
+                out = simple_evaluate(
+                    model=lm, tasks=specs, task_manager=manager, limit=limit, log_samples=False
+                )
+        except (ConnectionError, FileNotFoundError) as err:  # datasets' offline / missing-file errors
+            raise FedtuneError(
+                f"lm-eval task(s) {', '.join(names)}: a dataset could not be loaded "
+                f"({type(err).__name__}: {err}); offline, a task needs local data "
+                "(dataset_path: json + dataset_kwargs.data_files) or the datasets cache"
+            ) from None
         results[variant] = out["results"] if out else {}
     doc = {
         "run": str(run.path),
