@@ -28,6 +28,7 @@ def test_relative_data_files_are_read_beside_the_yaml() -> None:
     assert specs[0]["dataset_kwargs"]["data_files"] == {"test": str(WIKI_MC)}
 
 
+@pytest.mark.integration  # indexes lm-eval's own tasks (seconds)
 def test_unknown_task_names_it() -> None:
     with pytest.raises(FedtuneError, match=r"unknown lm-eval task.*no_such_task_xyz"):
         task_specs(["no_such_task_xyz"], TASKS_DIR)
@@ -54,6 +55,7 @@ def test_eval_tasks_on_tiny_llama(capsys, tiny_run: RunDir) -> None:
     assert "fedtune_wiki_mc" in out
 
 
+@pytest.mark.integration  # indexes lm-eval's own tasks (seconds)
 def test_eval_unknown_task_exits_non_zero(capsys, tiny_run: RunDir) -> None:
     code, out, err = run_cli(capsys, "eval", str(tiny_run.path), "--tasks", "nope_task_42")
     assert code == 2

@@ -73,7 +73,10 @@ def task_specs(names: Sequence[str], include_path: Path) -> tuple[Any, list[str 
         raise FedtuneError("--tasks needs lm-evaluation-harness: pip install 'fedtune[eval]'") from None
     if not include_path.is_dir():
         raise FedtuneError(f"--include-path {include_path}: not a folder")
-    manager = TaskManager(include_path=str(include_path))
+    # indexing lm-eval's own thousands of task YAMLs takes seconds: only when a name needs it
+    manager = TaskManager(include_path=str(include_path), include_defaults=False)
+    if not set(names) <= set(manager.all_tasks):
+        manager = TaskManager(include_path=str(include_path))
     known = set(manager.all_tasks)
     unknown = [n for n in names if n not in known]
     if unknown:
