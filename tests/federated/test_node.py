@@ -75,9 +75,9 @@ def test_a_request_round_trips_through_its_frames() -> None:
     ("head", "error"),
     [
         (b"not json", "header is not JSON"),
-        (b'{"protocol": 99, "handler": "train"}', "field 'protocol' is not 1"),
-        (b'{"protocol": 1, "handler": "fit"}', "unknown handler 'fit'"),
-        (b'{"protocol": 1, "handler": "train", "node-config": {}}', "body is not a Flower message"),
+        (b'{"protocol": 99, "handler": "train"}', "field 'protocol' is not 2"),
+        (b'{"protocol": 2, "handler": "fit"}', "unknown handler 'fit'"),
+        (b'{"protocol": 2, "handler": "train", "node-config": {}}', "body is not a Flower message"),
     ],
 )
 def test_a_malformed_request_is_refused_naming_what_is_wrong(head: bytes, error: str) -> None:
