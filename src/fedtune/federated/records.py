@@ -22,7 +22,7 @@ from fedtune.federated.protocol import ProtocolError
 from fedtune.federated.protocol.tensors import Tensor, pack, unpack
 from fedtune.federated.quantize import FORMATS, dequantise, quantise
 
-WIRE_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
+WIRE_DTYPES: dict[str, np.dtype[np.floating]] = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 _BLOCKWISE = re.compile(r"(\w+)\.b(\d+)")
 
 
@@ -73,7 +73,8 @@ def _decode(fmt: str, t: Tensor, where: str) -> np.ndarray:
             raise ProtocolError(
                 f"{where}: {t.key!r}: {fmt} data of {size} values is {len(t.data)} bytes, expected {need}"
             )
-        return np.frombuffer(t.data, dtype=WIRE_DTYPES[fmt]).astype(np.float32).reshape(t.shape)
+        values: np.ndarray = np.frombuffer(t.data, dtype=WIRE_DTYPES[fmt])
+        return values.astype(np.float32).reshape(t.shape)
     match = _BLOCKWISE.fullmatch(fmt)
     if match is None or match[1] not in FORMATS:
         raise ProtocolError(f"{where}: unknown wire format {fmt!r}")

@@ -66,12 +66,13 @@ def _header(data: bytes, where: str) -> tuple[dict[str, object], int]:
 
 def _entry(raw: object, where: str) -> tuple[str, tuple[int, ...], int]:
     """One ``[key, shape, nbytes]`` header entry, checked."""
-    ok = isinstance(raw, list) and len(raw) == 3 and isinstance(raw[0], str) and isinstance(raw[1], list)
-    if ok:
-        key, shape, nbytes = raw  # type: ignore[misc]
+    if isinstance(raw, list) and len(raw) == 3 and isinstance(raw[0], str) and isinstance(raw[1], list):
+        key: str = raw[0]
+        shape: list[object] = raw[1]
+        nbytes: object = raw[2]
         dims_ok = all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
         if dims_ok and isinstance(nbytes, int) and not isinstance(nbytes, bool) and nbytes >= 0:
-            return key, tuple(shape), nbytes
+            return key, tuple(shape), nbytes  # type: ignore[arg-type]
     raise ProtocolError(f"{where}: packed adapter entry {str(raw)[:80]} is not [key, shape, nbytes]")
 
 
