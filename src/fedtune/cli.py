@@ -1,4 +1,7 @@
-"""The ``fedtune`` command: run, node, partition, data convert, eval, chat, report, serve-trunk, kb."""
+"""The ``fedtune`` command: run, node, partition, data, eval, chat, export, serve, report, kb, ...
+
+Each command is a thin shell over the library; see ``fedtune --help``.
+"""
 
 from __future__ import annotations
 
@@ -229,6 +232,19 @@ def _chat_loop(
         answer = reply(loaded, sent, max_new_tokens=max_new_tokens)
         history.append({"role": "assistant", "content": answer})
         out.print(f"[bold]model>[/bold] {answer}")
+
+
+@app.command()
+def export(
+    run_dir: RunDirArg,
+    out_dir: Annotated[Path, typer.Argument(help="folder to write (must not exist unless --replace)")],
+    merge: Annotated[bool, typer.Option(help="a merged full model folder instead of the adapter")] = False,
+    replace: Annotated[bool, typer.Option(help="overwrite an existing OUT_DIR")] = False,
+) -> None:
+    """Write the run's adapter for other tools (base named loadably), or with --merge the merged model."""
+    from fedtune.export import export_run
+
+    out.print(f"wrote {export_run(run_dir, out_dir, merge=merge, replace=replace)}")
 
 
 @app.command()
