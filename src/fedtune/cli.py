@@ -248,6 +248,29 @@ def export(
 
 
 @app.command()
+def serve(
+    run_dirs: Annotated[list[Path], typer.Argument(help="run directories sharing one base model")],
+    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
+    max_tokens: Annotated[int, typer.Option(min=1, help="the largest max_tokens a request may ask")] = 1024,
+    max_body_bytes: Annotated[int, typer.Option(min=1, help="the largest request body")] = 1_000_000,
+) -> None:
+    """An OpenAI-compatible API over the runs' adapters (model ids: see GET /v1/models).
+
+    One base model, each run's global adapter (model = the run folder's name), each FF-LoRA
+    client's personal adapter (NAME/client-PID) and the base model (base). Ctrl-C stops it.
+    """
+    from fedtune.serve import Limits
+    from fedtune.serve import serve as run_server
+
+    limits = Limits(
+        max_tokens=max_tokens, default_max_tokens=min(256, max_tokens), max_body_bytes=max_body_bytes
+    )
+    console.print(f"serving {', '.join(d.name for d in run_dirs)} on http://{host}:{port}/v1")
+    run_server(list(run_dirs), host=host, port=port, limits=limits)
+
+
+@app.command()
 def report(run_dir: RunDirArg) -> None:
     """Write plots and an HTML page for a run directory."""
     from fedtune.report import write_report

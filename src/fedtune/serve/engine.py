@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -123,6 +123,7 @@ class Engine:
         self._queue: deque[GenRequest] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self.batch_sizes: Counter[int] = Counter()  # how many requests each batch held: sizes -> batches
         self._thread = threading.Thread(target=self._work, name="fedtune-serve-engine", daemon=True)
         self._thread.start()
 
@@ -188,6 +189,7 @@ class Engine:
             if first.temperature > 0
             else {"do_sample": False}
         )
+        self.batch_sizes[len(batch)] += 1
         activate(model, first.served.adapters)
         model.generate(  # type: ignore[operator]
             input_ids=input_ids,
