@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fedtune.data.tokenize import build_generation_input
+from fedtune.data.types import Conversation, message
 from fedtune.errors import FedtuneError
 from fedtune.serve.api import ApiError, ChatRequest, CompletionRequest, Limits, max_tokens, parse
 from fedtune.serve.engine import Engine, Event, GenRequest
@@ -64,11 +65,11 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
     async def chat(request: Request) -> JSONResponse | StreamingResponse:
         body: ChatRequest = parse(await _body(request, limits), ChatRequest)
         served = _served(engine, body.model)
-        history = [{"role": m.role, "content": m.text()} for m in body.messages]
+        history: Conversation = [message(m.role, m.text()) for m in body.messages]
         try:
             ids = build_generation_input(
                 history, engine.catalogue.tokenizer, served.template, served.max_source_length
-            )  # type: ignore[arg-type]
+            )
         except FedtuneError as err:
             raise ApiError(400, str(err), param="messages") from None
         gen = _request(served, ids, body.max_completion_tokens or body.max_tokens, body, limits)
@@ -128,7 +129,11 @@ async def _events(engine: Engine, gen: GenRequest) -> AsyncIterator[Event]:
     """Submit ``gen`` and yield its events as the worker thread produces them."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Event] = asyncio.Queue()
-    gen.emit = lambda event: loop.call_soon_threadsafe(queue.put_nowait, event)
+
+    def emit(event: Event) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, event)
+
+    gen.emit = emit
     engine.submit(gen)
     try:
         while True:

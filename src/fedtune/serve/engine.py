@@ -69,7 +69,7 @@ class _Row:
         if token in self.eos:
             return self.finish("stop")
         self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        text = str(self.tokenizer.decode(self.tokens, skip_special_tokens=True))
         if not text.endswith("\ufffd"):  # hold back half a multi-byte character
             if len(text) > len(self.sent):
                 self.request.emit(Event("text", text[len(self.sent) :]))
@@ -147,7 +147,7 @@ class Engine:
         time.sleep(self.batch_wait_s)  # let requests sent together arrive together
         with self._cond:
             first = self._queue.popleft()
-            batch, rest = [first], deque()
+            batch, rest = [first], deque[GenRequest]()
             while self._queue:
                 req = self._queue.popleft()
                 fits = req.key() == first.key() and len(batch) < self.max_batch
