@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -66,6 +67,8 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
         body: ChatRequest = parse(await _body(request, limits), ChatRequest)
         served = _served(engine, body.model)
         history: Conversation = [message(m.role, m.text()) for m in body.messages]
+        if served.retrieval is not None and history[-1]["role"] == "user":
+            history = await asyncio.to_thread(_with_evidence, served, history)
         try:
             ids = build_generation_input(
                 history, engine.catalogue.tokenizer, served.template, served.max_source_length
@@ -102,6 +105,16 @@ async def _body(request: Request, limits: Limits) -> bytes:
             raise too_big
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+_retrieval_lock = threading.Lock()  # retrievers (faiss, the embedder) are used one at a time
+
+
+def _with_evidence(served: Served, history: Conversation) -> Conversation:
+    """``history`` with the run's evidence before its last user turn (in a worker thread)."""
+    assert served.retrieval is not None
+    with _retrieval_lock:
+        return served.retrieval.augment(history)[0]
 
 
 def _served(engine: Engine, model_id: str) -> Served:

@@ -5,7 +5,9 @@ for runs whose clients kept personal adapters on this host (FF-LoRA), ``NAME/cli
 global adapter and client PID's personal one summed, as the client uses them (``fedtune chat
 --client``). ``base`` is the base model without adapter. All runs must share the base model
 (``[model]`` apart from ``lora``): it is loaded once and the adapters sit on it side by side
-(peft multi-adapter), switched per batch.
+(peft multi-adapter), switched per batch. A RAG run's ids retrieve from its reference base
+before each chat answer, as ``fedtune chat RUN --rag`` does without a case base (the clients'
+case bases are theirs).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from fedtune.config import Config
 from fedtune.errors import FedtuneError
 from fedtune.models.adapters import check_adapter_folder, load_adapter_folder
 from fedtune.models.load import load_model, load_tokenizer
+from fedtune.rag.chat import ChatRetrieval, chat_retrieval
 from fedtune.rundir import RunDir, personal_folder, personal_rounds
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,7 @@ class Served:
     max_source_length: int
     adapters: tuple[str, ...] = ()
     run: Path | None = None
+    retrieval: ChatRetrieval | None = None  # RAG runs: evidence before the last user turn
 
 
 @dataclass
@@ -57,14 +61,19 @@ def _base_key(cfg: Config) -> dict[str, object]:
 
 
 def check_servable(run: RunDir, cfg: Config) -> None:
-    """Refuse what the server cannot serve as the run trained: retrieval (RAG) runs."""
-    if cfg.rag.enabled:
-        raise FedtuneError(
-            f"{run.path}: a RAG run (rag.enabled): fedtune serve does not retrieve yet; "
-            f"chat with it through `fedtune chat {run.path} --rag`"
-        )
+    """Warn about what is served otherwise than trained: split runs run unsplit."""
     if cfg.split.enabled:
         log.warning("%s: a split run, served unsplit (the whole model in this process)", run.path)
+
+
+def run_retrieval(run: RunDir, cfg: Config, tokenizer: PreTrainedTokenizerBase) -> ChatRetrieval | None:
+    """A RAG run's retrieval from its reference base, as ``fedtune chat --rag`` without a case base."""
+    if not cfg.rag.enabled:
+        return None
+    try:
+        return chat_retrieval(cfg, tokenizer)
+    except FedtuneError as err:
+        raise FedtuneError(f"{run.path}: a RAG run the server cannot retrieve for: {err}") from None
 
 
 def personal_adapters(run: RunDir) -> dict[int, Path]:
@@ -104,11 +113,12 @@ def load_catalogue(run_dirs: list[str | Path]) -> Catalogue:
         name = f"r{i}"
         catalogue.model = _attach(catalogue.model, folder, name)
         settings = (cfg.data.template, cfg.data.max_source_length)
-        _add(catalogue, Served(run.path.name, *settings, adapters=(name,), run=run.path))
+        retrieval = run_retrieval(run, cfg, catalogue.tokenizer)
+        _add(catalogue, Served(run.path.name, *settings, (name,), run.path, retrieval))
         for pid, personal in personal_adapters(run).items():
             catalogue.model = _attach(catalogue.model, personal, f"{name}_c{pid}")
-            served = Served(f"{run.path.name}/client-{pid}", *settings, (name, f"{name}_c{pid}"), run.path)
-            _add(catalogue, served)
+            adapters = (name, f"{name}_c{pid}")
+            _add(catalogue, Served(f"{run.path.name}/client-{pid}", *settings, adapters, run.path, retrieval))
     catalogue.model.eval()
     return catalogue
 
