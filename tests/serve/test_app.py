@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,8 @@ from fastapi.testclient import TestClient
 from fedtune.data.tokenize import build_generation_input
 from fedtune.inference import load_run
 from fedtune.models.adapters import initial_adapter_state, save_adapter_folder
-from fedtune.serve import Limits, build_app
-from helpers import finished_tiny_run
+from fedtune.serve import Engine, Limits, build_app, create_app, load_catalogue
+from helpers import finished_tiny_run, run_cli
 
 HI = [{"role": "user", "content": "hi there"}]
 
@@ -151,3 +152,37 @@ def test_malformed_json_and_unknown_route(client: TestClient) -> None:
     )
     assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
     assert client.get("/v1/nothing").json()["error"]["code"] == "not_found"
+
+
+class _BlockedModel(torch.nn.Module):
+    """A model whose ``generate`` waits until released: a generation that takes as long as we like."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def generate(self, **kwargs: Any) -> None:
+        self.started.set()
+        self.release.wait(timeout=30)
+
+
+def test_the_event_loop_answers_while_a_generation_runs(run_dir: Path) -> None:
+    # Prepare: the real catalogue, its model swapped for one that blocks inside generate
+    catalogue = load_catalogue([run_dir])
+    blocked = _BlockedModel()
+    catalogue.model = blocked
+    with TestClient(create_app(Engine(catalogue))) as client, ThreadPoolExecutor(1) as pool:
+        # Execute: a chat request that hangs in generation
+        pending = pool.submit(_chat, client, "base")
+        assert blocked.started.wait(timeout=30)
+        # Assert: the server still answers, then the hung request completes once released
+        assert client.get("/health").status_code == 200
+        assert client.get("/v1/models").status_code == 200
+        assert not pending.done()
+        blocked.release.set()
+        assert pending.result(timeout=30).status_code == 200
+
+
+def test_serve_command_on_a_folder_that_is_not_a_run(capsys, tmp_path: Path) -> None:
+    code, _, err = run_cli(capsys, "serve", str(tmp_path))
+    assert code == 2 and "Traceback" not in err
