@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -67,14 +66,7 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
         body: ChatRequest = parse(await _body(request, limits), ChatRequest)
         served = _served(engine, body.model)
         history: Conversation = [message(m.role, m.text()) for m in body.messages]
-        if served.retrieval is not None and history[-1]["role"] == "user":
-            history = await asyncio.to_thread(_with_evidence, served, history)
-        try:
-            ids = build_generation_input(
-                history, engine.catalogue.tokenizer, served.template, served.max_source_length
-            )
-        except FedtuneError as err:
-            raise ApiError(400, str(err), param="messages") from None
+        ids = await asyncio.to_thread(_chat_ids, engine, served, history)
         gen = _request(served, ids, body.max_completion_tokens or body.max_tokens, body, limits)
         return await _answer(engine, gen, body.stream, chat=True)
 
@@ -85,8 +77,8 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
         if len(prompts) != 1:
             raise ApiError(400, "prompt: give one prompt per request", param="prompt")
         served = _served(engine, body.model)
-        ids = engine.catalogue.tokenizer(prompts[0], add_special_tokens=False)["input_ids"]
-        gen = _request(served, list(ids)[-served.max_source_length :], body.max_tokens, body, limits)
+        ids = await asyncio.to_thread(_completion_ids, engine, served, prompts[0])
+        gen = _request(served, ids, body.max_tokens, body, limits)
         return await _answer(engine, gen, body.stream, chat=False)
 
     return app
@@ -107,14 +99,25 @@ async def _body(request: Request, limits: Limits) -> bytes:
     return b"".join(chunks)
 
 
-_retrieval_lock = threading.Lock()  # retrievers (faiss, the embedder) are used one at a time
+def _chat_ids(engine: Engine, served: Served, history: Conversation) -> list[int]:
+    """The prompt ids of a chat (with a RAG run's evidence), off the event loop, one at a time."""
+    catalogue = engine.catalogue
+    with catalogue.prompt_lock:  # the tokenizer and the retrievers are not shared between threads
+        if served.retrieval is not None and history[-1]["role"] == "user":
+            history = served.retrieval.augment(history)[0]
+        try:
+            return build_generation_input(
+                history, catalogue.tokenizer, served.template, served.max_source_length
+            )
+        except FedtuneError as err:
+            raise ApiError(400, str(err), param="messages") from None
 
 
-def _with_evidence(served: Served, history: Conversation) -> Conversation:
-    """``history`` with the run's evidence before its last user turn (in a worker thread)."""
-    assert served.retrieval is not None
-    with _retrieval_lock:
-        return served.retrieval.augment(history)[0]
+def _completion_ids(engine: Engine, served: Served, prompt: str) -> list[int]:
+    """A raw prompt's ids (cut from the left to the run's ``data.max_source_length``)."""
+    with engine.catalogue.prompt_lock:
+        ids = engine.catalogue.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return list(ids)[-served.max_source_length :]
 
 
 def _served(engine: Engine, model_id: str) -> Served:

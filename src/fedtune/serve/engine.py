@@ -10,6 +10,7 @@ criterion) while the others go on. Requests that arrive during a batch form the 
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -119,6 +120,7 @@ class Engine:
 
     def __init__(self, catalogue: Catalogue, *, max_batch: int = 16, batch_wait_s: float = 0.005) -> None:
         self.catalogue = catalogue
+        self._tokenizer = copy.deepcopy(catalogue.tokenizer)  # the worker's own, for decoding
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
         self._queue: deque[GenRequest] = deque()
         self._cond = threading.Condition()
@@ -176,7 +178,7 @@ class Engine:
 
     @torch.no_grad()
     def _generate(self, batch: list[GenRequest]) -> None:
-        tokenizer, model = self.catalogue.tokenizer, self.catalogue.model
+        tokenizer, model = self._tokenizer, self.catalogue.model
         eos = self._eos_ids()
         rows = [_Row(r, tokenizer, eos) for r in batch]
         width = max(len(r.ids) for r in batch)

@@ -13,6 +13,7 @@ case bases are theirs).
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,8 @@ class Catalogue:
     model: torch.nn.Module
     tokenizer: PreTrainedTokenizerBase
     served: dict[str, Served] = field(default_factory=dict)
+    # held while a request's prompt is built: the tokenizer and a retriever serve one thread at a time
+    prompt_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def get(self, model_id: str) -> Served | None:
         return self.served.get(model_id)
