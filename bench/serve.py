@@ -11,15 +11,19 @@ served). The same chat prompt is answered greedily with ``--max-tokens`` new tok
   is the first content chunk, tokens/s counts the answer's tokens (checked equal to the plain
   answer's text) over the wall time from the first request to the last ``[DONE]``.
 
-Usage: python bench/serve.py [--max-tokens 64]
-Last line: ``serve_over_plain_throughput: X`` = single-stream served tokens/s over plain
-tokens/s (goal >= 0.95); the 4- and 16-stream aggregates are printed beside it.
+The single-stream comparison alternates plain and served passes ``--repeats`` times (after a
+warm-up of each) and takes the medians, so a change in the machine's load hits both alike.
+
+Usage: python bench/serve.py [--max-tokens 64] [--repeats 3]
+Last line: ``serve_over_plain_throughput: X`` = median single-stream served tokens/s over median
+plain tokens/s (goal >= 0.95); the 4- and 16-stream aggregates are printed beside it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import threading
 import time
@@ -33,7 +37,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from fedtune.config import load_config
 from fedtune.data.tokenize import build_generation_input
-from fedtune.inference import load_run
+from fedtune.inference import Loaded, load_run
 from fedtune.models.adapters import initial_adapter_state
 from fedtune.rundir import RunDir
 from fedtune.serve import build_app
@@ -67,13 +71,11 @@ def make_run(root: Path) -> Path:
 
 
 @torch.no_grad()
-def plain(run_dir: Path, max_tokens: int) -> tuple[str, int, float, float]:
-    """(answer, tokens, tokens/s, time to first token) of one generate call (after a warm-up)."""
-    loaded = load_run(run_dir)
+def plain(loaded: Loaded, max_tokens: int) -> tuple[str, int, float, float]:
+    """(answer, tokens, tokens/s, time to first token) of one generate call."""
     cfg, tok = loaded.cfg, loaded.tokenizer
     ids = torch.tensor([build_generation_input(PROMPT, tok, cfg.data.template, cfg.data.max_source_length)])  # type: ignore[arg-type]
     kwargs = {"max_new_tokens": max_tokens, "do_sample": False, "pad_token_id": tok.pad_token_id}
-    loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)  # type: ignore[union-attr]
     first = FirstToken()
     start = time.perf_counter()
     out = loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=first, **kwargs)  # type: ignore[union-attr]
@@ -121,30 +123,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--repeats", type=int, default=3, help="alternated single-stream passes")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = make_run(Path(tmp))
-        text, tokens, plain_tps, plain_ttft = plain(run_dir, args.max_tokens)
-        print(
-            f"plain      1 stream : {tokens} tokens, {plain_tps:7.2f} tokens/s, "
-            f"first token {plain_ttft * 1000:7.1f} ms"
-        )
+        loaded = load_run(run_dir)
         server = start_server(run_dir, args.port)
         url, model = f"http://127.0.0.1:{args.port}", run_dir.name
-        served(url, model, args.max_tokens, 1)  # warm-up
-        single = 0.0
+        plain(loaded, args.max_tokens), served(url, model, args.max_tokens, 1)  # warm-up both
+        plain_tps, single_tps = [], []
+        for _ in range(args.repeats):  # alternated, so a load change hits both sides alike
+            text, tokens, tps, plain_ttft = plain(loaded, args.max_tokens)
+            plain_tps.append(tps)
+            _, wall, _ = served(url, model, args.max_tokens, 1)
+            single_tps.append(tokens / wall)
+        base = statistics.median(plain_tps)
+        print(
+            f"plain      1 stream : {tokens} tokens, {base:7.2f} tokens/s (median of "
+            f"{', '.join(f'{t:.2f}' for t in plain_tps)}), first token {plain_ttft * 1000:7.1f} ms"
+        )
+        single = statistics.median(single_tps)
+        runs = ", ".join(f"{t:.2f}" for t in single_tps)
+        print(f"served     1 stream : {single:7.2f} tokens/s (median of {runs})")
         for streams in (1, 4, 16):
             texts, wall, ttft = served(url, model, args.max_tokens, streams)
             same = sum(t.strip() == text.strip() for t in texts)
             tps = streams * tokens / wall
-            single = single or tps
             print(
                 f"served {streams:4d} streams: {tps:7.2f} tokens/s aggregate "
-                f"({tps / plain_tps:.2f} x plain), first token {ttft * 1000:7.1f} ms mean, "
+                f"({tps / base:.2f} x plain), first token {ttft * 1000:7.1f} ms mean, "
                 f"{same}/{streams} answers equal plain's"
             )
         server.should_exit = True
-    print(f"serve_over_plain_throughput: {single / plain_tps:.3f}")
+    print(f"serve_over_plain_throughput: {single / base:.3f}")
 
 
 if __name__ == "__main__":
