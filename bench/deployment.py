@@ -10,9 +10,11 @@ Three runs on this machine's cores, side by side:
 - the floor: a trivial Flower app (bench/floor_app: numpy arrays the size of the adapter,
   train + evaluate per round, clients that only echo) on the same SuperLink and SuperNodes.
   It costs what any app pays there: a ``flwr-clientapp`` process per message and Flower's
-  polling (an idle SuperNode asks for work every 3 s). It runs twice: with the adapter's
-  values in one array (the floor of the goal), and in as many distinct arrays as the adapter
-  has tensors, as fedtune sends it (Flower moves every array as objects of its own).
+  polling (an idle SuperNode asks for work every 3 s). It sends the adapter's values in one
+  array, as fedtune does (protocol 2 packs an adapter's tensors into one ``Array``).
+  With ``--per-tensor-floor`` it runs again with as many distinct arrays as the adapter has
+  tensors, as fedtune sent them before packing: Flower moves every array as objects of its
+  own, which is what packing saves.
 
 Both fedtune runs get the same config (demo.toml with the overrides below: 2 clients, 2
 rounds, 3 training steps of batch 4 per client, ``train.num_threads`` = cores // clients).
@@ -20,6 +22,7 @@ A round's time is its server line's ``seconds`` (train, aggregate, evaluate, che
 averaged over rounds 1 and 2; the floor's is the median of its rounds.
 
 Usage: python bench/deployment.py [--model smollm2] [--steps 3] [--threads N] [--rounds 2]
+       [--per-tensor-floor]
 Last line: ``deployment_over_simulation: X`` = (deployment round - floor round) / simulation round.
 """
 
@@ -106,6 +109,9 @@ def main() -> None:
         help="train.num_threads per client; default cores // clients, 0 for torch's own default",
     )
     parser.add_argument("--timeout", type=float, default=900, help="seconds per runtime")
+    parser.add_argument(
+        "--per-tensor-floor", action="store_true", help="also time the floor with one array per tensor"
+    )
     args = parser.parse_args()
     clients = 2
     # The deployment's clients train at the same time on this machine's cores; torch's
@@ -129,7 +135,11 @@ def main() -> None:
             env = deployment.connect("bench")  # FLWR_HOME <root>/cli, as for the simulation
             floor = _floor(env, root / "floor.json", clients, args.timeout)
             tensors = len(initial_adapter_state(load_config(CONFIG, overrides).model, seed=0))
-            floor_tensors = _floor(env, root / "floor-tensors.json", clients, args.timeout, tensors)
+            floor_tensors = (
+                _floor(env, root / "floor-tensors.json", clients, args.timeout, tensors)
+                if args.per_tensor_floor
+                else []
+            )
             run_config = (
                 f"config-file='{CONFIG}' overrides='{' '.join([*overrides, f'run.output_dir={dep_out}'])}'"
             )
@@ -141,7 +151,7 @@ def main() -> None:
             served = sum(workers.log(i).count("message of run") for i in range(clients))
         dep = _rounds(_metrics(dep_out), args.rounds)
 
-    floor_round, floor_tensors_round = statistics.median(floor), statistics.median(floor_tensors)
+    floor_round = statistics.median(floor)
     print(f"model: {args.model}")
     print(f"clients: {clients}")
     print(f"rounds: {args.rounds}")
@@ -157,12 +167,12 @@ def main() -> None:
     print(f"deployment_train_s: {dep['train']:.2f}")
     print(f"simulation_evaluate_s: {sim['evaluate']:.2f}")
     print(f"deployment_evaluate_s: {dep['evaluate']:.2f}")
-    print(
-        f"floor_per_tensor_round_s: {floor_tensors_round:.2f} ({tensors} distinct arrays, as fedtune sends)"
-    )
+    if floor_tensors:
+        print(
+            f"floor_per_tensor_round_s: {statistics.median(floor_tensors):.2f} "
+            f"({tensors} distinct arrays, as fedtune sent them before packing)"
+        )
     print(f"deployment_round_overhead_s: {dep['server'] - sim['server']:.2f}")
-    per_tensor = (dep["server"] - floor_tensors_round) / sim["server"]
-    print(f"deployment_over_simulation_per_tensor_floor: {per_tensor:.3f}")
     print(f"deployment_over_simulation: {(dep['server'] - floor_round) / sim['server']:.3f}")
 
 

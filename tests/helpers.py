@@ -20,3 +20,25 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, s
             code = int(exc.code or 0)
     captured = capsys.readouterr()
     return code, captured.out, " ".join(captured.err.split())
+
+
+def finished_tiny_run(tmp_path, *overrides: str, config: str = "configs/tiny.toml"):  # type: ignore[no-untyped-def]
+    """A finished one-round run directory of ``config`` (tiny-llama) with a non-zero adapter.
+
+    No training: the adapter is a fresh one with B set to 0.05, so it changes the logits.
+    Returns ``(RunDir, Config)``.
+    """
+    import torch
+
+    from fedtune.config import load_config
+    from fedtune.models.adapters import initial_adapter_state
+    from fedtune.rundir import RunDir
+
+    cfg = load_config(config, [f"run.output_dir='{tmp_path}'", *overrides])
+    run = RunDir.create(cfg)
+    state = initial_adapter_state(cfg.model, seed=0)
+    state = {k: v if "lora_A" in k else torch.full_like(v, 0.05) for k, v in state.items()}
+    run.save_round(1, state, cfg)
+    run.mark_complete(1)
+    run.save_final(state, cfg)
+    return run, cfg

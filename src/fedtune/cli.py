@@ -1,4 +1,7 @@
-"""The ``fedtune`` command: run, node, partition, data convert, eval, chat, report, serve-trunk, kb."""
+"""The ``fedtune`` command: run, node, partition, data, eval, chat, export, serve, report, kb, ...
+
+Each command is a thin shell over the library; see ``fedtune --help``.
+"""
 
 from __future__ import annotations
 
@@ -220,6 +223,42 @@ def _chat_loop(
         answer = reply(loaded, sent, max_new_tokens=max_new_tokens)
         history.append({"role": "assistant", "content": answer})
         out.print(f"[bold]model>[/bold] {answer}")
+
+
+@app.command()
+def export(
+    run_dir: RunDirArg,
+    out_dir: Annotated[Path, typer.Argument(help="folder to write (must not exist unless --replace)")],
+    merge: Annotated[bool, typer.Option(help="a merged full model folder instead of the adapter")] = False,
+    replace: Annotated[bool, typer.Option(help="overwrite an existing OUT_DIR")] = False,
+) -> None:
+    """Write the run's adapter for other tools (base named loadably), or with --merge the merged model."""
+    from fedtune.export import export_run
+
+    out.print(f"wrote {export_run(run_dir, out_dir, merge=merge, replace=replace)}")
+
+
+@app.command()
+def serve(
+    run_dirs: Annotated[list[Path], typer.Argument(help="run directories sharing one base model")],
+    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
+    max_tokens: Annotated[int, typer.Option(min=1, help="the largest max_tokens a request may ask")] = 1024,
+    max_body_bytes: Annotated[int, typer.Option(min=1, help="the largest request body")] = 1_000_000,
+) -> None:
+    """An OpenAI-compatible API over the runs' adapters (model ids: see GET /v1/models).
+
+    One base model, each run's global adapter (model = the run folder's name), each FF-LoRA
+    client's personal adapter (NAME/client-PID) and the base model (base). Ctrl-C stops it.
+    """
+    from fedtune.serve import Limits
+    from fedtune.serve import serve as run_server
+
+    limits = Limits(
+        max_tokens=max_tokens, default_max_tokens=min(256, max_tokens), max_body_bytes=max_body_bytes
+    )
+    console.print(f"serving {', '.join(d.name for d in run_dirs)} on http://{host}:{port}/v1")
+    run_server(list(run_dirs), host=host, port=port, limits=limits)
 
 
 @app.command()

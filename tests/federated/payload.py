@@ -9,6 +9,8 @@ from typing import Any
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 
+from fedtune.federated.protocol.tensors import TENSORS, unpack
+
 ADAPTER_KEY = re.compile(r"\.lora_[AB]\.weight$")
 NEEDLE = 24  # characters from each end of a text: long enough never to occur by chance
 
@@ -42,6 +44,12 @@ class RecordingGrid:
         return got
 
 
+def adapter_keys(record: ArrayRecord) -> tuple[str, list[str]]:
+    """A packed adapter's format and its tensors' keys (the record itself holds one array)."""
+    fmt, tensors = unpack(record)
+    return fmt, [t.key for t in tensors]
+
+
 def payload(reply: Message) -> tuple[list[str], list[bytes]]:
     """Every string and byte string in a reply: record names, keys, values, array bytes, error text."""
     if reply.has_error():
@@ -53,6 +61,10 @@ def payload(reply: Message) -> tuple[list[str], list[bytes]]:
             for key, array in record.items():
                 strings.append(key)
                 blobs.append(array.data)
+            if list(record) == [TENSORS]:  # a packed adapter: its tensors' keys and bytes too
+                fmt, tensors = unpack(record)
+                strings += [fmt, *(t.key for t in tensors)]
+                blobs += [t.data for t in tensors]
             continue
         for key, value in record.items():
             strings.append(key)

@@ -7,9 +7,10 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
-from multiprocessing.connection import Client
+from multiprocessing.connection import Client, Listener
 from pathlib import Path
 
 import numpy as np
@@ -75,9 +76,9 @@ def test_a_request_round_trips_through_its_frames() -> None:
     ("head", "error"),
     [
         (b"not json", "header is not JSON"),
-        (b'{"protocol": 99, "handler": "train"}', "field 'protocol' is not 1"),
-        (b'{"protocol": 1, "handler": "fit"}', "unknown handler 'fit'"),
-        (b'{"protocol": 1, "handler": "train", "node-config": {}}', "body is not a Flower message"),
+        (b'{"protocol": 99, "handler": "train"}', "field 'protocol' is not 2"),
+        (b'{"protocol": 2, "handler": "fit"}', "unknown handler 'fit'"),
+        (b'{"protocol": 2, "handler": "train", "node-config": {}}', "body is not a Flower message"),
     ],
 )
 def test_a_malformed_request_is_refused_naming_what_is_wrong(head: bytes, error: str) -> None:
@@ -115,7 +116,7 @@ def test_without_a_worker_the_client_works_in_process_and_says_so_once(
     tmp_path: Path, said: pytest.LogCaptureFixture
 ) -> None:
     assert node.forward("train", _train_message(), _context()) is None  # no worker configured: silent
-    context = _context(worker=str(tmp_path / "none"))
+    context = _context(worker=str(tmp_path / "none"), **{"worker-wait": 0})
     for _ in range(2):
         assert node.forward("train", _train_message(), context) is None
     lines = [r for r in said.records if "no node worker" in r.getMessage()]
@@ -127,8 +128,44 @@ def test_a_stale_socket_is_said_and_worked_around(tmp_path: Path, said: pytest.L
     where.prepare()
     with socket.socket(socket.AF_UNIX) as dead:  # a socket file nobody listens on, as a crash leaves
         dead.bind(str(where.socket))
-    assert node.forward("train", _train_message(), _context(worker=str(where.path))) is None
+    context = _context(worker=str(where.path), **{"worker-wait": 0})
+    assert node.forward("train", _train_message(), context) is None
     assert any("(stale socket)" in r.getMessage() for r in said.records)
+
+
+def test_a_restarting_worker_is_waited_for(tmp_path: Path, said: pytest.LogCaptureFixture) -> None:
+    # Prepare: no socket yet; a stand-in worker starts listening 0.5 s later and answers once
+    where = node.WorkerDir(tmp_path / "w")
+    token = where.prepare()
+
+    def late_worker() -> None:
+        time.sleep(0.5)
+        with Listener(str(where.socket), "AF_UNIX", authkey=token) as listener, listener.accept() as conn:
+            conn.recv_bytes()
+            conn.send_bytes(b"".join(node._frame(*WorkReply("m1", content=RecordDict()).to_frames())))
+
+    thread = threading.Thread(target=late_worker)
+    thread.start()
+
+    # Execute
+    context = _context(worker=str(where.path), **{"worker-wait": 10})
+    reply = node.forward("train", _train_message(), context)
+    thread.join()
+
+    # Assert: the worker's reply, no fallback said
+    assert reply is not None and not fallback_said(context)
+    assert not [r for r in said.records if "no node worker" in r.getMessage()]
+
+
+def test_the_wait_ends_in_the_fallback_and_a_bad_wait_is_refused(tmp_path: Path) -> None:
+    context = _context(worker=str(tmp_path / "none"), **{"worker-wait": 0.5})
+    started = time.monotonic()
+    assert node.forward("train", _train_message(), context) is None
+    assert time.monotonic() - started >= 0.5 and fallback_said(context)
+    with pytest.raises(FedtuneError, match="node config 'worker-wait': expected seconds >= 0, got -1"):
+        node.forward(
+            "train", _train_message(), _context(worker=str(tmp_path / "none"), **{"worker-wait": -1})
+        )
 
 
 def test_a_second_worker_on_a_live_folder_is_refused(tmp_path: Path) -> None:

@@ -88,7 +88,7 @@ def _message(config: dict) -> Message:
             {"server-round": 1, "fedtune-config": "x"},
             "not a fedtune message",
         ),  # an older fedtune / foreign app
-        ({"fedtune-protocol": PROTOCOL + 1, "job": "plain"}, "'fedtune-protocol' is 2, this side speaks 1"),
+        ({"fedtune-protocol": PROTOCOL + 1, "job": "plain"}, "'fedtune-protocol' is 3, this side speaks 2"),
         (
             {"fedtune-protocol": PROTOCOL, "job": "plain", "config": CFG.to_toml()},
             "missing field 'server-round'",

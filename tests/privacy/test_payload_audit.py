@@ -20,7 +20,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from federated.payload import ADAPTER_KEY, RecordingGrid, leaks, needles
+from federated.payload import ADAPTER_KEY, RecordingGrid, adapter_keys, leaks, needles
 from fedtune.config import Config, load_config
 from fedtune.data.pipeline import client_conversations
 from fedtune.federated.protocol import read_instruction
@@ -89,8 +89,9 @@ def test_replies_hold_adapters_counts_and_numbers_only(mode_round) -> None:
         if "arrays" in reply.content:
             arrays = reply.content["arrays"]
             assert isinstance(arrays, ArrayRecord) and reply.metadata.message_type == MessageType.TRAIN
-            assert all(ADAPTER_KEY.search(k) and "personal" not in k for k in arrays)  # no ids, no labels
-            assert all(np.issubdtype(a.numpy().dtype, np.floating) for a in arrays.values())
+            fmt, keys = adapter_keys(arrays)
+            assert all(ADAPTER_KEY.search(k) and "personal" not in k for k in keys)  # no ids, no labels
+            assert fmt in ("float16", "float32", "int8.b64", "nf4.b64")  # float values or their codes
         assert not leaks(reply, private), (mode, reply.metadata.message_type)
 
 
@@ -109,7 +110,7 @@ def test_under_dp_nothing_unclipped_leaves(mode_round) -> None:
         assert inst.clip_norm == cfg.privacy.clip_norm
         sent = from_record(reply.content["arrays"])
         start = from_record(inst.adapter)
-        assert {a.numpy().dtype for a in reply.content["arrays"].values()} == {np.dtype(np.float32)}
+        assert adapter_keys(reply.content["arrays"])[0] == "float32"  # exact values: the clip is checkable
         if cfg.model.lora.freeze_a:
             assert all(".lora_B." in k for k in sent)  # FFA-LoRA: only B leaves
         norm = global_norm({k: sent[k].astype(np.float64) - start[k] for k in sent})

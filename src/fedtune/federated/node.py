@@ -45,6 +45,9 @@ from fedtune.federated.protocol.node import (
 log = logging.getLogger(__name__)
 DEFAULT_DIR = Path.home() / ".cache" / "fedtune" / "node"
 NODE_CONFIG_KEY = "worker"  # the SuperNode's --node-config key naming the worker's folder
+WAIT_KEY = "worker-wait"  # seconds to wait for a worker that is not listening (restarting), default:
+WAIT_DEFAULT = 15.0
+_POLL = 0.25
 
 
 @dataclass(frozen=True)
@@ -109,8 +112,10 @@ class WorkerDir:
 def forward(handler: str, msg: Message, context: Context) -> Message | None:
     """``msg`` worked by the node's worker, or None when this node has none running (work in-process).
 
-    A node without ``worker`` in its node config has no worker. A worker folder without a
-    live worker is said once per run, then the ClientApp works in-process. A folder owned by
+    A node without ``worker`` in its node config has no worker. A worker that is not listening
+    (restarting after a crash) is waited for up to ``worker-wait`` seconds (node config, 15 by
+    default); then working without it is said once per run and the ClientApp works
+    in-process. A folder owned by
     another user, a token the worker refuses, or a worker that dies mid-message raise:
     Flower answers the server with an error reply, and the server leaves this client out.
     """
@@ -119,14 +124,8 @@ def forward(handler: str, msg: Message, context: Context) -> Message | None:
         return None
     where = WorkerDir(Path(str(path)).expanduser())
     where.check_owner()
-    try:
-        conn = Client(str(where.socket), "AF_UNIX", authkey=where.token())
-    except AuthenticationError:
-        raise FedtuneError(
-            f"node worker at {where.socket} refused {where.token_file}: token mismatch"
-        ) from None
-    except (FileNotFoundError, ConnectionRefusedError, FedtuneError) as err:
-        _say_fallback(context, where, "stale socket" if where.socket.exists() else str(err))
+    conn = _connect(where, _wait_seconds(context), context)
+    if conn is None:
         return None
     with conn:
         request = WorkRequest(handler, msg, dict(context.node_config), context.run_id)
@@ -138,6 +137,30 @@ def forward(handler: str, msg: Message, context: Context) -> Message | None:
                 f"node worker at {where.socket} died while working a {handler} message"
             ) from None
     return reply.answering(msg)
+
+
+def _wait_seconds(context: Context) -> float:
+    raw = context.node_config.get(WAIT_KEY, WAIT_DEFAULT)
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or raw < 0:
+        raise FedtuneError(f"node config {WAIT_KEY!r}: expected seconds >= 0, got {raw!r}")
+    return float(raw)
+
+
+def _connect(where: WorkerDir, wait: float, context: Context) -> Connection | None:
+    """A connection to the worker, waiting up to ``wait`` s for one that is not listening yet."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return Client(str(where.socket), "AF_UNIX", authkey=where.token())
+        except AuthenticationError:
+            raise FedtuneError(
+                f"node worker at {where.socket} refused {where.token_file}: token mismatch"
+            ) from None
+        except (FileNotFoundError, ConnectionRefusedError, FedtuneError) as err:
+            if time.monotonic() >= deadline:
+                _say_fallback(context, where, "stale socket" if where.socket.exists() else str(err))
+                return None
+        time.sleep(_POLL)
 
 
 def _say_fallback(context: Context, where: WorkerDir, why: str) -> None:

@@ -1,10 +1,10 @@
 """Adapters on the wire: state dicts <-> Flower ArrayRecords in the configured format.
 
-``float16`` / ``float32`` travel as numpy arrays (Flower's own ``numpy.ndarray`` encoding);
-``int8`` / ``nf4`` as one ``Array`` per tensor whose ``stype`` names the format and block
-size (``fedtune.int8.b64``) and whose data holds the scales and the codes
-(:mod:`fedtune.federated.quantize`), with the tensor's own shape, so a tensor costs one array
-as before. An array in a format this side does not know is refused, naming its key.
+An adapter travels packed, all its tensors in one ``Array``
+(:mod:`fedtune.federated.protocol.tensors`: Flower moves each array as an object of its own).
+``float16`` / ``float32`` tensors are their little-endian values; ``int8`` / ``nf4`` the scales
+and codes of :mod:`fedtune.federated.quantize`, the format naming the block size
+(``int8.b64``). A format this side does not know is refused, naming it.
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import ArrayRecord
 
 from fedtune.errors import FedtuneError
 from fedtune.federated.protocol import ProtocolError
+from fedtune.federated.protocol.tensors import Tensor, pack, unpack
 from fedtune.federated.quantize import FORMATS, dequantise, quantise
 
-WIRE_DTYPES = {"float16": np.float16, "float32": np.float32}
-NUMPY_STYPE = "numpy.ndarray"  # Flower's serialisation of an ndarray (Array(ndarray))
-_BLOCKWISE = re.compile(r"fedtune\.(\w+)\.b(\d+)")
+WIRE_DTYPES: dict[str, np.dtype[np.floating]] = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
+_BLOCKWISE = re.compile(r"(\w+)\.b(\d+)")
 
 
 def blockwise(wire_dtype: str) -> bool:
@@ -35,42 +35,53 @@ def _numpy(value: torch.Tensor | np.ndarray) -> np.ndarray:
     return value.detach().cpu().float().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
 
 
+def _format(wire_dtype: str, block: int | None) -> str:
+    """The packed record's format name: the dtype, or a blockwise format with its block size."""
+    if wire_dtype in WIRE_DTYPES:
+        return wire_dtype
+    if blockwise(wire_dtype) and block is not None:
+        return f"{wire_dtype}.b{block}"
+    raise FedtuneError(
+        f"wire format {wire_dtype!r}"
+        + (" needs a block size" if blockwise(wire_dtype) else " is unknown")
+        + f" (fed.wire_dtype: {', '.join([*WIRE_DTYPES, *FORMATS])})"
+    )
+
+
 def to_record(
     state: Mapping[str, torch.Tensor | np.ndarray], wire_dtype: str, block: int | None = None
 ) -> ArrayRecord:
     """Pack an adapter for sending in ``wire_dtype`` (fp16 halves the bytes; int8/nf4 need ``block``)."""
-    arrays = {}
+    fmt = _format(wire_dtype, block)
+    tensors = []
     for key, value in state.items():
         arr = _numpy(value)
         if wire_dtype in WIRE_DTYPES:
-            arrays[key] = Array(np.ascontiguousarray(arr.astype(WIRE_DTYPES[wire_dtype])))
-        elif blockwise(wire_dtype) and block is not None:
-            stype = f"fedtune.{wire_dtype}.b{block}"
-            arrays[key] = Array(
-                "float32", tuple(int(d) for d in arr.shape), stype, quantise(arr, wire_dtype, block)
-            )
+            data = np.ascontiguousarray(arr, dtype=WIRE_DTYPES[wire_dtype]).tobytes()
         else:
-            raise FedtuneError(
-                f"wire format {wire_dtype!r}"
-                + (" needs a block size" if blockwise(wire_dtype) else " is unknown")
-                + f" (fed.wire_dtype: {', '.join([*WIRE_DTYPES, *FORMATS])})"
+            data = quantise(arr, wire_dtype, block)  # type: ignore[arg-type]
+        tensors.append(Tensor(key, tuple(int(d) for d in arr.shape), data))
+    return pack(fmt, tensors)
+
+
+def _decode(fmt: str, t: Tensor, where: str) -> np.ndarray:
+    """One tensor's values as float32; a ProtocolError names an unknown format or bad data."""
+    size = math.prod(t.shape)
+    if fmt in WIRE_DTYPES:
+        need = size * WIRE_DTYPES[fmt].itemsize
+        if len(t.data) != need:
+            raise ProtocolError(
+                f"{where}: {t.key!r}: {fmt} data of {size} values is {len(t.data)} bytes, expected {need}"
             )
-    return ArrayRecord(arrays)
-
-
-def _decode(key: str, array: Array) -> np.ndarray:
-    """One array as float32; a format this side does not know is a ProtocolError naming ``key``."""
-    if array.stype == NUMPY_STYPE:
-        return array.numpy().astype(np.float32)
-    match = _BLOCKWISE.fullmatch(array.stype)
+        values: np.ndarray = np.frombuffer(t.data, dtype=WIRE_DTYPES[fmt])
+        return values.astype(np.float32).reshape(t.shape)
+    match = _BLOCKWISE.fullmatch(fmt)
     if match is None or match[1] not in FORMATS:
-        raise ProtocolError(f"adapter weight {key!r}: unknown wire format {array.stype!r}")
-    shape = tuple(array.shape)
+        raise ProtocolError(f"{where}: unknown wire format {fmt!r}")
     try:
-        flat = dequantise(array.data, match[1], int(match[2]), math.prod(shape))
+        return dequantise(t.data, match[1], int(match[2]), size).reshape(t.shape)
     except FedtuneError as err:
-        raise ProtocolError(f"adapter weight {key!r}: {err}") from None
-    return flat.reshape(shape)
+        raise ProtocolError(f"{where}: {t.key!r}: {err}") from None
 
 
 def from_record(
@@ -85,13 +96,19 @@ def from_record(
     ``delta_of``: the record is an update (a delta-coded reply); the result is ``delta_of`` plus
     it, key by key; an update whose keys or shapes differ is a ProtocolError naming ``where``.
     """
+    fmt, tensors = unpack(record, where)
     out = {}
-    for key, array in record.items():
-        value = _decode(key, array)
+    for tensor in tensors:
+        value = _decode(fmt, tensor, where)
         if check_finite and not np.isfinite(value).all():
-            raise FedtuneError(f"adapter weight {key} contains NaN or Inf")
-        out[key] = value
+            raise FedtuneError(f"adapter weight {tensor.key} contains NaN or Inf")
+        out[tensor.key] = value
     return out if delta_of is None else _added(delta_of, out, where)
+
+
+def shapes(record: ArrayRecord, where: str = "adapter") -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape, without decoding the values."""
+    return {t.key: t.shape for t in unpack(record, where)[1]}
 
 
 def _added(

@@ -50,6 +50,7 @@ from fedtune.federated.aggregation.secagg import (
 )
 from fedtune.federated.protocol import TrainReply, read_instruction
 from fedtune.federated.protocol.secagg import masked_reply_error, reply_from_metrics, workflow_state
+from fedtune.federated.records import shapes
 from fedtune.models.adapters import sent_keys
 
 log = logging.getLogger(__name__)
@@ -234,9 +235,8 @@ def secure_round(
     check_secagg(cfg, len(insts))
     adapters = [inst.adapter for inst in insts.values() if inst.adapter is not None]
     lora = cfg.model.lora  # FFA-LoRA: the vector holds B only, A is not trained
-    layout = vector_layout(
-        [{k: tuple(record[k].shape) for k in sent_keys(record, lora)} for record in adapters]
-    )
+    sizes = [shapes(record) for record in adapters]
+    layout = vector_layout([{k: s[k] for k in sent_keys(s, lora)} for s in sizes])
     server_round = next(iter(insts.values())).server_round
     sec = cfg.privacy.secagg
     counting = _CountingGrid(grid, on_stage, [shape for _, shape in layout])

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedtune.federated.aggregation.server_opt import DEFAULTS, ServerOptimizer
-from fedtune.federated.records import to_record
 
 
 def _one(v: float) -> dict[str, np.ndarray]:
@@ -64,9 +63,9 @@ def test_bit_for_bit_flowers_strategy(kind: str) -> None:
     x = {"a": rng.normal(size=(3, 2)).astype(np.float32), "b": rng.normal(size=4).astype(np.float32)}
     for server_round in (1, 2, 3):
         mean = {k: (v + rng.normal(size=v.shape) * 0.1).astype(np.float32) for k, v in x.items()}
-        sent = list(flower.configure_train(server_round, to_record(x, "float32"), ConfigRecord(), _Grid()))
+        sent = list(flower.configure_train(server_round, _numpy_record(x), ConfigRecord(), _Grid()))
         reply = Message(
-            RecordDict({"arrays": to_record(mean, "float32"), "metrics": MetricRecord({"num-examples": 1})}),
+            RecordDict({"arrays": _numpy_record(mean), "metrics": MetricRecord({"num-examples": 1})}),
             reply_to=_sent_with_id(sent[0]),
         )
         theirs, _ = flower.aggregate_train(server_round, [reply])
@@ -74,6 +73,11 @@ def test_bit_for_bit_flowers_strategy(kind: str) -> None:
         for key in x:
             assert np.array_equal(got[key], theirs[key].numpy().astype(np.float32)), (kind, server_round, key)
         x = got
+
+
+def _numpy_record(state: dict[str, np.ndarray]) -> ArrayRecord:
+    """Flower's own layout, one numpy array per key (fedtune packs its adapters)."""
+    return ArrayRecord({k: Array(v) for k, v in state.items()})
 
 
 class _Grid:

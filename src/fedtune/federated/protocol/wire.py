@@ -21,7 +21,7 @@ from fedtune.config import Config, config_from_toml_text
 from fedtune.errors import FedtuneError
 from fedtune.scalars import NO_MATCH, match_scalar
 
-PROTOCOL = 1  # bump when a field changes meaning: peers of another version are then refused
+PROTOCOL = 2  # bump when a field changes meaning: peers of another version are then refused
 
 
 class ProtocolError(FedtuneError):
