@@ -1,4 +1,4 @@
-"""The tiny run directory fixture for eval and judge tests."""
+"""The tiny run directory (tiny-llama, a non-zero untrained adapter) for eval and judge tests."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from eval.runs import make_run
 from fedtune.rundir import RunDir
+from helpers import finished_tiny_run
 
 
 @pytest.fixture
 def tiny_run(tmp_path: Path) -> RunDir:
-    return make_run(tmp_path)
+    return finished_tiny_run(tmp_path)[0]

@@ -80,10 +80,10 @@ def test_eval_without_an_adapter_is_a_clear_error(capsys, tiny_run: RunDir) -> N
 def test_fflora_rag_run_adds_personal_answers_with_evidence(tmp_path: Path) -> None:
     import torch
 
-    from eval.runs import make_run
     from fedtune.models.adapters import initial_adapter_state, save_adapter_folder
+    from helpers import finished_tiny_run
 
-    run = make_run(tmp_path, config="configs/rag-tiny.toml")
+    run = finished_tiny_run(tmp_path, config="configs/rag-tiny.toml")[0]
     cfg = run.config()
     for pid in (0, 1):
         personal = initial_adapter_state(cfg.model, seed=3 + pid)
@@ -100,9 +100,9 @@ def test_fflora_rag_run_adds_personal_answers_with_evidence(tmp_path: Path) -> N
 
 
 def test_fflora_run_without_personal_adapters_fails_before_generating(tmp_path: Path) -> None:
-    from eval.runs import make_run
+    from helpers import finished_tiny_run
 
-    run = make_run(tmp_path, "fed.strategy='fflora'", "model.lora.personal_r=4")
+    run = finished_tiny_run(tmp_path, "fed.strategy='fflora'", "model.lora.personal_r=4")[0]
     with pytest.raises(FedtuneError, match="no personal adapter of client 0"):
         evaluate_generation(run.path, Sampling(max_new_tokens=2), limit=1)
     assert not run.answers_file.exists()

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 
 from eval.fake_openai import fake_endpoint, user_text
-from eval.runs import make_run
 from fedtune.eval.judge import combine, pair_prompt, parse_rating, parse_verdict, question_text, single_prompt
 from fedtune.rundir import RunDir
-from helpers import run_cli
+from helpers import finished_tiny_run, run_cli
 
 
 def test_parse_rating() -> None:
@@ -105,7 +104,7 @@ def test_judge_grades_counts_malformed_and_caches(capsys, tiny_run: RunDir, tmp_
 
 
 def test_judge_pairwise_swaps_positions(capsys, tmp_path: Path) -> None:
-    ours, theirs = make_run(tmp_path / "fed"), make_run(tmp_path / "local")
+    ours, theirs = finished_tiny_run(tmp_path / "fed")[0], finished_tiny_run(tmp_path / "local")[0]
     write_answers(ours, ["good zero", "good one"])
     write_answers(theirs, ["bad zero", "bad one"])
 
