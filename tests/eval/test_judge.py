@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from eval.answers import write_answers
 from eval.fake_openai import fake_endpoint, user_text
 from fedtune.eval.judge import combine, pair_prompt, parse_rating, parse_verdict, question_text, single_prompt
 from fedtune.rundir import RunDir
@@ -50,23 +51,6 @@ def test_question_text_of_multi_turn_prompts() -> None:
         {"role": "user", "content": "c"},
     ]
     assert question_text(multi) == "User: a\nAssistant: b\nUser: c"
-
-
-def write_answers(run: RunDir, answers: list[str], variant: str = "adapter") -> None:
-    rows = [
-        {
-            "variant": variant,
-            "client": i % 2,
-            "index": i,
-            "id": f"q{i}",
-            "prompt": [{"role": "user", "content": f"question {i}?"}],
-            "reference": f"reference {i}",
-            "answer": a,
-        }
-        for i, a in enumerate(answers)
-    ]
-    run.eval_dir.mkdir(exist_ok=True)
-    run.answers_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def judge_args(run: RunDir, url: str, cache: Path, *extra: str) -> list[str]:
