@@ -89,8 +89,11 @@ class LoraConfig(_Section):
     r: int = Field(8, gt=0, description="LoRA rank")
     alpha: int = Field(16, gt=0, description="LoRA alpha: the update B A is scaled by alpha / r")
     dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA branch's input")
-    target_modules: tuple[str, ...] = Field(
-        ("q_proj", "k_proj", "v_proj", "o_proj"), description="modules that get an adapter (peft's names)"
+    target_modules: Literal["auto", "all-linear"] | tuple[str, ...] = Field(
+        "auto",
+        description="modules that get an adapter: 'auto' (every linear layer of each attention block: "
+        "q/k/v/o on Llama, qkv_proj/o_proj on Phi-3, c_attn/c_proj on GPT-2...), 'all-linear' (also "
+        "the MLPs) or a list of module names, checked against the model (see docs/models.md)",
     )
     personal_r: int | None = Field(
         None, gt=0, description="fflora: rank of the personal adapter (unset: model.lora.r)"
