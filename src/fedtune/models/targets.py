@@ -41,7 +41,9 @@ def is_linear(module: nn.Module) -> bool:
 
 def _named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``model.named_modules()`` without peft's own sub-layers (``lora_A``, ``base_layer``...)."""
-    return [(n, m) for n, m in model.named_modules() if n and not re.search(r"\.(lora_\w+|base_layer)(\.|$)", n)]
+    return [
+        (n, m) for n, m in model.named_modules() if n and not re.search(r"\.(lora_\w+|base_layer)(\.|$)", n)
+    ]
 
 
 def short_name(path: str) -> str:
@@ -98,7 +100,9 @@ def resolve_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]
     for target in targets:
         hits = [m for n, m in modules if _matches(n, target)]
         if not hits:
-            raise FedtuneError(f"{KEY}: {target!r} matches no module of this model; its linear layers: {layers}")
+            raise FedtuneError(
+                f"{KEY}: {target!r} matches no module of this model; its linear layers: {layers}"
+            )
         if not all(is_linear(m) for m in hits):
             kind = type(next(m for m in hits if not is_linear(m))).__name__
             raise FedtuneError(
