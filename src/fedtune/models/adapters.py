@@ -27,8 +27,10 @@ StateDict = dict[str, torch.Tensor]
 def peft_lora_config(
     cfg: LoraConfig, targets: list[str] | str, *, fan_in_fan_out: bool = False
 ) -> PeftLoraConfig:
-    """``model.lora`` as peft's LoraConfig for a causal LM (no bias terms trained), on ``targets``
-    (resolved by :func:`fedtune.models.targets.resolve_targets`)."""
+    """``model.lora`` as peft's LoraConfig for a causal LM (no bias terms trained) on ``targets``.
+
+    ``targets`` come from :func:`fedtune.models.targets.resolve_targets`.
+    """
     return PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -41,8 +43,10 @@ def peft_lora_config(
 
 
 def lora_for(model: torch.nn.Module, cfg: LoraConfig) -> PeftLoraConfig:
-    """peft's LoraConfig for ``model``: ``model.lora.target_modules`` resolved and checked against
-    its modules; ``fan_in_fan_out`` set for GPT-2 style Conv1D targets."""
+    """Peft's LoraConfig for ``model``, its ``model.lora.target_modules`` resolved and checked.
+
+    ``fan_in_fan_out`` is set for GPT-2 style Conv1D targets.
+    """
     targets = resolve_targets(model, cfg.target_modules)
     return peft_lora_config(cfg, targets, fan_in_fan_out=needs_fan_in_fan_out(model, targets))
 

@@ -31,8 +31,11 @@ _LAYER_INDEX = re.compile(r"^(?:.*\.)?\d+\.")
 
 
 def is_linear(module: nn.Module) -> bool:
-    """A layer LoRA can wrap as a projection: ``nn.Linear`` (bitsandbytes' 4/8-bit layers
-    subclass it) or transformers' GPT-2 style ``Conv1D``."""
+    """True for a layer LoRA can wrap as a projection.
+
+    That is ``nn.Linear`` (bitsandbytes' 4/8-bit layers subclass it) or transformers' GPT-2
+    style ``Conv1D``, also once peft has wrapped it.
+    """
     from transformers.pytorch_utils import Conv1D
 
     base = getattr(module, "base_layer", None)  # a layer peft has wrapped already
@@ -47,8 +50,11 @@ def _named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def short_name(path: str) -> str:
-    """A module path without its layer index and what comes before: ``model.layers.3.self_attn.q_proj``
-    -> ``self_attn.q_proj``; a path with no index (``lm_head``) is kept whole."""
+    """A module path without its layer index and what comes before it.
+
+    ``model.layers.3.self_attn.q_proj`` -> ``self_attn.q_proj``; a path with no index
+    (``lm_head``) is kept whole.
+    """
     return _LAYER_INDEX.sub("", path)
 
 
@@ -112,8 +118,10 @@ def resolve_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]
 
 
 def targeted_from_keys(keys: Iterable[str]) -> list[str]:
-    """What an adapter really targets, read from its peft state-dict keys
-    (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` -> ``self_attn.q_proj``)."""
+    """What an adapter really targets, read from its peft state-dict keys.
+
+    ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` -> ``self_attn.q_proj``.
+    """
     out = []
     for key in keys:
         for part in (".lora_A.", ".lora_B."):
