@@ -110,6 +110,27 @@ class LoraConfig(_Section):
     )
 
 
+class QuantizationConfig(_Section):
+    """``model.quantization``: the base quantised on load (bitsandbytes), LoRA trained on top."""
+
+    bits: Literal[4, 8] = Field(description="4 (kind nf4 or fp4) or 8 (kind int8)")
+    kind: Literal["nf4", "fp4", "int8"] | None = Field(
+        None, description="nf4 (4-bit NormalFloat), fp4 or int8 (unset: nf4 for 4 bits, int8 for 8)"
+    )
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="4-bit: dtype the dequantised weights are multiplied in"
+    )
+    double_quant: bool = Field(False, description="4-bit: quantise the blocks' scales too (QLoRA's)")
+
+    @model_validator(mode="after")
+    def _kind_fits_bits(self) -> QuantizationConfig:
+        if self.kind is None:
+            self.__dict__["kind"] = "nf4" if self.bits == 4 else "int8"
+        elif (self.bits == 8) != (self.kind == "int8"):
+            raise ValueError(f"kind {self.kind!r} is not a {self.bits}-bit quantisation")
+        return self
+
+
 class ModelConfig(_Section):
     """``model``: the base model, its dtype and RoPE scaling, and the LoRA adapter trained on it."""
 
@@ -127,6 +148,17 @@ class ModelConfig(_Section):
         description="RoPE scaling, applied wherever the model is loaded (training, evaluation, chat), "
         "so a run is served with the scaling it was trained with; e.g. "
         '`rope_scaling = {type = "linear", factor = 2.0}`.',
+    )
+    quantization: QuantizationConfig | None = Field(
+        None,
+        description='quantise the base on load, e.g. `quantization = {bits = 4, kind = "nf4"}` '
+        "(bitsandbytes); only the LoRA adapter trains and travels; eval and chat load it the same way",
+    )
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="where the model runs: 'auto' (a CUDA GPU when there is one, else the CPU), "
+        "'cpu', 'cuda' or 'cuda:N'",
     )
     lora: LoraConfig = Field(
         default_factory=LoraConfig,
@@ -275,6 +307,12 @@ class SimulationConfig(_Section):
         "and hierarchical modes cores / clients, so they run at once)",
     )
     num_cpus: int | None = Field(None, gt=0, description="cores Ray may use (unset: all)")
+    gpus_per_client: float = Field(
+        0.0,
+        ge=0,
+        description="GPUs per simulated client (Flower's fractional resources: 0.25 lets four "
+        "clients share one GPU; 0: clients use no GPU)",
+    )
 
 
 class RunSection(_Section):

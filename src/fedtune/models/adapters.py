@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 from fedtune.config import LoraConfig, ModelConfig
 from fedtune.errors import FedtuneError
 from fedtune.io import atomic_folder
+from fedtune.models.quantize import prepare_for_lora
 from fedtune.models.targets import needs_fan_in_fan_out, resolve_targets, targeted_from_keys
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -52,7 +53,11 @@ def lora_for(model: torch.nn.Module, cfg: LoraConfig) -> PeftLoraConfig:
 
 
 def attach_lora(model: PreTrainedModel, cfg: LoraConfig, *, seed: int = 0) -> PeftModel:
-    """Wrap ``model`` with a fresh LoRA adapter; A is drawn from ``seed``, B is zero."""
+    """Wrap ``model`` with a fresh LoRA adapter; A is drawn from ``seed``, B is zero.
+
+    A quantised base is prepared for k-bit training first (:func:`~fedtune.models.quantize.prepare_for_lora`).
+    """
+    model = prepare_for_lora(model)
     torch.manual_seed(seed)
     try:
         peft_model = get_peft_model(model, lora_for(model, cfg))
