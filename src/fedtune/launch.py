@@ -18,8 +18,8 @@ from fedtune.data.tokenize import tokenize_conversation
 from fedtune.errors import FedtuneError
 from fedtune.federated.strategies import check_strategy
 from fedtune.models.adapters import initial_adapter_state
-from fedtune.models.quantize import check_quantization
 from fedtune.models.load import load_tokenizer
+from fedtune.models.quantize import check_quantization
 from fedtune.privacy.plan import check_privacy
 from fedtune.rundir import RunDir
 from fedtune.split.rounds import check_split

@@ -46,8 +46,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def check_quantization(cfg: ModelConfig) -> None:
-    """Raise FedtuneError, naming the key, if ``model.device`` is absent or ``model.quantization``
-    cannot run on it."""
+    """Raise FedtuneError naming the key if ``model.device`` or ``model.quantization`` cannot run here.
+
+    A CUDA device this machine lacks, a device bitsandbytes cannot quantise on, or bitsandbytes
+    missing.
+    """
     device = resolve_device(cfg.device)
     if cfg.quantization is None:
         return
@@ -58,7 +61,7 @@ def check_quantization(cfg: ModelConfig) -> None:
         )
     if importlib.util.find_spec("bitsandbytes") is None:
         raise FedtuneError(
-            "model.quantization: needs bitsandbytes, which is not installed (pip install bitsandbytes==0.50.2)"
+            "model.quantization: needs bitsandbytes, not installed (pip install bitsandbytes==0.50.2)"
         )
 
 
