@@ -3,10 +3,16 @@ and configs the device or backend cannot run are refused naming the key."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from peft import PeftModel
 from pydantic import ValidationError
+from safetensors.torch import load_file
 
 from fedtune.config import LoraConfig, ModelConfig
 from fedtune.errors import FedtuneError
@@ -101,3 +107,26 @@ def test_a_device_bitsandbytes_cannot_use_is_refused(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(quantize, "resolve_device", lambda name: torch.device("mps"))
     with pytest.raises(FedtuneError, match=r"model\.quantization: bitsandbytes cannot quantise on 'mps'"):
         quantize.check_quantization(quantised(bits=8))
+
+
+@pytest.mark.integration  # `fedtune run` through Flower's simulation (Ray): ~30 s
+def test_a_federated_run_on_a_4bit_base_sends_and_saves_lora_only(tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    sets = [f"run.output_dir='{out}'", "model.quantization={bits=4}", "fed.rounds=1", "run.report=false"]
+    cmd = [sys.executable, "-m", "fedtune", "run", "--config", "configs/tiny.toml", "--no-progress"]
+    proc = subprocess.run(
+        [*cmd, *(x for s in sets for x in ("--set", s))],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = out.iterdir()
+    final = load_file(run / "final" / "adapter_model.safetensors")
+    # 2 layers x q/k/v/o x (A, B), all LoRA factors in fp32: nothing of the 4-bit base
+    assert len(final) == 16 and all(".lora_" in k and v.dtype == torch.float32 for k, v in final.items())
+    saved = json.loads((run / "final" / "adapter_config.json").read_text())
+    assert sorted(saved["target_modules"]) == [f"self_attn.{p}_proj" for p in "koqv"]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["phase"] == "train" and r["round"] == 1 for r in metrics)
