@@ -9,6 +9,9 @@ reports:
 - load peak: the process's peak RSS while loading, above its RSS just before (imports done);
   the goal is that a quantised load never holds the whole fp32 model at once
   (load peak <= fp32 weight memory + 20 %);
+  RSS counts the pages of the memory-mapped safetensors file too, so the private part
+  (``RssAnon``, sampled every 5 ms) is reported beside it (``--variant V --steps 0``: that
+  figure for one variant, without training);
 - step peak: the peak RSS of ``--steps`` LoRA steps above the RSS before them (the peak
   counter is reset between the two phases through ``/proc/self/clear_refs``);
 - step time: the mean of those steps after the first (batch ``--batch`` x ``--seq`` random tokens).
@@ -23,6 +26,7 @@ import argparse
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -36,11 +40,32 @@ MIB = 2**20
 
 
 def _status_kib(field: str) -> int:
-    """A ``/proc/self/status`` figure (VmRSS, VmHWM) in KiB."""
+    """A ``/proc/self/status`` figure (VmRSS, VmHWM, RssAnon) in KiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+class AnonPeak:
+    """The peak of ``RssAnon`` (private memory: not the memory-mapped weight files) over a block,
+    sampled every 5 ms by a thread."""
+
+    def __enter__(self) -> AnonPeak:
+        self.before = self.peak = _status_kib("RssAnon")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll)
+        self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _status_kib("RssAnon"))
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _status_kib("RssAnon"))
 
 
 def _reset_peak() -> None:
@@ -61,9 +86,17 @@ def measure(variant: str, steps: int, batch: int, seq: int, threads: int) -> dic
     load_model(cfg.model_copy(update={"name": "tiny-llama"}))  # warm up lazy imports and kernels
     _reset_peak()
     before = _status_kib("VmRSS")
-    base = load_model(cfg)
+    with AnonPeak() as anon:
+        base = load_model(cfg)
     load_peak = _status_kib("VmHWM") - before
     weights = sum(t.numel() * t.element_size() for t in [*base.parameters(), *base.buffers()])
+    loaded = {
+        "weights_mib": weights / MIB,
+        "load_peak_mib": load_peak / 1024,
+        "load_anon_peak_mib": (anon.peak - anon.before) / 1024,
+    }
+    if steps == 0:
+        return loaded
     model = attach_lora(base, cfg.lora, seed=0)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     ids = torch.randint(0, base.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
@@ -79,8 +112,7 @@ def measure(variant: str, steps: int, batch: int, seq: int, threads: int) -> dic
         times.append(time.perf_counter() - start)
     step_peak = _status_kib("VmHWM") - before
     return {
-        "weights_mib": weights / MIB,
-        "load_peak_mib": load_peak / 1024,
+        **loaded,
         "step_peak_mib": step_peak / 1024,
         "step_s": sum(times[1:]) / max(1, len(times) - 1),
     }
