@@ -123,3 +123,13 @@ def test_missing_or_corrupt_adapter_is_a_clear_error(
     # Assert (rich folds a long path anywhere, so compare without whitespace)
     assert code == 2
     assert message.replace(" ", "") in err.replace(" ", "") and "Traceback" not in err
+
+
+def test_eval_and_chat_load_the_base_with_the_runs_quantisation(tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    run, _ = _run_dir(tmp_path, "model.quantization={bits=8}")
+    loaded = load_run(run.path)
+    q_proj = loaded.model.get_base_model().model.layers[0].self_attn.q_proj
+    assert type(q_proj.base_layer).__name__ == "Linear8bitLt"
+    answer = reply(loaded, [{"role": "user", "content": "hello"}], max_new_tokens=2)
+    assert isinstance(answer, str)

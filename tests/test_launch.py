@@ -43,3 +43,27 @@ def test_a_federation_that_failed_after_a_round_is_kept_for_a_resume(
         launch.run(cfg, progress=False)
     (run,) = (tmp_path / "runs").iterdir()
     assert RunDir(run).failed() is not None
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "model.lora.target_modules=['mlp']",
+            r"model\.lora\.target_modules: 'mlp' is a LlamaMLP, not a linear",
+        ),
+        ("model.lora.target_modules=['c_attn']", r"model\.lora\.target_modules: 'c_attn' matches no module"),
+        ("model.device='cuda:7'", r"model\.device='cuda:7': this machine has \d CUDA"),
+    ],
+)
+def test_a_model_the_run_cannot_use_is_refused_before_a_run_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, override: str, message: str
+) -> None:
+    monkeypatch.setattr(simulation, "simulate", _failing(-1))
+    out = tmp_path / "runs"
+    cfg = load_config(
+        "configs/tiny.toml", [f"run.output_dir='{out}'", "model.quantization={bits=4}", override]
+    )
+    with pytest.raises(FedtuneError, match=message):
+        launch.run(cfg, progress=False)
+    assert not out.exists() or not any(out.iterdir())

@@ -19,6 +19,7 @@ from fedtune.errors import FedtuneError
 from fedtune.federated.strategies import check_strategy
 from fedtune.models.adapters import initial_adapter_state
 from fedtune.models.load import load_tokenizer
+from fedtune.models.quantize import check_quantization
 from fedtune.privacy.plan import check_privacy
 from fedtune.rundir import RunDir
 from fedtune.split.rounds import check_split
@@ -41,6 +42,7 @@ def preflight(cfg: Config) -> None:
         )
     if cfg.split.enabled:
         check_split(cfg)
+    check_quantization(cfg.model)  # the device and backend can quantise as asked
     tokenizer = load_tokenizer(cfg.model)
     initial_adapter_state(cfg.model, seed=cfg.seed)  # model config + LoRA targets, no weights
     parts = partitions(cfg)

@@ -94,3 +94,15 @@ def test_split_lm_refuses_left_padding() -> None:
     head, trunk, tail = cut_model(tiny_lora_model("llama"), 2, 2)
     with pytest.raises(ValueError, match="right-padded"):
         SplitLM(head, trunk, tail)(torch.tensor([[0, 5, 6]]), attention_mask=torch.tensor([[0, 1, 1]]))
+
+
+def test_split_parts_of_a_4bit_base_carry_lora_only() -> None:
+    pytest.importorskip("bitsandbytes")
+    model = ModelConfig(name="tiny-llama-4l", quantization={"bits": 4})
+    parts = parts_from_config(Config(model=model, split=SplitConfig(enabled=True, n_head=1, n_tail=1)))
+    q_proj = parts.head.blocks[0].self_attn.q_proj
+    assert type(q_proj.base_layer).__name__ == "Linear4bit"
+    # what a split client exchanges: 1 layer x q/k/v/o x (A, B) per part, fp32 LoRA factors
+    for part in (parts.head, parts.tail):
+        state = part.adapter_state_dict()
+        assert len(state) == 8 and all(".lora_" in k and v.dtype == torch.float32 for k, v in state.items())

@@ -89,8 +89,11 @@ class LoraConfig(_Section):
     r: int = Field(8, gt=0, description="LoRA rank")
     alpha: int = Field(16, gt=0, description="LoRA alpha: the update B A is scaled by alpha / r")
     dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA branch's input")
-    target_modules: tuple[str, ...] = Field(
-        ("q_proj", "k_proj", "v_proj", "o_proj"), description="modules that get an adapter (peft's names)"
+    target_modules: Literal["auto", "all-linear"] | tuple[str, ...] = Field(
+        "auto",
+        description="modules that get an adapter: 'auto' (every linear layer of each attention block: "
+        "q/k/v/o on Llama, qkv_proj/o_proj on Phi-3, c_attn/c_proj on GPT-2...), 'all-linear' (also "
+        "the MLPs) or a list of module names, checked against the model (see docs/models.md)",
     )
     personal_r: int | None = Field(
         None, gt=0, description="fflora: rank of the personal adapter (unset: model.lora.r)"
@@ -105,6 +108,27 @@ class LoraConfig(_Section):
         description="FFA-LoRA: A stays at its seeded random start, only B is trained and sent (half the "
         "bytes, and half the dimensions DP noise lands on)",
     )
+
+
+class QuantizationConfig(_Section):
+    """``model.quantization``: the base quantised on load (bitsandbytes), LoRA trained on top."""
+
+    bits: Literal[4, 8] = Field(description="4 (kind nf4 or fp4) or 8 (kind int8)")
+    kind: Literal["nf4", "fp4", "int8"] | None = Field(
+        None, description="nf4 (4-bit NormalFloat), fp4 or int8 (unset: nf4 for 4 bits, int8 for 8)"
+    )
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="4-bit: dtype the dequantised weights are multiplied in"
+    )
+    double_quant: bool = Field(False, description="4-bit: quantise the blocks' scales too (QLoRA's)")
+
+    @model_validator(mode="after")
+    def _kind_fits_bits(self) -> QuantizationConfig:
+        if self.kind is None:
+            self.__dict__["kind"] = "nf4" if self.bits == 4 else "int8"
+        elif (self.bits == 8) != (self.kind == "int8"):
+            raise ValueError(f"kind {self.kind!r} is not a {self.bits}-bit quantisation")
+        return self
 
 
 class ModelConfig(_Section):
@@ -124,6 +148,17 @@ class ModelConfig(_Section):
         description="RoPE scaling, applied wherever the model is loaded (training, evaluation, chat), "
         "so a run is served with the scaling it was trained with; e.g. "
         '`rope_scaling = {type = "linear", factor = 2.0}`.',
+    )
+    quantization: QuantizationConfig | None = Field(
+        None,
+        description='quantise the base on load, e.g. `quantization = {bits = 4, kind = "nf4"}` '
+        "(bitsandbytes); only the LoRA adapter trains and travels; eval and chat load it the same way",
+    )
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="where the model runs: 'auto' (a CUDA GPU when there is one, else the CPU), "
+        "'cpu', 'cuda' or 'cuda:N'",
     )
     lora: LoraConfig = Field(
         default_factory=LoraConfig,
@@ -272,6 +307,12 @@ class SimulationConfig(_Section):
         "and hierarchical modes cores / clients, so they run at once)",
     )
     num_cpus: int | None = Field(None, gt=0, description="cores Ray may use (unset: all)")
+    gpus_per_client: float = Field(
+        0.0,
+        ge=0,
+        description="GPUs per simulated client (Flower's fractional resources: 0.25 lets four "
+        "clients share one GPU; 0: clients use no GPU)",
+    )
 
 
 class RunSection(_Section):

@@ -28,7 +28,7 @@ def backend_config(cfg: Config) -> dict[str, dict[str, ConfigRecordValues]]:
     if cfg.split.enabled and cfg.split.mode != "sequential" and cfg.simulation.cpus_per_client is None:
         per_client = cores / (cfg.simulation.num_supernodes or cfg.partition.num_partitions)
     return {
-        "client_resources": {"num_cpus": per_client, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": per_client, "num_gpus": cfg.simulation.gpus_per_client},
         "init_args": {"num_cpus": cores, "include_dashboard": False},
     }
 

@@ -16,6 +16,8 @@ from transformers import PreTrainedModel
 from fedtune.config import LoraConfig, ModelConfig
 from fedtune.errors import FedtuneError
 from fedtune.io import atomic_folder
+from fedtune.models.quantize import prepare_for_lora
+from fedtune.models.targets import needs_fan_in_fan_out, resolve_targets, targeted_from_keys
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -23,23 +25,42 @@ ADAPTER_CONFIG = "adapter_config.json"
 StateDict = dict[str, torch.Tensor]
 
 
-def peft_lora_config(cfg: LoraConfig) -> PeftLoraConfig:
-    """``model.lora`` as peft's LoraConfig for a causal LM (no bias terms trained)."""
+def peft_lora_config(
+    cfg: LoraConfig, targets: list[str] | str, *, fan_in_fan_out: bool = False
+) -> PeftLoraConfig:
+    """``model.lora`` as peft's LoraConfig for a causal LM (no bias terms trained) on ``targets``.
+
+    ``targets`` come from :func:`fedtune.models.targets.resolve_targets`.
+    """
     return PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=list(cfg.target_modules),
+        target_modules=targets,
+        fan_in_fan_out=fan_in_fan_out,
         bias="none",
         task_type="CAUSAL_LM",
     )
 
 
+def lora_for(model: torch.nn.Module, cfg: LoraConfig) -> PeftLoraConfig:
+    """Peft's LoraConfig for ``model``, its ``model.lora.target_modules`` resolved and checked.
+
+    ``fan_in_fan_out`` is set for GPT-2 style Conv1D targets.
+    """
+    targets = resolve_targets(model, cfg.target_modules)
+    return peft_lora_config(cfg, targets, fan_in_fan_out=needs_fan_in_fan_out(model, targets))
+
+
 def attach_lora(model: PreTrainedModel, cfg: LoraConfig, *, seed: int = 0) -> PeftModel:
-    """Wrap ``model`` with a fresh LoRA adapter; A is drawn from ``seed``, B is zero."""
+    """Wrap ``model`` with a fresh LoRA adapter; A is drawn from ``seed``, B is zero.
+
+    A quantised base is prepared for k-bit training first (:func:`~fedtune.models.quantize.prepare_for_lora`).
+    """
+    model = prepare_for_lora(model)
     torch.manual_seed(seed)
     try:
-        peft_model = get_peft_model(model, peft_lora_config(cfg))
+        peft_model = get_peft_model(model, lora_for(model, cfg))
     except ValueError as err:  # e.g. target modules not found in the model
         raise FedtuneError(f"model.lora.target_modules: {err}") from None
     return peft_model
@@ -73,10 +94,14 @@ def load_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor], name
 def save_adapter_folder(
     state: Mapping[str, torch.Tensor], lora: LoraConfig, model: ModelConfig, out: str | Path
 ) -> Path:
-    """Write a peft adapter folder atomically (``PeftModel.from_pretrained`` loads it)."""
+    """Write a peft adapter folder atomically (``PeftModel.from_pretrained`` loads it).
+
+    Its config records the modules the weights really adapt (read from their keys), not
+    ``auto`` or the names as listed.
+    """
     out = Path(out)
     with atomic_folder(out) as tmp:
-        config = peft_lora_config(lora)
+        config = peft_lora_config(lora, targeted_from_keys(state))
         config.base_model_name_or_path = model.name
         config.save_pretrained(str(tmp))
         save_file({k: v.contiguous() for k, v in state.items()}, tmp / ADAPTER_WEIGHTS)
@@ -161,7 +186,7 @@ def initial_adapter_state(model: ModelConfig, *, seed: int) -> StateDict:
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code)
     try:
-        peft_model = get_peft_model(base, peft_lora_config(model.lora))
+        peft_model = get_peft_model(base, lora_for(base, model.lora))
     except ValueError as err:
         raise FedtuneError(f"model.lora.target_modules: {err}") from None
     for module in peft_model.modules():
@@ -190,7 +215,7 @@ def ensure_adapter(model: PeftModel, name: str, lora: LoraConfig) -> None:
         model.delete_adapter(name)
         existing = None
     if existing is None:
-        model.add_adapter(name, peft_lora_config(lora))
+        model.add_adapter(name, lora_for(model.get_base_model(), lora))
 
 
 def activate(model: PeftModel, names: list[str], *, trainable: str | list[str] | None) -> None:

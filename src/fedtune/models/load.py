@@ -32,6 +32,7 @@ from transformers import (
 from fedtune.config import ModelConfig
 from fedtune.errors import FedtuneError
 from fedtune.io import atomic_folder
+from fedtune.models.quantize import load_kwargs, resolve_device
 from fedtune.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -187,9 +188,15 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
 
 def load_model(cfg: ModelConfig) -> PreTrainedModel:
-    """Load the base model in ``model.dtype`` with ``model.rope_scaling`` applied."""
+    """Load the base model in ``model.dtype`` with ``model.rope_scaling`` applied, on ``model.device``.
+
+    With ``model.quantization`` the weights are quantised as they load (:mod:`fedtune.models.quantize`).
+    """
     config = load_model_config(cfg)
+    extra = load_kwargs(cfg)
     model: PreTrainedModel = _from_pretrained(
-        cfg, "", AutoModelForCausalLM, config=config, dtype=getattr(torch, cfg.dtype)
+        cfg, "", AutoModelForCausalLM, config=config, dtype=getattr(torch, cfg.dtype), **extra
     )
+    if not extra and (device := resolve_device(cfg.device)).type != "cpu":
+        model.to(device)  # type: ignore[arg-type]
     return model

@@ -1,0 +1,112 @@
+"""Where the model runs (``model.device``) and how its base is quantised (``model.quantization``).
+
+A quantised base follows QLoRA's order: the weights are quantised while they load (transformers'
+``BitsAndBytesConfig``: each layer is quantised as its shard arrives, so the whole fp32 model
+is never held), the model is prepared for k-bit training (peft's
+``prepare_model_for_kbit_training``: base frozen, norms and embeddings in fp32, input gradients
+on), and only then is LoRA attached. The adapter stays full precision and is all that trains
+and travels; ``eval`` and ``chat`` load the base from the run's config, so with the same
+quantisation.
+
+Backend: bitsandbytes (pinned 0.50.2), which runs nf4, fp4 and int8 on CUDA and on the CPU.
+On any other device, or without bitsandbytes installed, :func:`check_quantization` refuses the
+config naming ``model.quantization`` before a run directory is made.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import torch
+
+from fedtune.config import ModelConfig, QuantizationConfig
+from fedtune.errors import FedtuneError
+
+# devices bitsandbytes 0.50 quantises on: CUDA and its CPU backend
+BNB_DEVICES = ("cpu", "cuda")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``model.device`` as a torch device: ``auto`` is the first CUDA GPU when there is one, else the CPU.
+
+    Raises
+    ------
+    FedtuneError
+        A CUDA device asked for on a machine without it (or with fewer GPUs).
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise FedtuneError(f"model.device={name!r}: this machine has {count} CUDA device(s)")
+    return device
+
+
+def check_quantization(cfg: ModelConfig) -> None:
+    """Raise FedtuneError naming the key if ``model.device`` or ``model.quantization`` cannot run here.
+
+    A CUDA device this machine lacks, a device bitsandbytes cannot quantise on, or bitsandbytes
+    missing.
+    """
+    device = resolve_device(cfg.device)
+    if cfg.quantization is None:
+        return
+    if device.type not in BNB_DEVICES:
+        raise FedtuneError(
+            f"model.quantization: bitsandbytes cannot quantise on {device.type!r} "
+            f"(model.device={cfg.device!r}); it runs on {', '.join(BNB_DEVICES)}"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise FedtuneError(
+            "model.quantization: needs bitsandbytes, not installed (pip install bitsandbytes==0.50.2)"
+        )
+
+
+def bnb_config(q: QuantizationConfig) -> Any:
+    """``model.quantization`` as transformers' ``BitsAndBytesConfig``."""
+    from transformers import BitsAndBytesConfig
+
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.kind,
+        bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
+        bnb_4bit_use_double_quant=q.double_quant,
+    )
+
+
+def load_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """Extra ``from_pretrained`` arguments for ``model.device`` and ``model.quantization``.
+
+    A quantised base is placed by ``device_map`` (bitsandbytes quantises as the weights land on
+    the device); a full-precision one is moved with ``.to`` after loading.
+    """
+    if cfg.quantization is None:
+        return {}
+    check_quantization(cfg)
+    return {
+        "quantization_config": bnb_config(cfg.quantization),
+        "device_map": {"": resolve_device(cfg.device)},
+    }
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    """True for a model transformers loaded with a quantisation config."""
+    return getattr(model, "hf_quantizer", None) is not None
+
+
+def prepare_for_lora(model: Any) -> Any:
+    """Make a quantised base ready for LoRA (peft's k-bit preparation); others pass unchanged.
+
+    Gradient checkpointing is left off: fedtune's models are small enough, and it would change
+    the training step's behaviour between quantised and full-precision runs.
+    """
+    if not is_quantized(model):
+        return model
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
