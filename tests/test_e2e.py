@@ -83,13 +83,22 @@ def test_run_directory_is_complete(finished_run: Path) -> None:
     assert all(r["lr"] == pytest.approx(lr) for r in train)  # fed.lr_schedule: constant
 
 
-def test_lr_schedule_reaches_the_clients_and_resumes(tmp_path: Path) -> None:
-    run = tiny_run(tmp_path / "runs", "fed.lr_schedule='linear'", "train.lr=0.004", "run.report=false")
+def test_lr_schedule_and_server_optimiser_state_survive_resume(tmp_path: Path) -> None:
+    # one run for both (each costs a run and a resume): FedAdam's moments and the client lr schedule
+    run = tiny_run(
+        tmp_path / "runs",
+        "fed.lr_schedule='linear'",
+        "train.lr=0.004",
+        "fed.strategy='fedadam'",
+        "fed.server_lr=0.01",
+        "run.report=false",
+    )
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in lines if r["phase"] == "train"]
     assert sorted(r["round"] for r in train) == [1, 1, 1, 2, 2, 2]
     # linear over 2 rounds: round 1 at the full lr, round 2 at half
     assert all(r["lr"] == pytest.approx(0.004 if r["round"] == 1 else 0.002) for r in train)
+    assert (run / "rounds" / "0001" / "server_state.safetensors").is_file()
     copy = resume_after_round_1(run, tmp_path / "interrupted")
     assert same_adapter(run / "final", copy / "final")
 
@@ -111,13 +120,6 @@ def test_resume_after_round_one_gives_the_same_final_adapter(finished_run: Path,
     assert same_adapter(finished_run / "final", copy / "final")
     lines = [json.loads(x) for x in (copy / "metrics.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in lines if r["round"] == 2].count("train") == 3  # round 2 redone once
-
-
-def test_server_optimiser_state_survives_resume(tmp_path: Path) -> None:
-    run = tiny_run(tmp_path / "runs", "fed.strategy='fedadam'", "fed.server_lr=0.01", "run.report=false")
-    assert (run / "rounds" / "0001" / "server_state.safetensors").is_file()
-    copy = resume_after_round_1(run, tmp_path / "interrupted")
-    assert same_adapter(run / "final", copy / "final")
 
 
 def test_heterogeneous_ranks_stack_merge_end_to_end_and_resume(tmp_path: Path) -> None:
