@@ -52,7 +52,7 @@ def test_one_failing_question_does_not_stop_the_others() -> None:
     assert [r.content for r in replies] == ["ok", None, "ok"]
 
 
-def test_cache_key_is_model_and_prompt(tmp_path: Path) -> None:
+def test_cache_key_is_endpoint_model_and_prompt(tmp_path: Path) -> None:
     cache = ReplyCache(tmp_path)
     with fake_endpoint(lambda body, n: (200, f"reply {n}")) as fake:
         with JudgeClient(Endpoint(fake.base_url, "m"), cache) as client:
@@ -63,6 +63,17 @@ def test_cache_key_is_model_and_prompt(tmp_path: Path) -> None:
         assert len(fake.requests) == 2
     assert again.cached and again.content == "reply 0"
     assert not other.cached and other.content == "reply 1"
+
+
+def test_two_endpoints_with_one_model_name_do_not_share_replies(tmp_path: Path) -> None:
+    cache = ReplyCache(tmp_path)
+    with fake_endpoint(lambda body, n: (200, "first")) as one, fake_endpoint(lambda body, n: (200, "second")) as two:
+        with JudgeClient(Endpoint(one.base_url, "judge"), cache) as client:
+            assert client.ask(MSG).content == "first"
+        with JudgeClient(Endpoint(two.base_url, "judge"), cache) as client:
+            reply = client.ask(MSG)
+        assert len(two.requests) == 1
+    assert not reply.cached and reply.content == "second"
 
 
 def test_api_key_is_sent_as_bearer() -> None:

@@ -2,8 +2,8 @@
 
 Concurrent requests (a thread pool over one ``httpx.Client``), retries with exponential
 backoff on 429, 5xx, timeouts and connection errors (a ``Retry-After`` header in seconds is
-honoured when longer), and an on-disk cache keyed by (model, messages, temperature,
-max tokens), so a re-run asks only what it has not asked before. A request that still fails
+honoured when longer), and an on-disk cache keyed by (endpoint URL, model, messages,
+temperature, max tokens), so a re-run asks only what it has not asked before. A request that still fails
 comes back as a :class:`Reply` with its error, never as an exception: the caller counts it.
 """
 
@@ -65,7 +65,13 @@ class ReplyCache:
     @staticmethod
     def key(endpoint: Endpoint, messages: Messages) -> str:
         blob = json.dumps(
-            [endpoint.model, messages, endpoint.temperature, endpoint.max_tokens],
+            [
+                endpoint.url,
+                endpoint.model,
+                messages,
+                endpoint.temperature,
+                endpoint.max_tokens,
+            ],
             sort_keys=True,
             ensure_ascii=False,
         )
