@@ -19,6 +19,7 @@ from fedtune.data.tokenize import build_generation_input
 from fedtune.data.types import Conversation
 from fedtune.errors import FedtuneError
 from fedtune.models.adapters import check_adapter_folder, load_adapter_folder
+from fedtune.models.generation import pad_id, stop_ids
 from fedtune.models.load import load_model, load_tokenizer
 from fedtune.rundir import RunDir
 from fedtune.training.local import evaluate
@@ -108,7 +109,7 @@ def reply(loaded: Loaded, history: Conversation, *, max_new_tokens: int = 128) -
     ids = build_generation_input(history, loaded.tokenizer, cfg.data.template, cfg.data.max_source_length)
     input_ids = torch.tensor([ids])
     if loaded.split is not None:
-        new = loaded.split.generate(input_ids, max_new_tokens, loaded.tokenizer.eos_token_id)
+        new = loaded.split.generate(input_ids, max_new_tokens, stop_ids(None, loaded.tokenizer))
         return str(loaded.tokenizer.decode(new, skip_special_tokens=True)).strip()
     assert loaded.model is not None
     return greedy(loaded.model, loaded.tokenizer, ids, max_new_tokens)
@@ -120,12 +121,13 @@ def greedy(
 ) -> str:
     """The greedy continuation of the prompt ``ids`` (up to EOS or ``max_new_tokens``), decoded."""
     input_ids = torch.tensor([ids])
+    stops = stop_ids(model, tokenizer)
     output = model.generate(  # type: ignore[operator]
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
         max_new_tokens=max_new_tokens,
         do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad_id(tokenizer, stops),
+        eos_token_id=stops,
     )
     return str(tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)).strip()

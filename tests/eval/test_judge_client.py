@@ -67,7 +67,11 @@ def test_cache_key_is_endpoint_model_and_prompt(tmp_path: Path) -> None:
 
 def test_two_endpoints_with_one_model_name_do_not_share_replies(tmp_path: Path) -> None:
     cache = ReplyCache(tmp_path)
-    with fake_endpoint(lambda body, n: (200, "first")) as one, fake_endpoint(lambda body, n: (200, "second")) as two:
+    first, second = (
+        fake_endpoint(lambda body, n: (200, "first")),
+        fake_endpoint(lambda body, n: (200, "second")),
+    )
+    with first as one, second as two:
         with JudgeClient(Endpoint(one.base_url, "judge"), cache) as client:
             assert client.ask(MSG).content == "first"
         with JudgeClient(Endpoint(two.base_url, "judge"), cache) as client:

@@ -162,6 +162,10 @@ def test_the_wait_ends_in_the_fallback_and_a_bad_wait_is_refused(tmp_path: Path)
     started = time.monotonic()
     assert node.forward("train", _train_message(), context) is None
     assert time.monotonic() - started >= 0.5 and fallback_said(context)
+    context.node_config["worker-wait"] = 30  # said already: the next message does not wait again
+    started = time.monotonic()
+    assert node.forward("train", _train_message(), context) is None
+    assert time.monotonic() - started < 5
     with pytest.raises(FedtuneError, match="node config 'worker-wait': expected seconds >= 0, got -1"):
         node.forward(
             "train", _train_message(), _context(worker=str(tmp_path / "none"), **{"worker-wait": -1})

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from fedtune.models.generation import left_pad, pad_id, stop_ids
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -28,30 +30,6 @@ class Sampling:
     batch_size: int = 8
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)`` with every row right-aligned; pads on the left.
-
-    >>> left_pad([[5, 6, 7], [8]], 0)[0].tolist()
-    [[5, 6, 7], [0, 0, 8]]
-    """
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row) :] = torch.tensor(list(row), dtype=torch.long)
-            mask[i, width - len(row) :] = 1
-    return ids, mask
-
-
-def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    """The tokenizer's pad id, else its EOS id (masked out either way)."""
-    pid = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pid is None:
-        raise ValueError("the tokenizer has neither a pad nor an EOS token")
-    return int(pid)
-
-
 @torch.no_grad()
 def generate_batched(
     model: torch.nn.Module,
@@ -62,7 +40,8 @@ def generate_batched(
     """The decoded continuation of every prompt (token ids), ``sampling.batch_size`` at a time."""
     if sampling.sample:
         torch.manual_seed(sampling.seed)
-    pad = pad_id(tokenizer)
+    stops = stop_ids(model, tokenizer)
+    pad = pad_id(tokenizer, stops)
     answers: list[str] = []
     for start in range(0, len(prompts), sampling.batch_size):
         ids, mask = left_pad(prompts[start : start + sampling.batch_size], pad)
@@ -74,7 +53,7 @@ def generate_batched(
             attention_mask=mask,
             max_new_tokens=sampling.max_new_tokens,
             pad_token_id=pad,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stops,
             **kw,
         )
         new = out[:, ids.shape[1] :]

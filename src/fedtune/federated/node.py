@@ -115,7 +115,8 @@ def forward(handler: str, msg: Message, context: Context) -> Message | None:
     A node without ``worker`` in its node config has no worker. A worker that is not listening
     (restarting after a crash) is waited for up to ``worker-wait`` seconds (node config, 15 by
     default); then working without it is said once per run and the ClientApp works
-    in-process. A folder owned by
+    in-process. After that, each message tries the worker once without waiting (a worker that
+    came back is used again). A folder owned by
     another user, a token the worker refuses, or a worker that dies mid-message raise:
     Flower answers the server with an error reply, and the server leaves this client out.
     """
@@ -124,7 +125,9 @@ def forward(handler: str, msg: Message, context: Context) -> Message | None:
         return None
     where = WorkerDir(Path(str(path)).expanduser())
     where.check_owner()
-    conn = _connect(where, _wait_seconds(context), context)
+    # once this run has fallen back, a missing worker costs one try per message, not the wait
+    wait = 0.0 if fallback_said(context) else _wait_seconds(context)
+    conn = _connect(where, wait, context)
     if conn is None:
         return None
     with conn:

@@ -14,7 +14,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -141,7 +141,7 @@ def _request(served: Served, ids: list[int], asked: int | None, body: Any, limit
     return GenRequest(served, ids, max_tokens(asked, limits), lambda _: None, temperature, top_p)
 
 
-async def _events(engine: Engine, gen: GenRequest) -> AsyncIterator[Event]:
+async def _events(engine: Engine, gen: GenRequest) -> AsyncGenerator[Event, None]:
     """Submit ``gen`` and yield its events as the worker thread produces them."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Event] = asyncio.Queue()
@@ -181,11 +181,12 @@ async def _answer(
     if stream:
         return StreamingResponse(_sse(engine, gen, head, chat), media_type="text/event-stream")
     parts, done = [], Event("done")
-    async for event in _events(engine, gen):
-        if event.kind == "error":
-            raise ApiError(500, event.text, type_="server_error")
-        parts.append(event.text) if event.kind == "text" else None
-        done = event
+    async with contextlib.aclosing(_events(engine, gen)) as events:
+        async for event in events:
+            if event.kind == "error":
+                raise ApiError(500, event.text, type_="server_error")
+            parts.append(event.text) if event.kind == "text" else None
+            done = event
     usage = {
         "prompt_tokens": len(gen.ids),
         "completion_tokens": done.completion_tokens,
@@ -196,15 +197,20 @@ async def _answer(
     return JSONResponse({**head, "object": kind, "choices": [choice], "usage": usage})
 
 
-async def _sse(engine: Engine, gen: GenRequest, head: dict[str, Any], chat: bool) -> AsyncIterator[str]:
+async def _sse(
+    engine: Engine, gen: GenRequest, head: dict[str, Any], chat: bool
+) -> AsyncGenerator[str, None]:
     kind = "chat.completion.chunk" if chat else "text_completion"
     first = True
-    async for event in _events(engine, gen):
-        if event.kind == "error":
-            yield f"data: {json.dumps(ApiError(500, event.text, type_='server_error').body())}\n\n"
-            break
-        finish = event.finish_reason if event.kind == "done" else None
-        choice = _shape(chat, event.text, finish, delta=True, first=first)
-        first = False
-        yield f"data: {json.dumps({**head, 'object': kind, 'choices': [choice]})}\n\n"
+    # aclosing: a client that hangs up closes this generator, and with it at once the inner one,
+    # whose ``finally`` cancels the row (not whenever the garbage collector gets to it)
+    async with contextlib.aclosing(_events(engine, gen)) as events:
+        async for event in events:
+            if event.kind == "error":
+                yield f"data: {json.dumps(ApiError(500, event.text, type_='server_error').body())}\n\n"
+                break
+            finish = event.finish_reason if event.kind == "done" else None
+            choice = _shape(chat, event.text, finish, delta=True, first=first)
+            first = False
+            yield f"data: {json.dumps({**head, 'object': kind, 'choices': [choice]})}\n\n"
     yield "data: [DONE]\n\n"

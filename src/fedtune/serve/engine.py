@@ -22,6 +22,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from fedtune.models.generation import left_pad, pad_id, stop_ids
 from fedtune.serve.models import Catalogue, Served, activate
 
 log = logging.getLogger(__name__)
@@ -131,13 +132,21 @@ class Engine:
 
     def submit(self, request: GenRequest) -> None:
         with self._cond:
+            if self._closed:
+                request.emit(Event("error", text="the server is shutting down"))
+                return
             self._queue.append(request)
             self._cond.notify()
 
     def close(self) -> None:
+        """Stop after the batch in progress; every request still queued hears an error event."""
         with self._cond:
             self._closed = True
+            left = list(self._queue)
+            self._queue.clear()
             self._cond.notify()
+        for req in left:
+            req.emit(Event("error", text="the server is shutting down"))
         self._thread.join(timeout=30)
 
     def _next_batch(self) -> list[GenRequest] | None:
@@ -169,22 +178,13 @@ class Engine:
                 for req in live:
                     req.emit(Event("error", text=f"generation failed: {err}"))
 
-    def _eos_ids(self) -> set[int]:
-        eos = getattr(getattr(self.catalogue.model, "generation_config", None), "eos_token_id", None)
-        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if self.catalogue.tokenizer.eos_token_id is not None:
-            ids.add(self.catalogue.tokenizer.eos_token_id)
-        return ids
-
     @torch.no_grad()
     def _generate(self, batch: list[GenRequest]) -> None:
         tokenizer, model = self._tokenizer, self.catalogue.model
-        eos = self._eos_ids()
-        rows = [_Row(r, tokenizer, eos) for r in batch]
-        width = max(len(r.ids) for r in batch)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
-        input_ids = torch.tensor([[pad] * (width - len(r.ids)) + r.ids for r in batch])
-        mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in batch])
+        stops = stop_ids(model, tokenizer)
+        rows = [_Row(r, tokenizer, set(stops)) for r in batch]
+        pad = pad_id(tokenizer, stops)
+        input_ids, mask = left_pad([r.ids for r in batch], pad)
         first = batch[0]
         sampling: dict[str, object] = (
             {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p}
@@ -198,7 +198,7 @@ class Engine:
             attention_mask=mask,
             max_new_tokens=max(r.max_tokens for r in batch),
             pad_token_id=pad,
-            eos_token_id=sorted(eos),
+            eos_token_id=stops,
             streamer=_BatchStreamer(rows),
             stopping_criteria=StoppingCriteriaList([_RowsDone(rows)]),
             **sampling,

@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from fedtune.config import Config
 from fedtune.errors import FedtuneError
 from fedtune.models.adapters import check_adapter_folder, load_adapter_folder
+from fedtune.models.generation import check_can_stop
 from fedtune.models.load import load_model, load_tokenizer
 from fedtune.rag.chat import ChatRetrieval, chat_retrieval
 from fedtune.rundir import RunDir, personal_folder, personal_rounds
@@ -111,6 +112,7 @@ def load_catalogue(run_dirs: list[str | Path]) -> Catalogue:
     first = cfgs[0]
     model: torch.nn.Module = load_model(first.model)
     catalogue = Catalogue(model=model, tokenizer=load_tokenizer(first.model))
+    check_can_stop(model, catalogue.tokenizer, f"fedtune serve {runs[0].path}")
     _add(catalogue, Served(BASE_ID, first.data.template, first.data.max_source_length))
     for i, (run, cfg, folder) in enumerate(zip(runs, cfgs, folders, strict=True)):
         name = f"r{i}"

@@ -10,6 +10,7 @@ on loopback with the run's trunk adapter. Every part keeps its own KV cache
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,9 @@ class SplitSession:
     server: grpc.Server | None = None
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None) -> list[int]:
+    def generate(
+        self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | Sequence[int] | None
+    ) -> list[int]:
         """Greedy continuation of one prompt (1, T): the new tokens."""
         return split_generate(self.head, self.trunk, self.tail, input_ids, max_new_tokens, eos_token_id)[0]
 
