@@ -119,14 +119,4 @@ def test_the_cli_exits_non_zero_on_a_bad_privacy_setting(tmp_path: Path) -> None
     assert not any(tmp_path.iterdir())
 
 
-def test_local_dp_reports_each_clients_epsilon_every_round(tmp_path: Path) -> None:
-    run = tiny_run(tmp_path, "privacy.local_dp.enabled=true", "privacy.local_dp.noise_multiplier=1.0")
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    by_client: dict[int, list[float]] = {}
-    for r in lines:
-        if r["phase"] == "train":
-            by_client.setdefault(r["client"], []).append(r["local_epsilon"])
-    assert sorted(by_client) == [0, 1, 2]
-    for eps in by_client.values():  # two rounds: the second composes more steps
-        assert len(eps) == 2 and 0 < eps[0] < eps[1]
-    assert not (run / "final" / "privacy.json").exists()  # no client-level DP in this run
+# DP-SGD on clients in a run (each client's ε on every train line): tests/federated/test_wire_run.py
