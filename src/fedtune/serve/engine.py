@@ -22,7 +22,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from fedtune.serve.models import Catalogue, Served, activate
+from fedtune.serve.models import Catalogue, Served, activate, eos_ids
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,8 @@ class Event:
     text: str = ""
     finish_reason: str | None = None  # "stop" (EOS) or "length" (max_tokens), on "done"
     completion_tokens: int = 0
+    status: int = 500  # on "error": the HTTP status and OpenAI error code it is answered with
+    code: str | None = None
 
 
 @dataclass
@@ -170,11 +172,7 @@ class Engine:
                     req.emit(Event("error", text=f"generation failed: {err}"))
 
     def _eos_ids(self) -> set[int]:
-        eos = getattr(getattr(self.catalogue.model, "generation_config", None), "eos_token_id", None)
-        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if self.catalogue.tokenizer.eos_token_id is not None:
-            ids.add(self.catalogue.tokenizer.eos_token_id)
-        return ids
+        return eos_ids(self.catalogue.model, self.catalogue.tokenizer)
 
     @torch.no_grad()
     def _generate(self, batch: list[GenRequest]) -> None:

@@ -7,7 +7,9 @@ global adapter and client PID's personal one summed, as the client uses them (``
 (``[model]`` apart from ``lora``): it is loaded once and the adapters sit on it side by side
 (peft multi-adapter), switched per batch. A RAG run's ids retrieve from its reference base
 before each chat answer, as ``fedtune chat RUN --rag`` does without a case base (the clients'
-case bases are theirs).
+case bases are theirs). A split run's id generates across the split, its trunk on a trunk
+service (:mod:`fedtune.serve.split`), unless :attr:`SplitServing.unsplit` puts its adapter on the
+base model like any other run's.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from peft import PeftModel
@@ -28,9 +31,28 @@ from fedtune.models.load import load_model, load_tokenizer
 from fedtune.rag.chat import ChatRetrieval, chat_retrieval
 from fedtune.rundir import RunDir, personal_folder, personal_rounds
 
+if TYPE_CHECKING:
+    from fedtune.serve.split import SplitModel
+
 log = logging.getLogger(__name__)
 
 BASE_ID = "base"
+
+
+@dataclass(frozen=True)
+class SplitServing:
+    """How split runs are served.
+
+    ``unsplit``: the whole model in the server's process, as ``fedtune chat --unsplit``.
+    Otherwise each split run generates across the split, its trunk on the service at ``trunk``
+    (``HOST:PORT``; only with one split run, since a service holds one run's trunk adapter)
+    or, without it, on one started in the server's process on loopback for each split run.
+    ``connect_timeout_s``: the longest wait for the service to take a request's session.
+    """
+
+    unsplit: bool = False
+    trunk: str | None = None
+    connect_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -43,6 +65,7 @@ class Served:
     adapters: tuple[str, ...] = ()
     run: Path | None = None
     retrieval: ChatRetrieval | None = None  # RAG runs: evidence before the last user turn
+    split: SplitModel | None = None  # split runs served split: generates instead of the engine
 
 
 @dataclass
@@ -58,15 +81,38 @@ class Catalogue:
     def get(self, model_id: str) -> Served | None:
         return self.served.get(model_id)
 
+    def close(self) -> None:
+        """Stop the split runs' threads and the trunk services started for them."""
+        for split in {id(s.split): s.split for s in self.served.values() if s.split is not None}.values():
+            split.close()
+
 
 def _base_key(cfg: Config) -> dict[str, object]:
     return cfg.model.model_dump(exclude={"lora"})
 
 
-def check_servable(run: RunDir, cfg: Config) -> None:
-    """Warn about what is served otherwise than trained: split runs run unsplit."""
-    if cfg.split.enabled:
-        log.warning("%s: a split run, served unsplit (the whole model in this process)", run.path)
+def check_split_serving(runs: list[RunDir], cfgs: list[Config], how: SplitServing) -> None:
+    """Refuse ``--trunk`` that cannot apply: with ``--unsplit``, or unless exactly one run is split."""
+    split = [run.path.name for run, cfg in zip(runs, cfgs, strict=True) if cfg.split.enabled]
+    if how.trunk is not None and how.unsplit:
+        raise FedtuneError("--trunk: with --unsplit the split runs use no trunk service")
+    if how.trunk is not None and len(split) != 1:
+        which = ", ".join(split) if split else "none"
+        raise FedtuneError(
+            f"--trunk: a trunk service holds one run's trunk adapter, so give exactly one split run "
+            f"with it (split runs given: {which})"
+        )
+    if how.unsplit and split:
+        log.info("split runs served unsplit (the whole model in this process): %s", ", ".join(split))
+
+
+def eos_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """The tokens that end an answer: the model's generation config's and the tokenizer's EOS."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
 
 
 def run_retrieval(run: RunDir, cfg: Config, tokenizer: PreTrainedTokenizerBase) -> ChatRetrieval | None:
@@ -94,36 +140,71 @@ def _attach(model: torch.nn.Module, folder: Path, name: str) -> torch.nn.Module:
     return load_adapter_folder(model, folder, name=name)  # type: ignore[arg-type]
 
 
-def load_catalogue(run_dirs: list[str | Path]) -> Catalogue:
-    """Load the runs' shared base model once and every adapter on it; FedtuneError on a mismatch."""
+def load_catalogue(run_dirs: list[str | Path], split: SplitServing | None = None) -> Catalogue:
+    """Load the runs' shared base model once and every adapter on it; FedtuneError on a mismatch.
+
+    Split runs generate across the split as ``split`` says (default: each with a trunk service
+    started here); :meth:`Catalogue.close` stops what that started.
+    """
     if not run_dirs:
         raise FedtuneError("fedtune serve: give at least one run directory")
+    split = split or SplitServing()
     runs = [RunDir.open(d) for d in run_dirs]
     cfgs = [r.config() for r in runs]
     for run, cfg in zip(runs, cfgs, strict=True):
-        check_servable(run, cfg)
         if _base_key(cfg) != _base_key(cfgs[0]):
             raise FedtuneError(
                 f"{run.path}: its [model] differs from {runs[0].path}'s apart from lora; "
                 "serve runs of different base models from separate servers"
             )
+    names = [r.path.name for r in runs]
+    if len(set(names)) < len(names) or BASE_ID in names:
+        raise FedtuneError(
+            f"model ids are the run folders' names, which must differ from each other and from {BASE_ID!r}: "
+            f"got {names}"
+        )
+    check_split_serving(runs, cfgs, split)
     folders = [check_adapter_folder(r.final_dir()) for r in runs]  # all checked before loading
     first = cfgs[0]
     model: torch.nn.Module = load_model(first.model)
     catalogue = Catalogue(model=model, tokenizer=load_tokenizer(first.model))
     _add(catalogue, Served(BASE_ID, first.data.template, first.data.max_source_length))
-    for i, (run, cfg, folder) in enumerate(zip(runs, cfgs, folders, strict=True)):
-        name = f"r{i}"
-        catalogue.model = _attach(catalogue.model, folder, name)
-        settings = (cfg.data.template, cfg.data.max_source_length)
-        retrieval = run_retrieval(run, cfg, catalogue.tokenizer)
-        _add(catalogue, Served(run.path.name, *settings, (name,), run.path, retrieval))
-        for pid, personal in personal_adapters(run).items():
-            catalogue.model = _attach(catalogue.model, personal, f"{name}_c{pid}")
-            adapters = (name, f"{name}_c{pid}")
-            _add(catalogue, Served(f"{run.path.name}/client-{pid}", *settings, adapters, run.path, retrieval))
+    try:
+        for i, (run, cfg, folder) in enumerate(zip(runs, cfgs, folders, strict=True)):
+            if cfg.split.enabled and not split.unsplit:
+                _add_split_run(catalogue, run, cfg, folder, split)
+            else:
+                _add_run(catalogue, f"r{i}", run, cfg, folder)
+    except BaseException:
+        catalogue.close()  # the trunk services started so far
+        raise
     catalogue.model.eval()
     return catalogue
+
+
+def _add_run(catalogue: Catalogue, name: str, run: RunDir, cfg: Config, folder: Path) -> None:
+    """The run's adapter (peft adapter ``name``) and its clients' personal ones onto the base model."""
+    catalogue.model = _attach(catalogue.model, folder, name)
+    settings = (cfg.data.template, cfg.data.max_source_length)
+    retrieval = run_retrieval(run, cfg, catalogue.tokenizer)
+    _add(catalogue, Served(run.path.name, *settings, (name,), run.path, retrieval))
+    for pid, personal in personal_adapters(run).items():
+        catalogue.model = _attach(catalogue.model, personal, f"{name}_c{pid}")
+        adapters = (name, f"{name}_c{pid}")
+        _add(catalogue, Served(f"{run.path.name}/client-{pid}", *settings, adapters, run.path, retrieval))
+
+
+def _add_split_run(catalogue: Catalogue, run: RunDir, cfg: Config, folder: Path, how: SplitServing) -> None:
+    """A split run generating across the split (split runs keep no personal adapters)."""
+    # imported here: serve.split builds on the engine, which imports this module
+    from fedtune.serve.split import open_split_model
+
+    retrieval = run_retrieval(run, cfg, catalogue.tokenizer)
+    eos = eos_ids(catalogue.model, catalogue.tokenizer)
+    top_k = getattr(getattr(catalogue.model, "generation_config", None), "top_k", None)
+    model = open_split_model(run.path.name, cfg, folder, catalogue.tokenizer, eos, how, top_k=top_k)
+    settings = (cfg.data.template, cfg.data.max_source_length)
+    catalogue.served[run.path.name] = Served(run.path.name, *settings, (), run.path, retrieval, model)
 
 
 def _add(catalogue: Catalogue, served: Served) -> None:
