@@ -42,8 +42,9 @@ NEW = 12
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(a split run, a plain run of the same base), each with its own random adapter."""
-    split, cfg = finished_tiny_run(tmp_path_factory.mktemp("split"), *SPLIT)
-    plain, _ = finished_tiny_run(tmp_path_factory.mktemp("plain"), *SPLIT[:1])
+    # named apart: a run folder's name (the model id) has the time only to the second
+    split, cfg = finished_tiny_run(tmp_path_factory.mktemp("split"), *SPLIT, "run.name='split'")
+    plain, _ = finished_tiny_run(tmp_path_factory.mktemp("plain"), SPLIT[0], "run.name='plain'")
     # B drawn at random (not a constant): the answer is not one token repeated, so it can differ
     gen = torch.Generator().manual_seed(1)
     state = initial_adapter_state(cfg.model, seed=0)

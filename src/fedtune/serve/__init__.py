@@ -16,7 +16,8 @@ from fastapi import FastAPI
 from fedtune.serve.api import Limits
 from fedtune.serve.app import create_app
 from fedtune.serve.engine import Engine
-from fedtune.serve.models import SplitServing, load_catalogue
+from fedtune.serve.models import load_catalogue
+from fedtune.serve.split import SplitServing, check_split_serving, split_opener
 
 __all__ = ["Engine", "Limits", "SplitServing", "build_app", "create_app", "load_catalogue", "serve"]
 
@@ -30,9 +31,12 @@ def build_app(
 ) -> FastAPI:
     """Load the runs (one base model, all adapters; split runs as ``split`` says) and return the app.
 
-    Trunk services started for split runs stop when the app shuts down (its lifespan).
+    Split runs generate across the split by default (:class:`SplitServing`); trunk services
+    started for them stop when the app shuts down (its lifespan).
     """
-    catalogue = load_catalogue(run_dirs, split)
+    split = split or SplitServing()
+    check_split_serving(run_dirs, split)
+    catalogue = load_catalogue(run_dirs, split_opener(split))
     try:
         engine = Engine(catalogue, max_batch=max_batch)
     except BaseException:

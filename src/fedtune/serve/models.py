@@ -8,17 +8,19 @@ global adapter and client PID's personal one summed, as the client uses them (``
 (peft multi-adapter), switched per batch. A RAG run's ids retrieve from its reference base
 before each chat answer, as ``fedtune chat RUN --rag`` does without a case base (the clients'
 case bases are theirs). A split run's id generates across the split, its trunk on a trunk
-service (:mod:`fedtune.serve.split`), unless :attr:`SplitServing.unsplit` puts its adapter on the
-base model like any other run's.
+service, when :func:`load_catalogue` is given a way to open one (``open_split``, from
+:mod:`fedtune.serve.split`); without it the run's adapter goes on the base model like any other
+run's (the whole model in this process).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 from peft import PeftModel
@@ -31,28 +33,17 @@ from fedtune.models.load import load_model, load_tokenizer
 from fedtune.rag.chat import ChatRetrieval, chat_retrieval
 from fedtune.rundir import RunDir, personal_folder, personal_rounds
 
-if TYPE_CHECKING:
-    from fedtune.serve.split import SplitModel
-
 log = logging.getLogger(__name__)
 
 BASE_ID = "base"
 
 
-@dataclass(frozen=True)
-class SplitServing:
-    """How split runs are served.
+class SplitBackend(Protocol):
+    """What generates a split run's requests instead of the engine (a ``serve.split.SplitModel``)."""
 
-    ``unsplit``: the whole model in the server's process, as ``fedtune chat --unsplit``.
-    Otherwise each split run generates across the split, its trunk on the service at ``trunk``
-    (``HOST:PORT``; only with one split run, since a service holds one run's trunk adapter)
-    or, without it, on one started in the server's process on loopback for each split run.
-    ``connect_timeout_s``: the longest wait for the service to take a request's session.
-    """
+    def submit(self, request: Any) -> None: ...  # a serve.engine.GenRequest (engine imports this module)
 
-    unsplit: bool = False
-    trunk: str | None = None
-    connect_timeout_s: float = 10.0
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -65,7 +56,7 @@ class Served:
     adapters: tuple[str, ...] = ()
     run: Path | None = None
     retrieval: ChatRetrieval | None = None  # RAG runs: evidence before the last user turn
-    split: SplitModel | None = None  # split runs served split: generates instead of the engine
+    split: SplitBackend | None = None  # split runs served split: generates instead of the engine
 
 
 @dataclass
@@ -83,27 +74,17 @@ class Catalogue:
 
     def close(self) -> None:
         """Stop the split runs' threads and the trunk services started for them."""
-        for split in {id(s.split): s.split for s in self.served.values() if s.split is not None}.values():
-            split.close()
+        for served in self.served.values():
+            if served.split is not None:
+                served.split.close()
+
+
+SplitOpener = Callable[[str, Config, Path, Catalogue], SplitBackend]
+"""Opens a split run for serving: (model id, the run's config, its adapter folder, the catalogue)."""
 
 
 def _base_key(cfg: Config) -> dict[str, object]:
     return cfg.model.model_dump(exclude={"lora"})
-
-
-def check_split_serving(runs: list[RunDir], cfgs: list[Config], how: SplitServing) -> None:
-    """Refuse ``--trunk`` that cannot apply: with ``--unsplit``, or unless exactly one run is split."""
-    split = [run.path.name for run, cfg in zip(runs, cfgs, strict=True) if cfg.split.enabled]
-    if how.trunk is not None and how.unsplit:
-        raise FedtuneError("--trunk: with --unsplit the split runs use no trunk service")
-    if how.trunk is not None and len(split) != 1:
-        which = ", ".join(split) if split else "none"
-        raise FedtuneError(
-            f"--trunk: a trunk service holds one run's trunk adapter, so give exactly one split run "
-            f"with it (split runs given: {which})"
-        )
-    if how.unsplit and split:
-        log.info("split runs served unsplit (the whole model in this process): %s", ", ".join(split))
 
 
 def eos_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> set[int]:
@@ -140,15 +121,14 @@ def _attach(model: torch.nn.Module, folder: Path, name: str) -> torch.nn.Module:
     return load_adapter_folder(model, folder, name=name)  # type: ignore[arg-type]
 
 
-def load_catalogue(run_dirs: list[str | Path], split: SplitServing | None = None) -> Catalogue:
+def load_catalogue(run_dirs: list[str | Path], open_split: SplitOpener | None = None) -> Catalogue:
     """Load the runs' shared base model once and every adapter on it; FedtuneError on a mismatch.
 
-    Split runs generate across the split as ``split`` says (default: each with a trunk service
-    started here); :meth:`Catalogue.close` stops what that started.
+    A split run's id is opened by ``open_split`` (:func:`fedtune.serve.split.split_opener`);
+    without it the run is served unsplit. :meth:`Catalogue.close` stops what ``open_split`` started.
     """
     if not run_dirs:
         raise FedtuneError("fedtune serve: give at least one run directory")
-    split = split or SplitServing()
     runs = [RunDir.open(d) for d in run_dirs]
     cfgs = [r.config() for r in runs]
     for run, cfg in zip(runs, cfgs, strict=True):
@@ -163,7 +143,6 @@ def load_catalogue(run_dirs: list[str | Path], split: SplitServing | None = None
             f"model ids are the run folders' names, which must differ from each other and from {BASE_ID!r}: "
             f"got {names}"
         )
-    check_split_serving(runs, cfgs, split)
     folders = [check_adapter_folder(r.final_dir()) for r in runs]  # all checked before loading
     first = cfgs[0]
     model: torch.nn.Module = load_model(first.model)
@@ -171,10 +150,12 @@ def load_catalogue(run_dirs: list[str | Path], split: SplitServing | None = None
     _add(catalogue, Served(BASE_ID, first.data.template, first.data.max_source_length))
     try:
         for i, (run, cfg, folder) in enumerate(zip(runs, cfgs, folders, strict=True)):
-            if cfg.split.enabled and not split.unsplit:
-                _add_split_run(catalogue, run, cfg, folder, split)
-            else:
-                _add_run(catalogue, f"r{i}", run, cfg, folder)
+            if cfg.split.enabled and open_split is not None:
+                _add_split_run(catalogue, run, cfg, folder, open_split)
+                continue
+            if cfg.split.enabled:
+                log.info("%s: a split run, served unsplit (the whole model in this process)", run.path.name)
+            _add_run(catalogue, f"r{i}", run, cfg, folder)
     except BaseException:
         catalogue.close()  # the trunk services started so far
         raise
@@ -194,17 +175,14 @@ def _add_run(catalogue: Catalogue, name: str, run: RunDir, cfg: Config, folder: 
         _add(catalogue, Served(f"{run.path.name}/client-{pid}", *settings, adapters, run.path, retrieval))
 
 
-def _add_split_run(catalogue: Catalogue, run: RunDir, cfg: Config, folder: Path, how: SplitServing) -> None:
+def _add_split_run(
+    catalogue: Catalogue, run: RunDir, cfg: Config, folder: Path, open_split: SplitOpener
+) -> None:
     """A split run generating across the split (split runs keep no personal adapters)."""
-    # imported here: serve.split builds on the engine, which imports this module
-    from fedtune.serve.split import open_split_model
-
     retrieval = run_retrieval(run, cfg, catalogue.tokenizer)
-    eos = eos_ids(catalogue.model, catalogue.tokenizer)
-    top_k = getattr(getattr(catalogue.model, "generation_config", None), "top_k", None)
-    model = open_split_model(run.path.name, cfg, folder, catalogue.tokenizer, eos, how, top_k=top_k)
+    backend = open_split(run.path.name, cfg, folder, catalogue)
     settings = (cfg.data.template, cfg.data.max_source_length)
-    catalogue.served[run.path.name] = Served(run.path.name, *settings, (), run.path, retrieval, model)
+    catalogue.served[run.path.name] = Served(run.path.name, *settings, (), run.path, retrieval, backend)
 
 
 def _add(catalogue: Catalogue, served: Served) -> None:

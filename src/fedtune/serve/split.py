@@ -21,6 +21,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,13 +34,47 @@ from transformers import (
 )
 
 from fedtune.config import Config
+from fedtune.errors import FedtuneError
+from fedtune.rundir import RunDir
 from fedtune.serve.engine import Event, GenRequest, _Row
-from fedtune.serve.models import SplitServing
+from fedtune.serve.models import Catalogue, SplitOpener, eos_ids
 from fedtune.split.chat import SplitClient, open_split_client
 from fedtune.split.client import RemoteTrunk, TrunkError
 from fedtune.split.generate import greedy_pick, split_tokens
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SplitServing:
+    """How split runs are served.
+
+    ``unsplit``: the whole model in the server's process, as ``fedtune chat --unsplit``.
+    Otherwise each split run generates across the split, its trunk on the service at ``trunk``
+    (``HOST:PORT``; only with one split run, since a service holds one run's trunk adapter)
+    or, without it, on one started in the server's process on loopback for each split run.
+    ``connect_timeout_s``: the longest wait for the service to take a request's session.
+    """
+
+    unsplit: bool = False
+    trunk: str | None = None
+    connect_timeout_s: float = 10.0
+
+
+def check_split_serving(run_dirs: list[str | Path], how: SplitServing) -> None:
+    """Refuse a ``trunk`` that cannot apply: with ``unsplit``, or unless exactly one run is split."""
+    if how.trunk is None:
+        return
+    if how.unsplit:
+        raise FedtuneError("--trunk: with --unsplit the split runs use no trunk service")
+    runs = [RunDir.open(d) for d in run_dirs]
+    split = [run.path.name for run in runs if run.config().split.enabled]
+    if len(split) != 1:
+        raise FedtuneError(
+            f"--trunk: a trunk service holds one run's trunk adapter, so give exactly one split run "
+            f"with it (split runs given: {', '.join(split) or 'none'})"
+        )
+
 
 Pick = Callable[[torch.Tensor], torch.Tensor]  # the last logits (B, V) -> the next tokens (B,)
 
@@ -96,7 +131,7 @@ class SplitModel:
         eos: set[int],
         *,
         top_k: int | None = None,
-        connect_timeout_s: float = SplitServing.connect_timeout_s,
+        connect_timeout_s: float = 10.0,
     ) -> None:
         self.name, self.split, self.eos, self.top_k = name, split, eos, top_k
         self.connect_timeout_s = connect_timeout_s
@@ -161,23 +196,21 @@ class SplitModel:
 
 
 def open_split_model(
-    name: str,
-    cfg: Config,
-    adapter: Path,
-    tokenizer: PreTrainedTokenizerBase,
-    eos: set[int],
-    how: SplitServing,
-    *,
-    top_k: int | None = None,
+    name: str, cfg: Config, adapter: Path, catalogue: Catalogue, how: SplitServing
 ) -> SplitModel:
     """The split run ``cfg`` with ``adapter``: its head and tail here, its trunk where ``how`` says.
 
     Without ``how.trunk`` a trunk service with the adapter's trunk weights starts here on
     loopback; with it, the service is probed once (a warning if it does not answer: the server
-    starts anyway and the run's requests answer 503 until it does).
+    starts anyway and the run's requests answer 503 until it does). The end tokens and
+    sampling's ``top_k`` are those of the catalogue's model, as for the engine's ids.
     """
     split = open_split_client(cfg, adapter, how.trunk)
-    model = SplitModel(name, split, tokenizer, eos, top_k=top_k, connect_timeout_s=how.connect_timeout_s)
+    eos = eos_ids(catalogue.model, catalogue.tokenizer)
+    top_k = getattr(getattr(catalogue.model, "generation_config", None), "top_k", None)
+    model = SplitModel(
+        name, split, catalogue.tokenizer, eos, top_k=top_k, connect_timeout_s=how.connect_timeout_s
+    )
     if how.trunk is None:
         log.info("%s: split, trunk service started on %s", name, split.address)
     elif model.probe():
@@ -185,4 +218,15 @@ def open_split_model(
     return model
 
 
-__all__ = ["SplitModel", "open_split_model", "sampler"]
+def split_opener(how: SplitServing) -> SplitOpener | None:
+    """What :func:`~fedtune.serve.models.load_catalogue` opens split runs with; None: unsplit."""
+    if how.unsplit:
+        return None
+
+    def open_split(name: str, cfg: Config, adapter: Path, catalogue: Catalogue) -> SplitModel:
+        return open_split_model(name, cfg, adapter, catalogue, how)
+
+    return open_split
+
+
+__all__ = ["SplitModel", "SplitServing", "check_split_serving", "open_split_model", "sampler", "split_opener"]
