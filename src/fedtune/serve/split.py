@@ -44,6 +44,8 @@ from fedtune.split.generate import greedy_pick, split_tokens
 
 log = logging.getLogger(__name__)
 
+CONNECT_TIMEOUT_S = 10.0  # a service that takes no session within this is unavailable (503)
+
 
 @dataclass(frozen=True)
 class SplitServing:
@@ -58,7 +60,7 @@ class SplitServing:
 
     unsplit: bool = False
     trunk: str | None = None
-    connect_timeout_s: float = 10.0
+    connect_timeout_s: float = CONNECT_TIMEOUT_S
 
 
 def check_split_serving(run_dirs: list[str | Path], how: SplitServing) -> None:
@@ -131,7 +133,7 @@ class SplitModel:
         eos: set[int],
         *,
         top_k: int | None = None,
-        connect_timeout_s: float = 10.0,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
     ) -> None:
         self.name, self.split, self.eos, self.top_k = name, split, eos, top_k
         self.connect_timeout_s = connect_timeout_s
