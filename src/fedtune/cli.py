@@ -245,20 +245,28 @@ def serve(
     port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
     max_tokens: Annotated[int, typer.Option(min=1, help="the largest max_tokens a request may ask")] = 1024,
     max_body_bytes: Annotated[int, typer.Option(min=1, help="the largest request body")] = 1_000_000,
+    trunk: Annotated[
+        str | None,
+        typer.Option(help="the split run's trunk service, HOST:PORT (default: start one here per split run)"),
+    ] = None,
+    unsplit: Annotated[bool, typer.Option(help="split runs: run the whole model in this process")] = False,
 ) -> None:
     """An OpenAI-compatible API over the runs' adapters (model ids: see GET /v1/models).
 
     One base model, each run's global adapter (model = the run folder's name), each FF-LoRA
-    client's personal adapter (NAME/client-PID) and the base model (base). Ctrl-C stops it.
+    client's personal adapter (NAME/client-PID) and the base model (base). A split run generates
+    across the split (head and tail here, the trunk on a trunk service) unless --unsplit.
+    Ctrl-C stops it.
     """
-    from fedtune.serve import Limits
+    from fedtune.serve import Limits, SplitServing
     from fedtune.serve import serve as run_server
 
     limits = Limits(
         max_tokens=max_tokens, default_max_tokens=min(256, max_tokens), max_body_bytes=max_body_bytes
     )
+    split = SplitServing(unsplit=unsplit, trunk=trunk)
     console.print(f"serving {', '.join(d.name for d in run_dirs)} on http://{host}:{port}/v1")
-    run_server(list(run_dirs), host=host, port=port, limits=limits)
+    run_server(list(run_dirs), host=host, port=port, limits=limits, split=split)
 
 
 @app.command()

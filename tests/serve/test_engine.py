@@ -22,7 +22,7 @@ class _BlockingModel:
 
 
 def _request(events: list[Event]) -> GenRequest:
-    return GenRequest(SimpleNamespace(id="m", adapters=()), [5, 6], 4, events.append)  # type: ignore[arg-type]
+    return GenRequest(SimpleNamespace(id="m", adapters=(), split=None), [5, 6], 4, events.append)  # type: ignore[arg-type]
 
 
 def test_close_answers_every_queued_request_with_an_error() -> None:
@@ -51,18 +51,19 @@ def test_close_answers_every_queued_request_with_an_error() -> None:
 def test_a_stream_closed_early_cancels_its_row_at_once() -> None:
     import asyncio
 
-    from fedtune.serve.app import _sse
+    from fedtune.serve.app import _events, _resumed, _sse
 
     class _OneWordEngine:
         def submit(self, gen: GenRequest) -> None:
             gen.emit(Event("text", "hello"))  # and then nothing: the row is still generating
 
-    async def hang_up_after_one_chunk() -> GenRequest:
+    async def hang_up_after_one_chunk() -> None:
         gen = _request([])
-        stream = _sse(_OneWordEngine(), gen, {"id": "x"}, True)  # type: ignore[arg-type]
+        events = _events(_OneWordEngine(), gen)  # type: ignore[arg-type]
+        first = await anext(events)
+        stream = _sse(_resumed(first, events), {"id": "x"}, True)
         assert "hello" in await anext(stream)
         await stream.aclose()  # what Starlette does when the client goes away
         assert gen.cancelled.is_set()
-        return gen
 
     asyncio.run(hang_up_after_one_chunk())

@@ -3,8 +3,12 @@
 Handlers only parse, check and wait: the prompt goes to the :class:`Engine`'s worker thread, and
 its tokens come back through an asyncio queue, so the event loop keeps serving while a model
 generates. ``stream: true`` answers as OpenAI does, server-sent events of ``chunk`` objects
-ending ``data: [DONE]``. Every error is OpenAI's JSON error shape with a 4xx status (5xx only
-for a failure inside generation), and the server goes on serving.
+ending ``data: [DONE]``; a stream starts once its first token is there, so that a request that
+fails before it (e.g. a split run's trunk service down) gets an HTTP error status, streamed or
+not. Every error is OpenAI's JSON error shape with a 4xx status (5xx only for a failure inside
+generation: 500, or 503 / 502 when a split run's trunk service is unreachable / fails), and the
+server goes on serving. A split run's requests go to its own :class:`~fedtune.serve.split.SplitModel`
+instead of the engine.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         engine.close()
+        engine.catalogue.close()  # split runs' threads and the trunk services started for them
 
     app = FastAPI(title="fedtune serve", lifespan=lifespan)
     app.state.engine, app.state.limits = engine, limits
@@ -141,7 +146,7 @@ def _request(served: Served, ids: list[int], asked: int | None, body: Any, limit
     return GenRequest(served, ids, max_tokens(asked, limits), lambda _: None, temperature, top_p)
 
 
-async def _events(engine: Engine, gen: GenRequest) -> AsyncGenerator[Event, None]:
+async def _events(engine: Engine, gen: GenRequest) -> AsyncGenerator[Event]:
     """Submit ``gen`` and yield its events as the worker thread produces them."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Event] = asyncio.Queue()
@@ -150,7 +155,7 @@ async def _events(engine: Engine, gen: GenRequest) -> AsyncGenerator[Event, None
         loop.call_soon_threadsafe(queue.put_nowait, event)
 
     gen.emit = emit
-    engine.submit(gen)
+    (gen.served.split or engine).submit(gen)
     try:
         while True:
             event = await queue.get()
@@ -170,6 +175,10 @@ def _shape(chat: bool, text: str, finish: str | None, *, delta: bool, first: boo
     return {"index": 0, ("delta" if delta else "message"): message, "finish_reason": finish}
 
 
+def _error(event: Event) -> ApiError:
+    return ApiError(event.status, event.text, type_="server_error", code=event.code)
+
+
 async def _answer(
     engine: Engine, gen: GenRequest, stream: bool, *, chat: bool
 ) -> JSONResponse | StreamingResponse:
@@ -178,13 +187,18 @@ async def _answer(
         "created": int(time.time()),
         "model": gen.served.id,
     }
+    events = _events(engine, gen)
     if stream:
-        return StreamingResponse(_sse(engine, gen, head, chat), media_type="text/event-stream")
+        first = await anext(events)  # a failure before the first token answers with its status
+        if first.kind == "error":
+            await events.aclose()
+            raise _error(first)
+        return StreamingResponse(_sse(_resumed(first, events), head, chat), media_type="text/event-stream")
     parts, done = [], Event("done")
-    async with contextlib.aclosing(_events(engine, gen)) as events:
+    async with contextlib.aclosing(events):
         async for event in events:
             if event.kind == "error":
-                raise ApiError(500, event.text, type_="server_error")
+                raise _error(event)
             parts.append(event.text) if event.kind == "text" else None
             done = event
     usage = {
@@ -197,17 +211,26 @@ async def _answer(
     return JSONResponse({**head, "object": kind, "choices": [choice], "usage": usage})
 
 
-async def _sse(
-    engine: Engine, gen: GenRequest, head: dict[str, Any], chat: bool
-) -> AsyncGenerator[str, None]:
+async def _resumed(first: Event, rest: AsyncGenerator[Event]) -> AsyncGenerator[Event]:
+    """``first`` (already taken from ``rest``), then the rest; closing this closes ``rest``."""
+    try:
+        yield first
+        if first.kind == "text":
+            async for event in rest:
+                yield event
+    finally:
+        await rest.aclose()  # a stream that ends early (client gone) stops its request now
+
+
+async def _sse(events: AsyncGenerator[Event], head: dict[str, Any], chat: bool) -> AsyncGenerator[str]:
     kind = "chat.completion.chunk" if chat else "text_completion"
     first = True
-    # aclosing: a client that hangs up closes this generator, and with it at once the inner one,
-    # whose ``finally`` cancels the row (not whenever the garbage collector gets to it)
-    async with contextlib.aclosing(_events(engine, gen)) as events:
+    # aclosing: a client that hangs up closes this generator, and with it at once ``events``,
+    # whose ``finally`` cancels the request (not whenever the garbage collector gets to it)
+    async with contextlib.aclosing(events):
         async for event in events:
             if event.kind == "error":
-                yield f"data: {json.dumps(ApiError(500, event.text, type_='server_error').body())}\n\n"
+                yield f"data: {json.dumps(_error(event).body())}\n\n"
                 break
             finish = event.finish_reason if event.kind == "done" else None
             choice = _shape(chat, event.text, finish, delta=True, first=first)

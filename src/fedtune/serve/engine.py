@@ -36,6 +36,8 @@ class Event:
     text: str = ""
     finish_reason: str | None = None  # "stop" (EOS) or "length" (max_tokens), on "done"
     completion_tokens: int = 0
+    status: int = 500  # on "error": the HTTP status and OpenAI error code it is answered with
+    code: str | None = None
 
 
 @dataclass

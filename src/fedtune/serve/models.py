@@ -7,15 +7,20 @@ global adapter and client PID's personal one summed, as the client uses them (``
 (``[model]`` apart from ``lora``): it is loaded once and the adapters sit on it side by side
 (peft multi-adapter), switched per batch. A RAG run's ids retrieve from its reference base
 before each chat answer, as ``fedtune chat RUN --rag`` does without a case base (the clients'
-case bases are theirs).
+case bases are theirs). A split run's id generates across the split, its trunk on a trunk
+service, when :func:`load_catalogue` is given a way to open one (``open_split``, from
+:mod:`fedtune.serve.split`); without it the run's adapter goes on the base model like any other
+run's (the whole model in this process).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from peft import PeftModel
@@ -34,6 +39,14 @@ log = logging.getLogger(__name__)
 BASE_ID = "base"
 
 
+class SplitBackend(Protocol):
+    """What generates a split run's requests instead of the engine (a ``serve.split.SplitModel``)."""
+
+    def submit(self, request: Any) -> None: ...  # a serve.engine.GenRequest (engine imports this module)
+
+    def close(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class Served:
     """One model id: the peft adapters summed for it (none: the base) and its run's prompt settings."""
@@ -44,6 +57,7 @@ class Served:
     adapters: tuple[str, ...] = ()
     run: Path | None = None
     retrieval: ChatRetrieval | None = None  # RAG runs: evidence before the last user turn
+    split: SplitBackend | None = None  # split runs served split: generates instead of the engine
 
 
 @dataclass
@@ -59,15 +73,19 @@ class Catalogue:
     def get(self, model_id: str) -> Served | None:
         return self.served.get(model_id)
 
+    def close(self) -> None:
+        """Stop the split runs' threads and the trunk services started for them."""
+        for served in self.served.values():
+            if served.split is not None:
+                served.split.close()
+
+
+SplitOpener = Callable[[str, Config, Path, Catalogue], SplitBackend]
+"""Opens a split run for serving: (model id, the run's config, its adapter folder, the catalogue)."""
+
 
 def _base_key(cfg: Config) -> dict[str, object]:
     return cfg.model.model_dump(exclude={"lora"})
-
-
-def check_servable(run: RunDir, cfg: Config) -> None:
-    """Warn about what is served otherwise than trained: split runs run unsplit."""
-    if cfg.split.enabled:
-        log.warning("%s: a split run, served unsplit (the whole model in this process)", run.path)
 
 
 def run_retrieval(run: RunDir, cfg: Config, tokenizer: PreTrainedTokenizerBase) -> ChatRetrieval | None:
@@ -95,37 +113,69 @@ def _attach(model: torch.nn.Module, folder: Path, name: str) -> torch.nn.Module:
     return load_adapter_folder(model, folder, name=name)  # type: ignore[arg-type]
 
 
-def load_catalogue(run_dirs: list[str | Path]) -> Catalogue:
-    """Load the runs' shared base model once and every adapter on it; FedtuneError on a mismatch."""
+def load_catalogue(run_dirs: list[str | Path], open_split: SplitOpener | None = None) -> Catalogue:
+    """Load the runs' shared base model once and every adapter on it; FedtuneError on a mismatch.
+
+    A split run's id is opened by ``open_split`` (:func:`fedtune.serve.split.split_opener`);
+    without it the run is served unsplit. :meth:`Catalogue.close` stops what ``open_split`` started.
+    """
     if not run_dirs:
         raise FedtuneError("fedtune serve: give at least one run directory")
     runs = [RunDir.open(d) for d in run_dirs]
     cfgs = [r.config() for r in runs]
     for run, cfg in zip(runs, cfgs, strict=True):
-        check_servable(run, cfg)
         if _base_key(cfg) != _base_key(cfgs[0]):
             raise FedtuneError(
                 f"{run.path}: its [model] differs from {runs[0].path}'s apart from lora; "
                 "serve runs of different base models from separate servers"
             )
+    names = [r.path.name for r in runs]
+    if len(set(names)) < len(names) or BASE_ID in names:
+        raise FedtuneError(
+            f"model ids are the run folders' names, which must differ from each other and from {BASE_ID!r}: "
+            f"got {names}"
+        )
     folders = [check_adapter_folder(r.final_dir()) for r in runs]  # all checked before loading
     first = cfgs[0]
     model: torch.nn.Module = load_model(first.model)
     catalogue = Catalogue(model=model, tokenizer=load_tokenizer(first.model))
     check_can_stop(model, catalogue.tokenizer, f"fedtune serve {runs[0].path}")
     _add(catalogue, Served(BASE_ID, first.data.template, first.data.max_source_length))
-    for i, (run, cfg, folder) in enumerate(zip(runs, cfgs, folders, strict=True)):
-        name = f"r{i}"
-        catalogue.model = _attach(catalogue.model, folder, name)
-        settings = (cfg.data.template, cfg.data.max_source_length)
-        retrieval = run_retrieval(run, cfg, catalogue.tokenizer)
-        _add(catalogue, Served(run.path.name, *settings, (name,), run.path, retrieval))
-        for pid, personal in personal_adapters(run).items():
-            catalogue.model = _attach(catalogue.model, personal, f"{name}_c{pid}")
-            adapters = (name, f"{name}_c{pid}")
-            _add(catalogue, Served(f"{run.path.name}/client-{pid}", *settings, adapters, run.path, retrieval))
+    try:
+        for i, (run, cfg, folder) in enumerate(zip(runs, cfgs, folders, strict=True)):
+            if cfg.split.enabled and open_split is not None:
+                _add_split_run(catalogue, run, cfg, folder, open_split)
+                continue
+            if cfg.split.enabled:
+                log.info("%s: a split run, served unsplit (the whole model in this process)", run.path.name)
+            _add_run(catalogue, f"r{i}", run, cfg, folder)
+    except BaseException:
+        catalogue.close()  # the trunk services started so far
+        raise
     catalogue.model.eval()
     return catalogue
+
+
+def _add_run(catalogue: Catalogue, name: str, run: RunDir, cfg: Config, folder: Path) -> None:
+    """The run's adapter (peft adapter ``name``) and its clients' personal ones onto the base model."""
+    catalogue.model = _attach(catalogue.model, folder, name)
+    settings = (cfg.data.template, cfg.data.max_source_length)
+    retrieval = run_retrieval(run, cfg, catalogue.tokenizer)
+    _add(catalogue, Served(run.path.name, *settings, (name,), run.path, retrieval))
+    for pid, personal in personal_adapters(run).items():
+        catalogue.model = _attach(catalogue.model, personal, f"{name}_c{pid}")
+        adapters = (name, f"{name}_c{pid}")
+        _add(catalogue, Served(f"{run.path.name}/client-{pid}", *settings, adapters, run.path, retrieval))
+
+
+def _add_split_run(
+    catalogue: Catalogue, run: RunDir, cfg: Config, folder: Path, open_split: SplitOpener
+) -> None:
+    """A split run generating across the split (split runs keep no personal adapters)."""
+    retrieval = run_retrieval(run, cfg, catalogue.tokenizer)
+    backend = open_split(run.path.name, cfg, folder, catalogue)
+    settings = (cfg.data.template, cfg.data.max_source_length)
+    catalogue.served[run.path.name] = Served(run.path.name, *settings, (), run.path, retrieval, backend)
 
 
 def _add(catalogue: Catalogue, served: Served) -> None:

@@ -76,6 +76,8 @@ class TrunkClient:
         Largest message sent or accepted; match the service's.
     timeout_s
         Longest wait for one reply (the service may be serving another client's step).
+    connect_timeout_s
+        Longest wait for the connection; default ``timeout_s``.
     keep_wire
         Keep each outgoing message's bytes in :attr:`audit` (tests).
     """
@@ -88,6 +90,7 @@ class TrunkClient:
         max_message_bytes: int | None = None,
         timeout_s: float = 300.0,
         keep_wire: bool = False,
+        connect_timeout_s: float | None = None,
     ) -> None:
         self.limits = Limits(hidden_size, *([max_message_bytes] if max_message_bytes else []))
         self.timeout_s = timeout_s
@@ -103,12 +106,13 @@ class TrunkClient:
         else:
             root = tls_root_cert if isinstance(tls_root_cert, bytes) else Path(tls_root_cert).read_bytes()
             self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root), options=options)
+        connect_s = timeout_s if connect_timeout_s is None else connect_timeout_s
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
+            grpc.channel_ready_future(self._channel).result(timeout=connect_s)
         except grpc.FutureTimeoutError:
             self._channel.close()
             raise ConnectionError(
-                f"trunk service at {address}: no connection within {timeout_s} s "
+                f"trunk service at {address}: no connection within {connect_s} s "
                 f"({'TLS' if tls_root_cert is not None else 'plaintext'})"
             ) from None
         stream = self._channel.stream_stream(
