@@ -19,7 +19,7 @@ from fedtune.data.tokenize import build_generation_input
 from fedtune.data.types import Conversation
 from fedtune.errors import FedtuneError
 from fedtune.models.adapters import check_adapter_folder, load_adapter_folder
-from fedtune.models.generation import pad_id, stop_ids
+from fedtune.models.generation import input_device, pad_id, stop_ids
 from fedtune.models.load import load_model, load_tokenizer
 from fedtune.rundir import RunDir
 from fedtune.training.local import evaluate
@@ -120,7 +120,7 @@ def greedy(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ids: list[int], max_new_tokens: int
 ) -> str:
     """The greedy continuation of the prompt ``ids`` (up to EOS or ``max_new_tokens``), decoded."""
-    input_ids = torch.tensor([ids])
+    input_ids = torch.tensor([ids], device=input_device(model))
     stops = stop_ids(model, tokenizer)
     output = model.generate(  # type: ignore[operator]
         input_ids=input_ids,

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from fedtune.errors import FedtuneError
-from fedtune.models.generation import check_can_stop, left_pad, pad_id, stop_ids
+from fedtune.models.generation import check_can_stop, input_device, left_pad, pad_id, stop_ids
 
 
 def _tok(pad: int | None, eos: int | None) -> SimpleNamespace:
@@ -43,3 +43,13 @@ def test_left_pad_right_aligns_rows() -> None:
     ids, mask = left_pad([[5, 6, 7], [8], []], 0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 0, 0]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]]
+
+
+def test_input_device_is_where_the_embeddings_are() -> None:
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Embedding(4, 2), torch.nn.Linear(2, 2))
+    assert input_device(model) == torch.device("cpu")
+    model.to(torch.device("meta"))
+    assert input_device(model) == torch.device("meta")
+    assert input_device(torch.nn.ReLU()) == torch.device("cpu")  # no parameters

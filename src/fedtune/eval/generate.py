@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from fedtune.models.generation import left_pad, pad_id, stop_ids
+from fedtune.models.generation import input_device, left_pad, pad_id, stop_ids
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,9 @@ def generate_batched(
     pad = pad_id(tokenizer, stops)
     answers: list[str] = []
     for start in range(0, len(prompts), sampling.batch_size):
-        ids, mask = left_pad(prompts[start : start + sampling.batch_size], pad)
+        ids, mask = (
+            t.to(input_device(model)) for t in left_pad(prompts[start : start + sampling.batch_size], pad)
+        )
         kw: dict[str, object] = {"do_sample": sampling.sample}
         if sampling.sample:
             kw.update(temperature=sampling.temperature, top_p=sampling.top_p)

@@ -45,6 +45,17 @@ def check_can_stop(model: torch.nn.Module | None, tokenizer: PreTrainedTokenizer
         )
 
 
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where a prompt goes: the device of the input embeddings (the first part under a device_map)."""
+    embed = getattr(model, "get_input_embeddings", None)
+    module = embed() if callable(embed) else None
+    for part in (module, model):
+        if isinstance(part, torch.nn.Module):
+            for p in part.parameters():
+                return p.device
+    return torch.device("cpu")
+
+
 def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, attention_mask)`` with every row right-aligned; pads on the left.
 

@@ -22,7 +22,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from fedtune.models.generation import left_pad, pad_id, stop_ids
+from fedtune.models.generation import input_device, left_pad, pad_id, stop_ids
 from fedtune.serve.models import Catalogue, Served, activate
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ class Engine:
         stops = stop_ids(model, tokenizer)
         rows = [_Row(r, tokenizer, set(stops)) for r in batch]
         pad = pad_id(tokenizer, stops)
-        input_ids, mask = left_pad([r.ids for r in batch], pad)
+        input_ids, mask = (t.to(input_device(model)) for t in left_pad([r.ids for r in batch], pad))
         first = batch[0]
         sampling: dict[str, object] = (
             {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p}
