@@ -3,47 +3,51 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import re
 from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration  # runs `fedtune run` through Flower's simulation (Ray)
+from helpers import run_cli
+
+pytestmark = pytest.mark.integration  # runs `fedtune run` through Flower's simulation (Ray), in-process
 
 
-def fedtune(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fedtune", *args], capture_output=True, text=True, timeout=600, check=False
-    )
-
-
-def test_a_round_below_its_quorum_fails_the_run_cleanly_and_resume_continues_it(tmp_path: Path) -> None:
+def test_a_round_below_its_quorum_fails_the_run_cleanly_and_resume_continues_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # Prepare: a phase deadline no client can meet (a tiny model's train call takes > 0.1 s), so every
     # reply of round 1 is missing: a real client failure, "no reply by the deadline"
     out = tmp_path / "runs"
     sets = [f"run.output_dir='{out}'", "fed.round_timeout=0.001", "fed.rounds=1", "run.report=false"]
 
     # Execute
-    failed = fedtune(
-        "run", "--config", "configs/tiny.toml", "--no-progress", *[x for s in sets for x in ("--set", s)]
+    failed = run_cli(
+        capsys,
+        "run",
+        "--config",
+        "configs/tiny.toml",
+        "--no-progress",
+        *[x for s in sets for x in ("--set", s)],
     )
     (run,) = out.iterdir()
     state = json.loads((run / "state.json").read_text())
     config = (run / "config.toml").read_text()
     (run / "config.toml").write_text(config.replace("round_timeout = 0.001", "round_timeout = 600.0"))
-    resumed = fedtune("run", "--resume", str(run), "--no-progress")
+    resumed = run_cli(capsys, "run", "--resume", str(run), "--no-progress")
 
     # Assert: exit 2 with one line naming the cause and the resume; round 0 kept; then complete
-    assert failed.returncode == 2, failed.stderr[-3000:]
-    (error,) = [x for x in failed.stderr.splitlines() if x.startswith("error:")]
-    assert "run FAILED after round 0 of 1" in error and "below the quorum of 1" in error
-    assert f"fedtune run --resume {run}" in error
+    code, _, err = failed  # stderr with its whitespace folded
+    assert code == 2, err[-3000:]
+    (error,) = re.findall(
+        r"error: run FAILED after round 0 of 1: .*? continue with: fedtune run --resume \S+", err
+    )
+    assert "below the quorum of 1" in error and error.endswith(str(run))
     assert state["last_round"] == 0 and "no reply" not in state["failed"]
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     missing = [x for x in lines if x.get("event") == "failure" and x["round"] == 1]
-    assert [x["client"] for x in missing] == [0, 1, 2], failed.stderr[-3000:]
+    assert [x["client"] for x in missing] == [0, 1, 2], err[-3000:]
     assert all(x["cause"] == "no reply within fed.round_timeout=0.001s" for x in missing)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed[0] == 0, resumed[2][-3000:]
     assert json.loads((run / "state.json").read_text()) == {"last_round": 1}
     assert (run / "final" / "adapter_model.safetensors").is_file()

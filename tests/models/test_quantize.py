@@ -4,8 +4,6 @@ and configs the device or backend cannot run are refused naming the key."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -110,18 +108,14 @@ def test_a_device_bitsandbytes_cannot_use_is_refused(monkeypatch: pytest.MonkeyP
 
 
 @pytest.mark.integration  # `fedtune run` through Flower's simulation (Ray): ~30 s
-def test_a_federated_run_on_a_4bit_base_sends_and_saves_lora_only(tmp_path: Path) -> None:
+def test_a_federated_run_on_a_4bit_base_sends_and_saves_lora_only(tmp_path: Path, capsys) -> None:
+    from helpers import run_cli
+
     out = tmp_path / "runs"
     sets = [f"run.output_dir='{out}'", "model.quantization={bits=4}", "fed.rounds=1", "run.report=false"]
-    cmd = [sys.executable, "-m", "fedtune", "run", "--config", "configs/tiny.toml", "--no-progress"]
-    proc = subprocess.run(
-        [*cmd, *(x for s in sets for x in ("--set", s))],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    cmd = ["run", "--config", "configs/tiny.toml", "--no-progress"]
+    code, _, err = run_cli(capsys, *cmd, *(x for s in sets for x in ("--set", s)))
+    assert code == 0, err[-3000:]
     (run,) = out.iterdir()
     final = load_file(run / "final" / "adapter_model.safetensors")
     # 2 layers x q/k/v/o x (A, B), all LoRA factors in fp32: nothing of the 4-bit base
