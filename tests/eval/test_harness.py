@@ -9,7 +9,7 @@ import pytest
 
 from fedtune.errors import FedtuneError
 from fedtune.eval.harness import TASKS_DIR, _absolute_data_files, summary_rows, task_specs
-from fedtune.eval.taskdata import WIKI_MC, jsonl, wiki_mc_records
+from fedtune.eval.taskdata import WIKI_GEN, WIKI_MC, jsonl, wiki_gen_records, wiki_mc_records
 from fedtune.rundir import RunDir
 from helpers import run_cli
 
@@ -18,6 +18,10 @@ def test_shipped_task_data_is_what_taskdata_builds() -> None:
     assert WIKI_MC.read_text(encoding="utf-8") == jsonl(wiki_mc_records())
     first = wiki_mc_records()[0]
     assert len(first["choices"]) == 4 and 0 <= first["label"] < 4
+    assert WIKI_GEN.read_text(encoding="utf-8") == jsonl(wiki_gen_records())
+    gen = wiki_gen_records()[0]
+    title = gen["question"].removeprefix("What is ").removesuffix("?")
+    assert gen["answer"].startswith(title.split()[0])  # the article's own first sentence
 
 
 def test_relative_data_files_are_read_beside_the_yaml() -> None:
@@ -53,6 +57,19 @@ def test_eval_tasks_on_tiny_llama(capsys, tiny_run: RunDir) -> None:
         assert res["sample_len"] == 4  # --limit examples were run
         assert res["acc,none"] in {0.0, 0.25, 0.5, 0.75, 1.0}  # a mean over 4 examples
     assert "fedtune_wiki_mc" in out
+
+
+def test_the_generation_task_scores_free_text_answers_by_bleu_and_chrf(capsys, tiny_run: RunDir) -> None:
+    code, _, err = run_cli(
+        capsys, "eval", str(tiny_run.path), "--no-loss", "--tasks", "fedtune_wiki_gen", "--limit", "2"
+    )
+    assert code == 0, err
+    doc = json.loads(tiny_run.lm_eval_file.read_text())
+    for variant in ("base", "adapter"):
+        res = doc["results"][variant]["fedtune_wiki_gen"]
+        assert res["sample_len"] == 2
+        assert 0 <= res["bleu,none"] <= 100 and 0 <= res["chrf,none"] <= 100
+    assert {r["metric"] for r in doc["summary"]} == {"bleu,none", "chrf,none"}
 
 
 @pytest.mark.integration  # indexes lm-eval's own tasks (seconds)
