@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -16,7 +17,8 @@ from fedtune.config import load_config
 from fedtune.errors import FedtuneError
 from fedtune.inference import load_run, load_split_run, reply
 from fedtune.launch import preflight
-from test_e2e import fedtune, resume_after_round_1, same_adapter, tiny_run
+from helpers import run_cli
+from test_e2e import resume_after_round_1, same_adapter, tiny_run
 
 SPLIT = (
     "model.name='tiny-llama-4l'",
@@ -91,11 +93,14 @@ def test_chat_across_the_split_equals_the_unsplit_model(split_run: Path) -> None
 
 
 @pytest.mark.integration
-def test_chat_command_on_a_split_run(split_run: Path) -> None:
-    proc = fedtune("chat", str(split_run), "--prompt", "hi", "--max-new-tokens", "4")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "model>" in proc.stdout
-    assert "trunk service on 127.0.0.1" in proc.stderr
+def test_chat_command_on_a_split_run(
+    split_run: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="fedtune")
+    code, out, err = run_cli(capsys, "chat", str(split_run), "--prompt", "hi", "--max-new-tokens", "4")
+    assert code == 0, err[-2000:]
+    assert "model>" in out
+    assert "trunk service on 127.0.0.1" in caplog.text  # it started one of its own
 
 
 @pytest.mark.integration
@@ -140,7 +145,10 @@ def test_split_config_ships_and_loads() -> None:
 
 
 @pytest.mark.integration
-def test_chat_with_a_trunk_service_of_its_own_process(split_run: Path, tmp_path: Path) -> None:
+def test_chat_with_a_trunk_service_of_its_own_process(
+    split_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="fedtune")
     ready = tmp_path / "port"
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedtune", "serve-trunk", "--config", str(split_run / "config.toml"),
@@ -160,7 +168,9 @@ def test_chat_with_a_trunk_service_of_its_own_process(split_run: Path, tmp_path:
             tokens = across.split.generate(prompt, 10, None)
         finally:
             across.split.close()  # type: ignore[union-attr]
-        cli = fedtune("chat", str(split_run), "--prompt", "hi", "--max-new-tokens", "4", "--trunk", address)
+        cli = run_cli(
+            capsys, "chat", str(split_run), "--prompt", "hi", "--max-new-tokens", "4", "--trunk", address
+        )
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -169,5 +179,6 @@ def test_chat_with_a_trunk_service_of_its_own_process(split_run: Path, tmp_path:
         input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False
     )[0, 4:]
     assert tokens == expected.tolist()
-    assert cli.returncode == 0 and "model>" in cli.stdout, cli.stderr[-2000:]
-    assert "trunk service on" not in cli.stderr  # it used the given service, started none
+    code, out, err = cli
+    assert code == 0 and "model>" in out, err[-2000:]
+    assert "trunk service on" not in caplog.text  # it used the given service, started none

@@ -13,7 +13,8 @@ from fedtune import launch
 from fedtune.config import load_config
 from fedtune.errors import FedtuneError
 from fedtune.privacy.accounting import Ledger
-from test_e2e import fedtune, resume_after_round_1, same_adapter, tiny_run
+from helpers import run_cli
+from test_e2e import resume_after_round_1, same_adapter, tiny_run
 
 pytestmark = pytest.mark.integration
 
@@ -103,7 +104,7 @@ def test_bad_privacy_settings_are_refused_before_a_run_directory(
     assert not any(tmp_path.iterdir())
 
 
-def test_the_cli_exits_non_zero_on_a_bad_privacy_setting(tmp_path: Path) -> None:
+def test_the_cli_exits_non_zero_on_a_bad_privacy_setting(tmp_path: Path, capsys) -> None:
     sets = [
         "--set",
         f"run.output_dir='{tmp_path}'",
@@ -112,10 +113,17 @@ def test_the_cli_exits_non_zero_on_a_bad_privacy_setting(tmp_path: Path) -> None
         "--set",
         "fed.strategy='krum'",
     ]
-    proc = fedtune(
-        "run", "--config", "configs/tiny.toml", "--no-progress", "--set", "privacy.noise_multiplier=1", *sets
+    code, _, err = run_cli(
+        capsys,
+        "run",
+        "--config",
+        "configs/tiny.toml",
+        "--no-progress",
+        "--set",
+        "privacy.noise_multiplier=1",
+        *sets,
     )
-    assert proc.returncode != 0 and "fed.strategy" in proc.stderr
+    assert code != 0 and "fed.strategy" in err
     assert not any(tmp_path.iterdir())
 
 
