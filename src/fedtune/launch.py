@@ -72,7 +72,7 @@ def run(cfg: Config | None = None, *, resume: str | Path | None = None, progress
 
     if resume is not None:
         run_dir = RunDir.open(resume)
-        cfg = run_dir.config()
+        cfg = run_dir.resume_config()
         preflight(cfg)
         log.info("resuming %s after round %s", run_dir.path, run_dir.last_round())
     else:
