@@ -111,3 +111,20 @@ def test_resume_with_a_quantisation_set_names_the_key(
     run = _started_quantised(tmp_path)
     code, _, err = run_cli(capsys, "run", "--resume", str(run.path), "--set", "model.quantization={bits=8}")
     assert code == 2 and "drop --set model.quantization" in err and "Traceback" not in err
+
+
+def test_a_quantisation_without_its_backend_is_refused_before_a_run_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedtune.models import quantize
+
+    real = quantize.importlib.util.find_spec
+    monkeypatch.setattr(
+        quantize.importlib.util, "find_spec", lambda name: None if name == "bitsandbytes" else real(name)
+    )
+    monkeypatch.setattr(simulation, "simulate", _failing(-1))
+    out = tmp_path / "runs"
+    cfg = load_config("configs/tiny.toml", [f"run.output_dir='{out}'", "model.quantization={bits=8}"])
+    with pytest.raises(FedtuneError, match=r"^model\.quantization: needs bitsandbytes"):
+        launch.run(cfg, progress=False)
+    assert not out.exists()
