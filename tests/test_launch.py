@@ -128,3 +128,13 @@ def test_a_quantisation_without_its_backend_is_refused_before_a_run_directory(
     with pytest.raises(FedtuneError, match=r"^model\.quantization: needs bitsandbytes"):
         launch.run(cfg, progress=False)
     assert not out.exists()
+
+
+def test_a_device_map_with_split_learning_is_refused_before_a_run_directory(tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    cfg = load_config(
+        "configs/tiny.toml", [f"run.output_dir='{out}'", "model.device_map='auto'", "split.enabled=true"]
+    )
+    with pytest.raises(FedtuneError, match=r"^model\.device_map: not with split\.enabled"):
+        launch.run(cfg, progress=False)
+    assert not out.exists()

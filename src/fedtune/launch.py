@@ -41,6 +41,8 @@ def preflight(cfg: Config) -> None:
             plan.population,
         )
     if cfg.split.enabled:
+        if cfg.model.device_map is not None:  # the split parts are placed by split learning itself
+            raise FedtuneError("model.device_map: not with split.enabled (split learning places its parts)")
         check_split(cfg)
     check_quantization(cfg.model)  # the device and backend can quantise as asked
     tokenizer = load_tokenizer(cfg.model)

@@ -8,6 +8,7 @@ hashable (caches key on it). Every field carries its description, from which
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 import tomli_w
@@ -131,6 +132,10 @@ class QuantizationConfig(_Section):
         return self
 
 
+DeviceMapName = Literal["auto", "balanced", "balanced_low_0", "sequential"]
+_MAP_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
 class ModelConfig(_Section):
     """``model``: the base model, its dtype and RoPE scaling, and the LoRA adapter trained on it."""
 
@@ -160,11 +165,37 @@ class ModelConfig(_Section):
         description="where the model runs: 'auto' (a CUDA GPU when there is one, else the CPU), "
         "'cpu', 'cuda' or 'cuda:N'",
     )
+    device_map: DeviceMapName | dict[str, int | str] | None = Field(
+        None,
+        description="spread the model over devices with accelerate (a model too big for one GPU): "
+        "'auto' (or 'balanced', 'balanced_low_0', 'sequential') or {module = device}, e.g. "
+        "{\"model.embed_tokens\" = 0, \"model.layers\" = 1, ...}; devices 'cpu', 'cuda:N' or N; "
+        "replaces model.device (see docs/models.md)",
+    )
     lora: LoraConfig = Field(
         default_factory=LoraConfig,
         description="The LoRA adapter: rank, scaling, dropout, target modules; per-client ranks; "
         "FF-LoRA's personal rank.",
     )
+
+    @model_validator(mode="after")
+    def _one_placement(self) -> ModelConfig:
+        if self.device_map is None:
+            return self
+        if self.device != "auto":
+            raise ValueError(f"set model.device_map or model.device={self.device!r}, not both")
+        if isinstance(self.device_map, dict):
+            bad = [
+                f"{k!r} = {v!r}"
+                for k, v in self.device_map.items()
+                if not ((isinstance(v, int) and v >= 0) or (isinstance(v, str) and _MAP_DEVICE.match(v)))
+            ]
+            if bad or not self.device_map:
+                raise ValueError(
+                    f"device_map: {', '.join(bad) or 'empty'}: each module needs a device, "
+                    "'cpu', 'cuda:N' or a GPU index N (no 'disk': fedtune trains the model)"
+                )
+        return self
 
 
 class TrainConfig(_Section):
