@@ -79,3 +79,10 @@ def test_a_device_map_by_module_survives_the_run_directorys_config_toml() -> Non
     dm = {"model.embed_tokens": 0, "model.layers": "cuda:1", "lm_head": "cpu"}
     cfg = Config(model=ModelConfig(device_map=dm))
     assert config_from_toml_text(cfg.to_toml(), source="t").model.device_map == dm
+
+
+def test_a_model_config_with_a_device_map_by_module_stays_hashable() -> None:
+    # a client caches its loaded model keyed on model's config
+    one, two = (ModelConfig(device_map={"model.layers": 1, "lm_head": "cpu"}) for _ in range(2))
+    assert hash(one) == hash(two) and hash(Config(model=one)) == hash(Config(model=two))
+    assert hash(one) != hash(ModelConfig(device_map={"model.layers": 0, "lm_head": "cpu"}))

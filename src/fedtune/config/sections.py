@@ -8,12 +8,12 @@ hashable (caches key on it). Every field carries its description, from which
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from fedtune.config.placement import DeviceMap, check_device_map
 from fedtune.config.privacy import PrivacyConfig
 from fedtune.config.rag import RagConfig
 from fedtune.config.split import SplitConfig
@@ -132,10 +132,6 @@ class QuantizationConfig(_Section):
         return self
 
 
-DeviceMapName = Literal["auto", "balanced", "balanced_low_0", "sequential"]
-_MAP_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
-
-
 class ModelConfig(_Section):
     """``model``: the base model, its dtype and RoPE scaling, and the LoRA adapter trained on it."""
 
@@ -165,7 +161,7 @@ class ModelConfig(_Section):
         description="where the model runs: 'auto' (a CUDA GPU when there is one, else the CPU), "
         "'cpu', 'cuda' or 'cuda:N'",
     )
-    device_map: DeviceMapName | dict[str, int | str] | None = Field(
+    device_map: DeviceMap | None = Field(
         None,
         description="spread the model over devices with accelerate (a model too big for one GPU): "
         "'auto' (or 'balanced', 'balanced_low_0', 'sequential') or {module = device}, e.g. "
@@ -180,22 +176,11 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _one_placement(self) -> ModelConfig:
-        if self.device_map is None:
-            return self
-        if self.device != "auto":
-            raise ValueError(f"set model.device_map or model.device={self.device!r}, not both")
-        if isinstance(self.device_map, dict):
-            bad = [
-                f"{k!r} = {v!r}"
-                for k, v in self.device_map.items()
-                if not ((isinstance(v, int) and v >= 0) or (isinstance(v, str) and _MAP_DEVICE.match(v)))
-            ]
-            if bad or not self.device_map:
-                raise ValueError(
-                    f"device_map: {', '.join(bad) or 'empty'}: each module needs a device, "
-                    "'cpu', 'cuda:N' or a GPU index N (no 'disk': fedtune trains the model)"
-                )
+        check_device_map(self.device, self.device_map)
         return self
+
+    def __hash__(self) -> int:  # a device_map dict is unhashable; the client's model cache keys on this
+        return hash(self.model_dump_json())
 
 
 class TrainConfig(_Section):
