@@ -14,9 +14,18 @@ reports:
   figure for one variant, without training);
 - step peak: the peak RSS of ``--steps`` LoRA steps above the RSS before them (the peak
   counter is reset between the two phases through ``/proc/self/clear_refs``);
-- step time: the mean of those steps after the first (batch ``--batch`` x ``--seq`` random tokens).
+- step time: the mean of those steps after the first (batch ``--batch`` x ``--seq`` random tokens);
+- held-out loss: then, on the same loaded base, the federation of ``--config`` (the demo:
+  3 rounds x 8 chatterbot clients x 4 steps, batch 4, lr 5e-4) run in this process: every
+  round each client starts from the global adapter and trains with fedtune's own
+  ``training.local.train`` and per-client seed, its adapter goes through the wire dtype
+  (float16 in the demo) and FedAvg weighs the clients by their examples, as the Flower run
+  does; the final adapter's loss is the token-weighted loss over all clients' test splits
+  (the base's loss before training beside it). Same seed, data and steps for every base;
+  ``--rounds R`` shortens the run (0: skip it). The goal: within 2 % of fp32.
 
 Usage: python bench/quant.py [--steps 3] [--batch 4] [--seq 128] [--threads 2]
+       [--config configs/demo.toml] [--rounds R]
 Last line: ``nf4_weight_memory_over_fp32: X`` (goal: <= 0.35).
 """
 
@@ -29,8 +38,12 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-VARIANTS = {
+if TYPE_CHECKING:
+    from fedtune.config import Config
+
+VARIANTS: dict[str, dict[str, Any]] = {
     "fp32": {"dtype": "float32"},
     "bf16": {"dtype": "bfloat16"},
     "int8": {"dtype": "float32", "quantization": {"bits": 8}},
@@ -72,17 +85,67 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS (VmHWM) to the current RSS
 
 
-def measure(variant: str, steps: int, batch: int, seq: int, threads: int) -> dict[str, float]:
-    """One variant, in this process: weight memory, load and step peaks, step time."""
+def heldout_loss(model: Any, cfg: Config, rounds: int) -> dict[str, float]:
+    """``rounds`` of ``cfg``'s federation (all clients each round, FedAvg) run in this process
+    on ``model`` (base + LoRA); the union held-out loss before and after, and the time taken."""
+    import numpy as np
     import torch
 
-    from fedtune.config import LoraConfig, ModelConfig
+    from fedtune.data.pipeline import client_tokenized, partitions
+    from fedtune.federated.aggregation.fedavg import fedavg
+    from fedtune.federated.task import client_seed
+    from fedtune.models.adapters import adapter_state, initial_adapter_state, load_adapter_state
+    from fedtune.models.load import load_tokenizer
+    from fedtune.training.local import evaluate, train
+
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(cfg.model)
+    data = [client_tokenized(cfg, tokenizer, pid) for pid in range(len(partitions(cfg)))]
+    if cfg.fed.wire_dtype not in ("float16", "float32"):
+        raise SystemExit(f"{cfg.fed.wire_dtype=}: this bench sends the adapter as float16 or float32 only")
+    wire = getattr(torch, cfg.fed.wire_dtype)
+
+    def union() -> float:
+        results = [evaluate(model, test, tokenizer, cfg.train.eval_batch_size) for _, test in data]
+        return float(sum(r.loss * r.num_tokens for r in results) / sum(r.num_tokens for r in results))
+
+    state = initial_adapter_state(cfg.model, seed=cfg.seed)
+    load_adapter_state(model, state)
+    before = union()
+    for server_round in range(1, rounds + 1):
+        replies, weights = [], []
+        for pid, (train_ds, _) in enumerate(data):
+            load_adapter_state(model, state)
+            result = train(
+                model, train_ds, tokenizer, cfg.train, seed=client_seed(cfg.seed, server_round, pid)
+            )
+            replies.append({k: v.to(wire).float().numpy() for k, v in adapter_state(model).items()})
+            weights.append(result.num_examples)
+        state = {k: torch.from_numpy(np.asarray(v)) for k, v in fedavg(replies, weights).items()}
+    load_adapter_state(model, state)
+    return {"loss_before": before, "loss_after": union(), "fed_s": time.perf_counter() - start}
+
+
+def measure(
+    variant: str, steps: int, batch: int, seq: int, threads: int, config: str, rounds: int | None
+) -> dict[str, float]:
+    """One variant, in this process: weight memory, load and step peaks, step time, held-out loss."""
+    import torch
+
+    from fedtune.config import LoraConfig, ModelConfig, load_config
     from fedtune.models.adapters import attach_lora
     from fedtune.models.load import load_model
 
     torch.set_num_threads(threads)
-    cfg = ModelConfig.model_validate({"name": "smollm2", "device": "cpu", **VARIANTS[variant]})
-    cfg = cfg.model_copy(update={"lora": LoraConfig(r=8, alpha=16, dropout=0.0)})
+    fed_cfg = load_config(config)
+    fed_cfg = fed_cfg.model_copy(
+        update={
+            "model": ModelConfig.model_validate(
+                {**fed_cfg.model.model_dump(), "device": "cpu", **VARIANTS[variant]}
+            )
+        }
+    )
+    cfg = fed_cfg.model.model_copy(update={"lora": LoraConfig(r=8, alpha=16, dropout=0.0)})
     load_model(cfg.model_copy(update={"name": "tiny-llama"}))  # warm up lazy imports and kernels
     _reset_peak()
     before = _status_kib("VmRSS")
@@ -111,31 +174,18 @@ def measure(variant: str, steps: int, batch: int, seq: int, threads: int) -> dic
         opt.zero_grad()
         times.append(time.perf_counter() - start)
     step_peak = _status_kib("VmHWM") - before
-    return {
-        **loaded,
-        "step_peak_mib": step_peak / 1024,
-        "step_s": sum(times[1:]) / max(1, len(times) - 1),
-    }
+    out = {**loaded, "step_peak_mib": step_peak / 1024, "step_s": sum(times[1:]) / max(1, len(times) - 1)}
+    if rounds == 0:
+        return out
+    # the demo's own adapter (its rank, alpha, dropout, targets) on the same loaded base
+    model = model.unload()
+    fed_model = attach_lora(model, fed_cfg.model.lora, seed=fed_cfg.seed)
+    return {**out, **heldout_loss(fed_model, fed_cfg, fed_cfg.fed.rounds if rounds is None else rounds)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--variant", choices=list(VARIANTS), help="measure one variant (the child process)")
-    args = parser.parse_args()
-    if args.variant:
-        print(json.dumps(measure(args.variant, args.steps, args.batch, args.seq, args.threads)))
-        return
-    results = {}
-    for variant in VARIANTS:
-        cmd = [sys.executable, __file__, "--variant", variant, *map(str, ["--steps", args.steps])]
-        cmd += ["--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
-    fp32 = results["fp32"]["weights_mib"]
+def print_table(results: dict[str, dict[str, float]], args: argparse.Namespace) -> None:
+    fp32 = results["fp32"]
+    w = fp32["weights_mib"]
     print(f"SmolLM2-135M, CPU, LoRA r=8 on q/k/v/o, batch {args.batch} x {args.seq}, {args.threads} threads")
     print(
         f"{'base':6} {'weights MiB':>12} {'/fp32':>6} {'load peak MiB':>14} {'/fp32 w':>8} "
@@ -143,10 +193,61 @@ def main() -> None:
     )
     for name, r in results.items():
         print(
-            f"{name:6} {r['weights_mib']:12.1f} {r['weights_mib'] / fp32:6.3f} {r['load_peak_mib']:14.1f} "
-            f"{r['load_peak_mib'] / fp32:8.3f} {r['step_peak_mib']:14.1f} {r['step_s']:7.2f}"
+            f"{name:6} {r['weights_mib']:12.1f} {r['weights_mib'] / w:6.3f} {r['load_peak_mib']:14.1f} "
+            f"{r['load_peak_mib'] / w:8.3f} {r['step_peak_mib']:14.1f} {r['step_s']:7.2f}"
         )
-    print(f"nf4_weight_memory_over_fp32: {results['nf4']['weights_mib'] / fp32:.3f}")
+    if "loss_after" not in fp32:
+        return
+    rounds = "the config's rounds" if args.rounds is None else f"{args.rounds} rounds"
+    print(f"\nheld-out loss (union of the clients' test splits), {args.config}, {rounds}, in-process FedAvg")
+    print(f"{'base':6} {'before':>8} {'after':>8} {'/fp32-1':>8} {'within 2%':>10} {'fed s':>7}")
+    for name, r in results.items():
+        rel = r["loss_after"] / fp32["loss_after"] - 1
+        print(
+            f"{name:6} {r['loss_before']:8.4f} {r['loss_after']:8.4f} {rel:+8.2%} "
+            f"{abs(rel) <= 0.02!s:>10} {r['fed_s']:7.0f}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3, help="LoRA steps timed (0: load only)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--config", default=str(Path(__file__).parent.parent / "configs" / "demo.toml"))
+    parser.add_argument(
+        "--rounds", type=int, help="federated rounds for the held-out loss (unset: the config's)"
+    )
+    parser.add_argument("--variant", choices=list(VARIANTS), help="measure one variant (the child process)")
+    args = parser.parse_args()
+    if args.variant:
+        result = measure(
+            args.variant, args.steps, args.batch, args.seq, args.threads, args.config, args.rounds
+        )
+        print(json.dumps(result))
+        return
+    results = {}
+    for variant in VARIANTS:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--variant",
+            variant,
+            "--steps",
+            str(args.steps),
+            "--config",
+            args.config,
+        ]
+        cmd += ["--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)]
+        cmd += [] if args.rounds is None else ["--rounds", str(args.rounds)]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+        results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"# {variant}: {json.dumps(results[variant])}", flush=True)
+    print_table(results, args)
+    print(
+        f"nf4_weight_memory_over_fp32: {results['nf4']['weights_mib'] / results['fp32']['weights_mib']:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -81,3 +81,23 @@ def test_export_of_a_run_with_a_missing_adapter_file_names_it(capsys, tmp_path: 
 def test_export_of_a_folder_that_is_not_a_run(capsys, tmp_path: Path) -> None:
     code, _, err = run_cli(capsys, "export", str(tmp_path), str(tmp_path / "out"))
     assert code == 2 and "Traceback" not in err
+
+
+@torch.no_grad()
+def test_merge_of_a_quantised_run_is_made_on_the_unquantised_base(tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    # Prepare: a 4-bit run, and its adapter on the same base loaded without quantisation
+    from fedtune.models.adapters import load_adapter_folder
+    from fedtune.models.load import load_model
+
+    run, cfg = finished_tiny_run(tmp_path / "runs", "model.quantization={bits=4}")
+    full = cfg.model.model_copy(update={"quantization": None})
+    expected = load_adapter_folder(load_model(full), run.final_dir())(torch.tensor(IDS)).logits
+    # Execute
+    out = export_run(run.path, tmp_path / "out", merge=True)
+    got = _logits_outside(out, "merged", tmp_path)
+    # Assert: a plain float32 checkpoint (no bitsandbytes config), the LoRA update merged in
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "float32"
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(got, load_model(full)(torch.tensor(IDS)).logits)

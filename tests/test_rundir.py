@@ -134,3 +134,9 @@ def test_run_paths_need_neither_torch_nor_transformers() -> None:
     code = "import sys, fedtune.rundir, fedtune.report; print({'torch', 'transformers'} & set(sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "set()"
+
+
+def test_a_run_without_base_json_resumes_with_its_config(run: RunDir) -> None:
+    # runs made before base.json existed: nothing to compare, the config.toml is taken as is
+    (run.path / "base.json").unlink()
+    assert run.resume_config().model.quantization is None

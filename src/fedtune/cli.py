@@ -90,7 +90,11 @@ def run(
     from fedtune.report import loss_table, read_metrics
 
     if resume is not None and (config is not None or set_):
-        raise FedtuneError("--resume continues a run with its own config.toml; drop --config/--set")
+        given = ["--config"] * (config is not None) + [f"--set {s.split('=', 1)[0]}" for s in set_ or []]
+        raise FedtuneError(
+            f"--resume continues a run with its own config.toml; drop {', '.join(given)} "
+            "(a resume cannot change the run's settings, e.g. its model.quantization)"
+        )
     started = time.time()
     cfg = None if resume is not None else _config(config, set_)
     run_dir = launch(cfg, resume=resume, progress=progress)

@@ -6,6 +6,11 @@
 - ``--merge``: base + LoRA merged (peft ``merge_and_unload``) into a full model folder in the
   run's dtype, with the run's RoPE scaling in its config and the tokenizer beside it: plain
   transformers (and what reads its folders: vLLM, lm-eval, llama.cpp's converter) loads it.
+  A run on a quantised base (``model.quantization``) is merged into its base loaded
+  *unquantised*, in ``model.dtype``: merging into a 4/8-bit base would round the LoRA update
+  into the quantised weights and write a bitsandbytes checkpoint. The merged model is so the
+  adapter on the full-precision weights, not bit for bit the model trained (whose base was
+  rounded to 4/8 bits); quantise it again when loading if that is wanted.
 
 Either is written atomically; an existing ``OUT`` is refused unless ``replace``.
 """
@@ -20,8 +25,8 @@ import torch
 
 from fedtune.errors import FedtuneError
 from fedtune.io import atomic_folder
-from fedtune.models.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_folder
-from fedtune.models.load import resolve_model_path
+from fedtune.models.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_folder, load_adapter_folder
+from fedtune.models.load import load_model, load_tokenizer, resolve_model_path
 from fedtune.rundir import RunDir
 
 
@@ -57,9 +62,7 @@ def _write_adapter(folder: Path, base: str, tmp: Path) -> None:
 
 @torch.no_grad()
 def _write_merged(run: RunDir, folder: Path, tmp: Path) -> None:
-    from fedtune.inference import load_run
-
-    loaded = load_run(run.path, adapter=folder)
-    model = loaded.model.merge_and_unload()  # type: ignore[union-attr,operator]
-    model.save_pretrained(str(tmp))
-    loaded.tokenizer.save_pretrained(str(tmp))
+    model_cfg = run.config().model.model_copy(update={"quantization": None})  # see the module's docstring
+    merged = load_adapter_folder(load_model(model_cfg), folder).merge_and_unload()
+    merged.save_pretrained(str(tmp))
+    load_tokenizer(model_cfg).save_pretrained(str(tmp))

@@ -41,6 +41,8 @@ def preflight(cfg: Config) -> None:
             plan.population,
         )
     if cfg.split.enabled:
+        if cfg.model.device_map is not None:  # the split parts are placed by split learning itself
+            raise FedtuneError("model.device_map: not with split.enabled (split learning places its parts)")
         check_split(cfg)
     check_quantization(cfg.model)  # the device and backend can quantise as asked
     tokenizer = load_tokenizer(cfg.model)
@@ -72,7 +74,7 @@ def run(cfg: Config | None = None, *, resume: str | Path | None = None, progress
 
     if resume is not None:
         run_dir = RunDir.open(resume)
-        cfg = run_dir.config()
+        cfg = run_dir.resume_config()
         preflight(cfg)
         log.info("resuming %s after round %s", run_dir.path, run_dir.last_round())
     else:

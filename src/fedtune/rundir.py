@@ -4,6 +4,8 @@
 
     RUN_DIR/
       config.toml          resolved config
+      base.json            how the base model was loaded at the start ({"model.quantization": ...}):
+                           a resume must load it the same way
       metrics.jsonl        one JSON object per client per phase per round (+ "server" lines)
       state.json           {"last_round": k}: rounds 1..k are complete (+ "stopped" or "failed": why)
       rounds/0000/         the starting adapter; rounds/NNNN/ the global adapter after round N
@@ -46,6 +48,7 @@ if TYPE_CHECKING:  # torch and peft are imported only where adapters are read or
     import torch
 
 CONFIG = "config.toml"
+BASE = "base.json"
 METRICS = "metrics.jsonl"
 STATE = "state.json"
 PRIVACY = "privacy.json"
@@ -64,6 +67,12 @@ LM_EVAL = "lm_eval.json"
 JUDGE_SINGLE = "judge-single.json"
 JUDGE_VS = "judge-vs-"  # + the other run directory's name + .json
 RESIDUAL = "residual-"  # + the round, 4 digits, + .safetensors: fed.error_feedback's rounding error
+
+
+def _base(cfg: Config) -> dict[str, Any]:
+    """How ``cfg`` loads the base model, as ``base.json`` records it (dotted key -> value)."""
+    q = cfg.model.quantization
+    return {"model.quantization": None if q is None else q.model_dump()}
 
 
 class RunDir:
@@ -86,6 +95,7 @@ class RunDir:
         path.mkdir(parents=True)
         run = cls(path)
         write_text_atomic(run.config_file, cfg.to_toml())
+        write_text_atomic(path / BASE, json.dumps(_base(cfg), sort_keys=True) + "\n")
         return run
 
     @classmethod
@@ -165,6 +175,26 @@ class RunDir:
     def config(self) -> Config:
         path = self.config_file
         return config_from_toml_text(path.read_text(encoding="utf-8"), source=str(path))
+
+    def resume_config(self) -> Config:
+        """The config to continue this run with: its ``config.toml``, checked against ``base.json``.
+
+        Refused if it no longer loads the base as the run started (``base.json``; absent in
+        older runs: not checked): the adapter was trained on that base, and a resume on another
+        quantisation would mix two.
+        """
+        cfg = self.config()
+        path = self.path / BASE
+        if not path.is_file():
+            return cfg
+        started, now = json.loads(path.read_text(encoding="utf-8")), _base(cfg)
+        for key, value in started.items():
+            if now.get(key) != value:
+                raise FedtuneError(
+                    f"{key}: {self.config_file} has {now.get(key)!r}, but the run started with {value!r} "
+                    f"({path.name}); a run and its resume must load the base alike"
+                )
+        return cfg
 
     # -- rounds -------------------------------------------------------------------
     def save_round(

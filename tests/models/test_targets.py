@@ -4,17 +4,19 @@ is refused naming the model's linear layers, and one federated round adapts what
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import transformers
-from peft import PeftModel
+from peft import AutoPeftModelForCausalLM, PeftModel
 from peft.tuners.lora import LoraLayer
 
 from fedtune.config import LoraConfig, ModelConfig
 from fedtune.errors import FedtuneError
+from fedtune.export import export_run
 from fedtune.federated.aggregation.fedavg import fedavg
 from fedtune.models.adapters import (
     adapter_state,
@@ -25,6 +27,7 @@ from fedtune.models.adapters import (
 )
 from fedtune.models.load import load_model
 from fedtune.models.targets import resolve_targets, short_name, targeted_from_keys
+from helpers import finished_tiny_run
 
 VOCAB = 128
 SMALL = {"vocab_size": VOCAB, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
@@ -126,8 +129,35 @@ def test_one_round_adapts_every_attention_projection(
     folder = save_adapter_folder({k: torch.from_numpy(v) for k, v in merged.items()}, cfg.lora, cfg, tmp_path)
     saved = json.loads((folder / "adapter_config.json").read_text())
     assert sorted(saved["target_modules"]) == sorted(intended)
+    assert saved["fan_in_fan_out"] is (arch == "gpt2")  # Conv1D weights are stored (in, out)
     reloaded = PeftModel.from_pretrained(load_model(cfg), str(folder))
     assert adapted(reloaded) == intended
+
+
+@torch.no_grad()
+def test_an_exported_gpt2_adapter_reloads_in_plain_peft_to_the_same_outputs(
+    model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    # Prepare: a finished run on GPT-2 (its adapter's B = 0.05), and fedtune's own model with it
+    run, cfg = finished_tiny_run(tmp_path / "runs", f"model.name='{model_dirs['gpt2']}'")
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    model = attach_lora(load_model(cfg.model), cfg.model.lora)
+    load_adapter_state(model, run.load_round(1))
+    expected = model(input_ids=ids).logits
+    base = load_model(cfg.model)(input_ids=ids).logits
+    # Execute
+    out = export_run(run.path, tmp_path / "out")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reloaded = AutoPeftModelForCausalLM.from_pretrained(str(out)).eval()
+    got = reloaded(input_ids=ids).logits
+    # Assert: the config says what was trained, so peft has nothing to correct
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert saved["fan_in_fan_out"] is True
+    assert sorted(saved["target_modules"]) == ["attn.c_attn", "attn.c_proj"]
+    assert not [w for w in caught if "fan_in_fan_out" in str(w.message)]
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(got, base)
 
 
 def test_a_name_that_matches_nothing_names_the_linear_layers(model_dirs: dict[str, Path]) -> None:

@@ -13,6 +13,7 @@ from typing import Literal
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from fedtune.config.placement import DeviceMap, check_device_map
 from fedtune.config.privacy import PrivacyConfig
 from fedtune.config.rag import RagConfig
 from fedtune.config.split import SplitConfig
@@ -160,11 +161,26 @@ class ModelConfig(_Section):
         description="where the model runs: 'auto' (a CUDA GPU when there is one, else the CPU), "
         "'cpu', 'cuda' or 'cuda:N'",
     )
+    device_map: DeviceMap | None = Field(
+        None,
+        description="spread the model over devices with accelerate (a model too big for one GPU): "
+        "'auto' (or 'balanced', 'balanced_low_0', 'sequential') or {module = device}, e.g. "
+        "{\"model.embed_tokens\" = 0, \"model.layers\" = 1, ...}; devices 'cpu', 'cuda:N' or N; "
+        "replaces model.device (see docs/models.md)",
+    )
     lora: LoraConfig = Field(
         default_factory=LoraConfig,
         description="The LoRA adapter: rank, scaling, dropout, target modules; per-client ranks; "
         "FF-LoRA's personal rank.",
     )
+
+    @model_validator(mode="after")
+    def _one_placement(self) -> ModelConfig:
+        check_device_map(self.device, self.device_map)
+        return self
+
+    def __hash__(self) -> int:  # a device_map dict is unhashable; the client's model cache keys on this
+        return hash(self.model_dump_json())
 
 
 class TrainConfig(_Section):

@@ -320,7 +320,7 @@ def main(grid: Grid, context: Context) -> None:
         if overrides:
             raise FedtuneError("resume-dir continues a run with its own config.toml; drop overrides")
         run = RunDir.open(resume)
-        cfg = run.config()
+        cfg = run.resume_config()
     else:
         run_config.update(_flat(apply_overrides({}, overrides)))
         cfg = config_from_run_config(run_config, app_dir=_app_dir(grid))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -17,7 +18,7 @@ from fedtune.config import LoraConfig, ModelConfig
 from fedtune.errors import FedtuneError
 from fedtune.io import atomic_folder
 from fedtune.models.quantize import prepare_for_lora
-from fedtune.models.targets import needs_fan_in_fan_out, resolve_targets, targeted_from_keys
+from fedtune.models.targets import needs_fan_in_fan_out, resolve_targets, short_name, targeted_from_keys
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -97,11 +98,14 @@ def save_adapter_folder(
     """Write a peft adapter folder atomically (``PeftModel.from_pretrained`` loads it).
 
     Its config records the modules the weights really adapt (read from their keys), not
-    ``auto`` or the names as listed.
+    ``auto`` or the names as listed, and ``fan_in_fan_out`` where they are GPT-2 style
+    Conv1D layers (so peft loads it as trained, without resetting the flag itself).
     """
     out = Path(out)
+    targets = targeted_from_keys(state)
+    conv1d = conv1d_layers(model.name, model.trust_remote_code)
     with atomic_folder(out) as tmp:
-        config = peft_lora_config(lora, targeted_from_keys(state))
+        config = peft_lora_config(lora, targets, fan_in_fan_out=any(t in conv1d for t in targets))
         config.base_model_name_or_path = model.name
         config.save_pretrained(str(tmp))
         save_file({k: v.contiguous() for k, v in state.items()}, tmp / ADAPTER_WEIGHTS)
@@ -171,6 +175,29 @@ def adapter_num_bytes(state: Mapping[str, torch.Tensor], bytes_per_value: int = 
     return sum(v.numel() for v in state.values()) * bytes_per_value
 
 
+def meta_model(model: ModelConfig) -> PreTrainedModel:
+    """``model``'s architecture built on the meta device: its modules without its weights."""
+    from transformers import AutoModelForCausalLM
+
+    from fedtune.models.load import load_model_config
+
+    config = load_model_config(model)
+    with torch.device("meta"):
+        base: PreTrainedModel = AutoModelForCausalLM.from_config(
+            config, trust_remote_code=model.trust_remote_code
+        )
+    return base
+
+
+@functools.cache
+def conv1d_layers(name: str, trust_remote_code: bool = False) -> frozenset[str]:
+    """Short names (``attn.c_attn``) of model ``name``'s GPT-2 style Conv1D layers, read once per process."""
+    from transformers.pytorch_utils import Conv1D
+
+    base = meta_model(ModelConfig(name=name, trust_remote_code=trust_remote_code))
+    return frozenset(short_name(n) for n, m in base.named_modules() if isinstance(m, Conv1D))
+
+
 def initial_adapter_state(model: ModelConfig, *, seed: int) -> StateDict:
     """A fresh adapter (A drawn from ``seed``, B zero) without loading the base weights.
 
@@ -178,13 +205,8 @@ def initial_adapter_state(model: ModelConfig, *, seed: int) -> StateDict:
     model it could not hold in memory; only the LoRA factors are materialised.
     """
     from peft.tuners.lora import LoraLayer
-    from transformers import AutoModelForCausalLM
 
-    from fedtune.models.load import load_model_config
-
-    config = load_model_config(model)
-    with torch.device("meta"):
-        base = AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code)
+    base = meta_model(model)
     try:
         peft_model = get_peft_model(base, lora_for(base, model.lora))
     except ValueError as err:

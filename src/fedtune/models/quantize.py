@@ -1,4 +1,4 @@
-"""Where the model runs (``model.device``) and how its base is quantised (``model.quantization``).
+"""Where the model runs (``model.device``, ``model.device_map``); how its base is quantised.
 
 A quantised base follows QLoRA's order: the weights are quantised while they load (transformers'
 ``BitsAndBytesConfig``: each layer is quantised as its shard arrives, so the whole fp32 model
@@ -11,6 +11,10 @@ quantisation.
 Backend: bitsandbytes (pinned 0.50.2), which runs nf4, fp4 and int8 on CUDA and on the CPU.
 On any other device, or without bitsandbytes installed, :func:`check_quantization` refuses the
 config naming ``model.quantization`` before a run directory is made.
+
+``model.device_map`` hands the placement to accelerate (transformers' ``device_map``): a model
+too big for one GPU is spread over several (or GPU and CPU), layer by layer; it replaces
+``model.device``. Its GPUs must exist here; ``disk`` offloading is not offered (the model trains).
 """
 
 from __future__ import annotations
@@ -45,12 +49,28 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def check_quantization(cfg: ModelConfig) -> None:
-    """Raise FedtuneError naming the key if ``model.device`` or ``model.quantization`` cannot run here.
+def check_device_map(cfg: ModelConfig) -> None:
+    """Raise FedtuneError naming ``model.device_map`` if it names a GPU this machine lacks."""
+    if cfg.device_map is None:
+        return
+    if importlib.util.find_spec("accelerate") is None:
+        raise FedtuneError("model.device_map: needs accelerate, not installed (pip install accelerate)")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    targets = cfg.device_map.values() if isinstance(cfg.device_map, dict) else []
+    for target in targets:
+        gpu = isinstance(target, int) or torch.device(target).type == "cuda"
+        index = target if isinstance(target, int) else torch.device(target).index
+        if gpu and (index or 0) >= count:
+            raise FedtuneError(f"model.device_map: {target!r}: this machine has {count} CUDA device(s)")
 
-    A CUDA device this machine lacks, a device bitsandbytes cannot quantise on, or bitsandbytes
-    missing.
+
+def check_quantization(cfg: ModelConfig) -> None:
+    """Raise FedtuneError naming the key if the model's placement or quantisation cannot run here.
+
+    A CUDA device this machine lacks (``model.device`` or ``model.device_map``), a device
+    bitsandbytes cannot quantise on, or bitsandbytes missing.
     """
+    check_device_map(cfg)
     device = resolve_device(cfg.device)
     if cfg.quantization is None:
         return
@@ -80,18 +100,20 @@ def bnb_config(q: QuantizationConfig) -> Any:
 
 
 def load_kwargs(cfg: ModelConfig) -> dict[str, Any]:
-    """Extra ``from_pretrained`` arguments for ``model.device`` and ``model.quantization``.
+    """Extra ``from_pretrained`` arguments for the model's placement and ``model.quantization``.
 
-    A quantised base is placed by ``device_map`` (bitsandbytes quantises as the weights land on
-    the device); a full-precision one is moved with ``.to`` after loading.
+    ``model.device_map`` is passed as it is. Otherwise a quantised base is placed by
+    ``device_map`` on ``model.device`` (bitsandbytes quantises as the weights land on the
+    device), and a full-precision one is moved with ``.to`` after loading.
     """
-    if cfg.quantization is None:
-        return {}
     check_quantization(cfg)
-    return {
-        "quantization_config": bnb_config(cfg.quantization),
-        "device_map": {"": resolve_device(cfg.device)},
-    }
+    out: dict[str, Any] = {}
+    if cfg.device_map is not None:
+        out["device_map"] = cfg.device_map
+    if cfg.quantization is not None:
+        out["quantization_config"] = bnb_config(cfg.quantization)
+        out.setdefault("device_map", {"": resolve_device(cfg.device)})
+    return out
 
 
 def is_quantized(model: torch.nn.Module) -> bool:
