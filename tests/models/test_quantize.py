@@ -79,6 +79,25 @@ def test_lora_trains_on_a_quantised_base_and_only_the_adapter_changes(
     }
 
 
+def test_an_evaluation_between_training_steps_leaves_the_4bit_base_as_it_was() -> None:
+    # bitsandbytes repacks a 4-bit weight for its CPU inference kernel (AVX512-BF16 CPUs) on an
+    # eval-mode, no-grad forward, and its training forward then misreads it: a model that
+    # trains keeps the plain layout (models.quantize.keep_cpu_layout_for_training)
+    cfg = quantised(bits=4)
+    model = attach_lora(load_model(cfg), cfg.lora, seed=0)
+    ids = torch.randint(3, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    weight = model.get_base_model().model.layers[0].mlp.down_proj.weight  # no LoRA on it
+    plain = weight.data.clone()
+    model.train()
+    before = model(input_ids=ids, labels=ids).loss.item()
+    model.eval()
+    with torch.no_grad():  # what fedtune's held-out evaluation does
+        model(input_ids=ids)
+    model.train()
+    assert torch.equal(weight.data, plain)
+    assert model(input_ids=ids, labels=ids).loss.item() == pytest.approx(before, rel=1e-6)
+
+
 def test_a_kind_that_is_not_of_its_bits_is_refused() -> None:
     with pytest.raises(ValidationError, match=r"quantization\n.*kind 'nf4' is not a 8-bit"):
         quantised(bits=8, kind="nf4")
