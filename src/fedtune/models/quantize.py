@@ -146,8 +146,8 @@ def keep_cpu_layout_for_training(model: torch.nn.Module) -> None:
     model that trains keeps the plain layout (its evaluation is a little slower on the CPU);
     served models, which never train, still pack.
     """
-    import bitsandbytes as bnb
+    from bitsandbytes.nn.modules import Linear4bit
 
     for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
+        if isinstance(module, Linear4bit):
             module.support_avx512bf16_for_cpu = False
