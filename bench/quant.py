@@ -158,8 +158,11 @@ def measure(
         "load_peak_mib": load_peak / 1024,
         "load_anon_peak_mib": (anon.peak - anon.before) / 1024,
     }
-    if steps == 0:
-        return loaded
+    if steps == 0:  # no timed steps: the held-out loss (unless --rounds 0) on the fresh base
+        if rounds == 0:
+            return loaded
+        fresh = attach_lora(base, fed_cfg.model.lora, seed=fed_cfg.seed)
+        return {**loaded, **heldout_loss(fresh, fed_cfg, fed_cfg.fed.rounds if rounds is None else rounds)}
     model = attach_lora(base, cfg.lora, seed=0)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     ids = torch.randint(0, base.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
@@ -211,7 +214,9 @@ def print_table(results: dict[str, dict[str, float]], args: argparse.Namespace) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3, help="LoRA steps timed (0: load only)")
+    parser.add_argument(
+        "--steps", type=int, default=3, help="LoRA steps timed (0: none; the held-out loss on the fresh base)"
+    )
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
