@@ -102,6 +102,11 @@ from fedtune.training.schedule import SCHEDULES
 
 log = logging.getLogger("quality")
 
+# Called while a method's adapter is active on ``bench.model`` (after its held-out loss):
+# ``(bench, method, pid)``, pid None for a model every client shares, else the client whose own
+# model it is (local, fflora). bench/fedit_judge.py generates answers there; None changes nothing.
+Visit = Callable[["Bench", str, "int | None"], None]
+
 IN_PROCESS = ("base", "local", "centralised")
 FEDERATED = ("fedavg", "fedprox", "fedadam", "stack", "zero-pad", "fflora")
 METHODS = IN_PROCESS + FEDERATED
@@ -173,10 +178,13 @@ class Bench:
         train_cfg = self.cfg.train.model_copy(update={"max_steps": steps, "epochs": None})
         train(self.model, ds, self.tokenizer, train_cfg, seed=seed)
 
-    def folder_losses(self, folder: Path, *, val: bool = False) -> tuple[list[EvalResult], float | None]:
+    def folder_losses(
+        self, folder: Path, *, val: bool = False, visit: Callable[[], None] | None = None
+    ) -> tuple[list[EvalResult], float | None]:
         """Evaluate a peft adapter folder (test split; with ``val``, the validation union too).
 
-        An adapter of another rank/alpha is loaded beside ours."""
+        An adapter of another rank/alpha is loaded beside ours. ``visit`` is called after the
+        losses, while the folder's adapter is still the active one."""
         lora = self.cfg.model.lora
         meta = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
         same = (
@@ -188,15 +196,23 @@ class Bench:
         )
         if same:
             load_adapter_state(self.model, read_adapter_folder(folder))
-            return self.losses(), self.val_union() if val else None
+            return self._losses_then(val, visit)
         # e.g. a stacked (rank sum r_k, scaling 1) or fused adapter: peft builds its layers
         self.model.load_adapter(str(folder), adapter_name="probe")
         self.model.set_adapter("probe")
         try:
-            return self.losses(), self.val_union() if val else None
+            return self._losses_then(val, visit)
         finally:
             self.model.set_adapter("default")  # also makes "default" trainable again
             self.model.delete_adapter("probe")
+
+    def _losses_then(
+        self, val: bool, visit: Callable[[], None] | None
+    ) -> tuple[list[EvalResult], float | None]:
+        results, val_union = self.losses(), self.val_union() if val else None
+        if visit is not None:
+            visit()
+        return results, val_union
 
 
 # -- config --------------------------------------------------------------------------
@@ -273,13 +289,16 @@ def federated_settings(
 
 
 # -- methods -------------------------------------------------------------------------
-def run_base(bench: Bench) -> Row:
+def run_base(bench: Bench, visit: Visit | None = None) -> Row:
     load_adapter_state(bench.model, bench.start)
     own, union = own_and_union(bench.losses())
-    return Row("base", own, union, steps=0, val_union=bench.val_union())
+    row = Row("base", own, union, steps=0, val_union=bench.val_union())
+    if visit is not None:
+        visit(bench, "base", None)
+    return row
 
 
-def run_local(bench: Bench, total: int) -> Row:
+def run_local(bench: Bench, total: int, visit: Visit | None = None) -> Row:
     owns, unions = [], []
     each = max(1, round(total / bench.num_clients))  # K*R*S / N steps per client
     for pid, ds in enumerate(bench.trains):
@@ -288,13 +307,18 @@ def run_local(bench: Bench, total: int) -> Row:
         owns.append(results[pid].loss)
         unions.append(own_and_union(results)[1])
         log.info("local %s: own %.4f union %.4f", pid, owns[-1], unions[-1])
+        if visit is not None:
+            visit(bench, "local", pid)
     return Row("local", statistics.fmean(owns), statistics.fmean(unions), steps=each * bench.num_clients)
 
 
-def run_centralised(bench: Bench, total: int) -> Row:
+def run_centralised(bench: Bench, total: int, visit: Visit | None = None) -> Row:
     bench.train_from_start(concatenate_datasets(bench.trains), total, seed=bench.cfg.seed)
     own, union = own_and_union(bench.losses())
-    return Row("centralised", own, union, steps=total, val_union=bench.val_union())
+    row = Row("centralised", own, union, steps=total, val_union=bench.val_union())
+    if visit is not None:
+        visit(bench, "centralised", None)
+    return row
 
 
 def fused_personal(global_dir: Path, personal_dir: Path, cfg: Config, scratch: Path) -> Path:
@@ -332,8 +356,12 @@ def _personal(run_dir: RunDir, pid: int) -> list[Path]:
         return []
 
 
-def run_federated(bench: Bench, method: str, cfg: Config) -> list[Row]:
+def run_federated(bench: Bench, method: str, cfg: Config, visit: Visit | None = None) -> list[Row]:
     """Run the federation, then evaluate its final (and any personal) adapters here."""
+
+    def visiting(name: str, pid: int | None) -> Callable[[], None] | None:
+        return None if visit is None else lambda: visit(bench, name, pid)
+
     run_dir = run(cfg, progress=False)
     trained = [m for m in run_dir.metrics() if m.get("phase") == "train"]
     assert cfg.train.max_steps is not None
@@ -344,9 +372,9 @@ def run_federated(bench: Bench, method: str, cfg: Config) -> list[Row]:
         note = f"eta={cfg.fed.server_lr:g} tau={cfg.fed.tau:g}; {note}"
     if method == "fedavg" and cfg.fed.strategy == "fedavgm":
         note = f"server lr {cfg.fed.server_lr:g}; {note}"
-    results, val_union = bench.folder_losses(run_dir.final_dir(), val=True)
-    own, union = own_and_union(results)
     name = "fflora-global" if method == "fflora" else method
+    results, val_union = bench.folder_losses(run_dir.final_dir(), val=True, visit=visiting(name, None))
+    own, union = own_and_union(results)
     rows = [Row(name, own, union, steps=steps, note=note, val_union=val_union)]
     if method != "fflora":
         return rows
@@ -361,7 +389,7 @@ def run_federated(bench: Bench, method: str, cfg: Config) -> list[Row]:
         folder = run_dir.final_dir()
         if folders:  # the newest personal adapter, fused with the final global one
             folder = fused_personal(folder, folders[0], cfg, scratch)
-        results, _ = bench.folder_losses(folder)
+        results, _ = bench.folder_losses(folder, visit=visiting("fflora", pid))
         owns.append(results[pid].loss)
         unions.append(own_and_union(results)[1])
     missing = sum(not folders for folders in found)
@@ -422,8 +450,9 @@ def parse_methods(text: str) -> list[str]:
     return names
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser(description: str = __doc__.splitlines()[0]) -> argparse.ArgumentParser:
+    """This bench's options (bench/fedit_judge.py adds its own to them)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default="configs/demo.toml")
     parser.add_argument("--rounds", type=int, default=48, help="R: federated rounds")
     parser.add_argument("--steps", type=int, default=1, help="S: optimiser steps per client per round")
@@ -462,13 +491,22 @@ def main() -> None:
     parser.add_argument(
         "--seeds", help="comma-separated seeds: one table each, then their mean (default: the config's seed)"
     )
+    return parser
+
+
+def import_federated_stack() -> None:
+    """Import the whole federated stack now: the source tree may change during a long bench,
+    and modules first imported an hour in would not match those imported at the start."""
+    for module in ("fedtune.federated.client_app", "fedtune.federated.server_app", "fedtune.report"):
+        importlib.import_module(module)
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     methods = parse_methods(args.methods)
-    # Import the whole federated stack now: the source tree may change during a long bench,
-    # and modules first imported an hour in would not match those imported at the start.
-    for module in ("fedtune.federated.client_app", "fedtune.federated.server_app", "fedtune.report"):
-        importlib.import_module(module)
+    import_federated_stack()
 
     try:
         seeds: list[int | None] = [int(x) for x in args.seeds.split(",")] if args.seeds else [None]
@@ -491,8 +529,10 @@ def main() -> None:
             print(line)
 
 
-def run_table(args: argparse.Namespace, methods: Sequence[str], user: Sequence[str]) -> list[Row]:
-    """Every requested method at one seed; prints and returns the table."""
+def run_table(
+    args: argparse.Namespace, methods: Sequence[str], user: Sequence[str], visit: Visit | None = None
+) -> list[Row]:
+    """Every requested method at one seed; prints and returns the table (``visit``: see :data:`Visit`)."""
     tree = base_tree(args)
     cfg = method_config(tree, {}, user)
     if cfg.train.num_threads:  # the in-process methods too (clients set it in client_app)
@@ -504,9 +544,9 @@ def run_table(args: argparse.Namespace, methods: Sequence[str], user: Sequence[s
     server_lr = float(k) if args.server_lr is None else args.server_lr
     log.info("%s of %s clients x %s rounds x %s steps = %s optimiser steps per method", k, n, r, s, total)
     in_process: dict[str, Callable[[], Row]] = {
-        "base": lambda: run_base(bench),
-        "local": lambda: run_local(bench, total),
-        "centralised": lambda: run_centralised(bench, total),
+        "base": lambda: run_base(bench, visit),
+        "local": lambda: run_local(bench, total, visit),
+        "centralised": lambda: run_centralised(bench, total, visit),
     }
     federated = [m for m in methods if m not in in_process and m in STRATEGIES]
     out = args.output_dir or (tempfile.mkdtemp(prefix="fedtune-quality-") if federated else "")
@@ -522,7 +562,7 @@ def run_table(args: argparse.Namespace, methods: Sequence[str], user: Sequence[s
             settings = federated_settings(method, cfg, out, server_lr, args.schedule)
             method_cfg = method_config(tree, settings, user)
             try:
-                rows.extend(run_federated(bench, method, method_cfg))
+                rows.extend(run_federated(bench, method, method_cfg, visit))
             except Exception as err:  # one broken strategy must not cost the other rows
                 log.exception("method %s failed", method)
                 rows.append(Row(method, note=f"failed: {type(err).__name__}: {err}".splitlines()[0]))

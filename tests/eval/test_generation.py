@@ -9,7 +9,14 @@ import pytest
 
 from fedtune.errors import FedtuneError
 from fedtune.eval.generate import Sampling
-from fedtune.eval.generation import Example, evaluate_generation, held_out_examples, read_answers, summarise
+from fedtune.eval.generation import (
+    Example,
+    answer_rows,
+    evaluate_generation,
+    held_out_examples,
+    read_answers,
+    summarise,
+)
 from fedtune.rundir import RunDir
 from helpers import run_cli
 
@@ -25,6 +32,22 @@ def test_held_out_examples_take_the_last_answer_as_reference() -> None:
     assert got[0].prompt == [{"role": "user", "content": "q1"}]
     assert len(held_out_examples(convs, client=1, limit=1)) == 1
     assert got[0].id == Example(5, 9, [{"role": "user", "content": "q1"}], "x").id  # the prompt decides
+
+
+def test_answer_rows_pair_examples_with_answers_by_position() -> None:
+    q = [{"role": "user", "content": "q"}]
+    plain = Example(3, 7, q, "ref")
+    rag = Example(4, 1, [{"role": "user", "content": "evidence + q"}], "ref2", question=q)
+    rows = answer_rows("adapter", [plain, rag], ["a1", "a2"])
+    assert [(r["variant"], r["client"], r["index"], r["answer"]) for r in rows] == [
+        ("adapter", 3, 7, "a1"),
+        ("adapter", 4, 1, "a2"),
+    ]
+    assert rows[0]["question"] == q  # no retrieval: the question is the prompt
+    assert rows[1]["question"] == q and rows[1]["prompt"] != q  # RAG: the question before the evidence
+    assert rows[0]["id"] == rows[1]["id"] == plain.id  # the same question, the same id
+    with pytest.raises(ValueError):
+        answer_rows("adapter", [plain], ["a1", "a2"])  # one answer too many
 
 
 def test_summarise_per_client_and_union() -> None:

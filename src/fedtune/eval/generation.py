@@ -112,7 +112,8 @@ def summarise(rows: Sequence[Answer]) -> dict[str, Any]:
     return out
 
 
-def _rows(variant: str, examples: Sequence[Example], answers: Sequence[str]) -> list[Answer]:
+def answer_rows(variant: str, examples: Sequence[Example], answers: Sequence[str]) -> list[Answer]:
+    """``answers.jsonl`` lines of one variant: each example with its answer (paired by position)."""
     return [
         {
             "variant": variant,
@@ -161,7 +162,7 @@ def evaluate_generation(
             loaded = loader(pid)
             with adapter_off(loaded.model, variant == "base"):
                 answers = answer(loaded, exs, sampling)
-            rows.extend(_rows(variant, exs, answers))
+            rows.extend(answer_rows(variant, exs, answers))
     result = {
         "run": str(run.path),
         "sampling": asdict(sampling),

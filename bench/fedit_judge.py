@@ -1,0 +1,355 @@
+"""The FedIT table, judged: held-out loss, ROUGE-L / BLEU and an LLM judge per method.
+
+Methods (bench/quality.py's, at its step budget and settings; one seed): ``base``, ``local``
+(each client's own adapter), ``fedavg`` (FedAvg with server step size K), ``fflora`` (each
+client's global + personal adapter, fused) and ``centralised``. While a method's adapter is
+active after its held-out loss (quality.py's ``visit`` hook), it answers the first
+``--questions`` held-out questions of every client (a per-client model only its own client's),
+greedily, in batches (``fedtune.eval.generation.answer``), the same questions for every method.
+The answers are scored against the held-out references (``fedtune.eval.metrics``: ROUGE-L F1,
+corpus BLEU) and judged with ``fedtune.eval.judge``: single-answer 1-10 grades of every method,
+and pairwise FedAvg vs local-only (FedIT's protocol) and FedAvg vs base, each question asked in
+both orders, the reference answer shown to the judge (as ``fedtune judge`` does by default).
+
+The judge: by default ``fedtune serve`` started here on 127.0.0.1 (a free port) over a run
+directory of the same config, model id ``base``: SmolLM2 itself, without adapter. That run's
+``data.max_source_length`` is ``--judge-context`` tokens, since the server cuts a prompt from
+the left to the run's ``data.max_source_length`` (128 in the demo config, shorter than a judge
+prompt). The server is stopped by its PID when the judging ends or fails. ``--base-url`` and
+``--model`` use any OpenAI-compatible endpoint instead (the key from ``--api-key-env``, as
+``fedtune judge`` reads it); nothing is started then.
+
+Usage: python bench/fedit_judge.py [--questions 4] [--rounds 48] [--judge-max-tokens 128]
+       [--base-url URL --model NAME] [--out DIR] [quality.py's options]
+Writes ``answers.jsonl`` and ``judge.json`` (every rationale) to ``--out`` (default: a temp dir).
+Last line: ``fedavg_rougeL_over_local: X`` (FedAvg's union ROUGE-L over local-only's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import httpx
+
+import quality as q  # bench/quality.py: the methods, their budget, the Bench and its visit hook
+from fedtune.config import Config
+from fedtune.data.tokenize import build_generation_input
+from fedtune.eval.generate import Sampling
+from fedtune.eval.generation import Answer, Example, answer, answer_rows, client_held_out
+from fedtune.eval.judge import compare, grade, pair_prompt, question_text, single_prompt
+from fedtune.eval.judge_client import Endpoint, JudgeClient, ReplyCache
+from fedtune.eval.metrics import score
+from fedtune.inference import Loaded
+from fedtune.models.adapters import StateDict
+from fedtune.rundir import RunDir
+
+log = logging.getLogger("fedit_judge")
+METHODS = ("base", "local", "fedavg", "fflora", "centralised")
+LABELS = {
+    "base": "base model",
+    "local": "local only (each client's own adapter)",
+    "fedavg": "FedAvg (server lr K)",
+    "fflora": "FF-LoRA (global + own personal, fused)",
+    "centralised": "centralised (pooled data)",
+}
+PAIRS = (("fedavg", "local"), ("fedavg", "base"))
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+@dataclass
+class Collector:
+    """quality.py's visit hook: the wanted methods' answers on every client's first questions."""
+
+    questions: int
+    sampling: Sampling
+    wanted: Sequence[str]
+    examples: dict[int, list[Example]] = field(default_factory=dict)
+    answers: dict[str, list[Answer]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def __call__(self, bench: q.Bench, method: str, pid: int | None) -> None:
+        if method not in self.wanted:
+            return
+        t0 = time.perf_counter()
+        cfg = bench.cfg
+        if not self.examples:
+            for client in range(bench.num_clients):
+                self.examples[client] = client_held_out(cfg, bench.tokenizer, client, self.questions)
+            log.info("questions per client: %s", [len(e) for e in self.examples.values()])
+        pids = range(bench.num_clients) if pid is None else [pid]
+        exs = [e for p in pids for e in self.examples[p]]
+        bench.model.eval()
+        loaded = Loaded(cfg, bench.model, bench.tokenizer, adapter=None)
+        self.answers.setdefault(method, []).extend(
+            answer_rows(method, exs, answer(loaded, exs, self.sampling))
+        )
+        self.seconds += time.perf_counter() - t0
+
+
+# -- the judge ------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def judge_run_dir(cfg: Config, folder: Path, context: int, state: StateDict) -> Path:
+    """A finished run directory of ``cfg`` whose prompts may be ``context`` tokens (served: ``base``)."""
+    data = cfg.data.model_copy(update={"max_source_length": context})
+    run = cfg.run.model_copy(update={"output_dir": str(folder), "name": "judge"})
+    judge_cfg = cfg.model_copy(update={"data": data, "run": run})
+    rundir = RunDir.create(judge_cfg)
+    rundir.save_round(1, state, judge_cfg)
+    rundir.mark_complete(1)
+    rundir.save_final(state, judge_cfg)
+    return Path(rundir.path)
+
+
+@contextmanager
+def local_judge(run_dir: Path, max_tokens: int, wait_s: float = 600.0) -> Iterator[str]:
+    """``fedtune serve RUN_DIR`` on 127.0.0.1 until the block ends; yields its API root."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "fedtune", "serve", str(run_dir), "--host", "127.0.0.1", "--port", str(port),
+           "--max-tokens", str(max_tokens)]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+    log.info("judge server: pid %s, port %s", proc.pid, port)
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(
+                    f"fedtune serve exited with status {proc.returncode} before answering /health"
+                )
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"fedtune serve did not answer /health within {wait_s:.0f} s")
+            time.sleep(1.0)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()  # the server we started, by its PID
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def longest_prompt(answers: dict[str, list[Answer]], cfg: Config, tokenizer: Any) -> int:
+    """Tokens in the longest judge prompt this run sends, rendered as ``fedtune serve`` renders it."""
+    prompts = []
+    for rows in answers.values():
+        prompts += [single_prompt(question_text(a["question"]), a["answer"], a["reference"]) for a in rows]
+    for ours, theirs in PAIRS:
+        by_id = {a["id"]: a for a in answers.get(theirs, [])}
+        prompts += [
+            pair_prompt(question_text(a["question"]), a["answer"], by_id[a["id"]]["answer"], a["reference"])
+            for a in answers.get(ours, [])
+            if a["id"] in by_id
+        ]
+    uncut = 10**9
+    return max(
+        (len(build_generation_input(m, tokenizer, cfg.data.template, uncut)) for m in prompts), default=0
+    )
+
+
+def judge_all(client: JudgeClient, answers: dict[str, list[Answer]], concurrency: int) -> dict[str, Any]:
+    """Grades of every method's answers and the pairwise comparisons in :data:`PAIRS`."""
+    out: dict[str, Any] = {"single": {}, "pairwise": {}}
+    for method, rows in answers.items():
+        log.info("judging %s: %d answers", method, len(rows))
+        out["single"][method] = grade(client, rows, concurrency=concurrency)
+    for ours, theirs in PAIRS:
+        if ours in answers and theirs in answers:
+            log.info("judging %s vs %s", ours, theirs)
+            result = compare(client, answers[ours], answers[theirs], concurrency=concurrency)
+            out["pairwise"][f"{ours}_vs_{theirs}"] = result
+    return out
+
+
+# -- report ---------------------------------------------------------------------------
+def score_histogram(result: dict[str, Any]) -> str:
+    """``score:count`` of the graded answers, highest score first."""
+    counts = collections.Counter(i["score"] for i in result["items"] if i["score"] is not None)
+    return " ".join(f"{s:g}:{n}" for s, n in sorted(counts.items(), reverse=True)) or "-"
+
+
+_LOOSE = re.compile(r"rating\W{0,3}(\d+)", re.IGNORECASE)
+
+
+def loose_ratings(result: dict[str, Any]) -> str:
+    """A diagnostic, not a score: malformed replies that still wrote "Rating: N" without the brackets."""
+    found = [
+        m.group(1)
+        for i in result["items"]
+        if i["score"] is None
+        for m in [_LOOSE.search(i["rationale"] or "")]
+        if m
+    ]
+    counts = collections.Counter(found)
+    return f"{len(found)}" + (
+        f" ({' '.join(f'{k}:{n}' for k, n in sorted(counts.items()))})" if found else ""
+    )
+
+
+def verdict_positions(result: dict[str, Any]) -> str:
+    """How often the judge named A, B, tie or nothing, over both orders (position bias shows here)."""
+    counts = collections.Counter(v or "none" for i in result["items"] for v in i["verdicts"])
+    return ", ".join(f"{k} {counts[k]}" for k in ("A", "B", "C", "none"))
+
+
+def print_report(
+    rows: Sequence[q.Row], answers: dict[str, list[Answer]], judged: dict[str, Any]
+) -> dict[str, float]:
+    """The markdown table and the pairwise lines; returns each method's union ROUGE-L."""
+    by_name = {r.method: r for r in rows}
+    rouge: dict[str, float] = {}
+    print("\n| method | held-out loss (own / union) | ROUGE-L | BLEU | judge mean (n scored / malformed) |")
+    print("|---|---|---|---|---|")
+    for method in METHODS:
+        row, mine = by_name.get(method), answers.get(method)
+        if row is None or not mine:
+            note = row.note if row is not None else "not run"
+            print(f"| {LABELS[method]} | - | - | - | - ({note}) |")
+            continue
+        s = score([a["reference"] for a in mine], [a["answer"] for a in mine])
+        rouge[method] = s.rouge_l
+        g = judged["single"].get(method)
+        verdict = "-"
+        if g is not None:
+            mean = "-" if g["mean_score"] is None else f"{g['mean_score']:.2f}"
+            failed = f", {g['counts']['failed']} failed" if g["counts"]["failed"] else ""
+            verdict = f"{mean} ({g['counts']['graded']} / {g['counts']['malformed']}{failed})"
+        loss = f"{q.fmt(row.own)} / {q.fmt(row.union)}"
+        print(f"| {LABELS[method]} | {loss} | {s.rouge_l:.4f} | {s.bleu:.2f} | {verdict} |")
+    print()
+    for method, g in judged["single"].items():
+        print(
+            f"judge scores {method} (score:count): {score_histogram(g)}; malformed replies with an"
+            f" unbracketed 'Rating: N' (N:count): {loose_ratings(g)}"
+        )
+    for key, p in judged["pairwise"].items():
+        c = p["counts"]
+        rate = "-" if p["win_rate"] is None else f"{p['win_rate']:.3f}"
+        tally = ", ".join(
+            f"{k} {c[k]}" for k in ("win", "loss", "tie", "inconsistent", "malformed", "failed")
+        )
+        print(
+            f"pairwise {key.replace('_vs_', ' vs ')}: win rate {rate} ({c['questions']} questions: {tally})"
+        )
+        print(f"  verdicts over both orders: {verdict_positions(p)}")
+    return rouge
+
+
+# -- main -----------------------------------------------------------------------------
+def parse_args() -> argparse.Namespace:
+    parser = q.build_parser(__doc__.splitlines()[0])
+    parser.set_defaults(methods=",".join(METHODS))
+    parser.add_argument("--questions", type=int, default=4, help="held-out questions per client")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="answer tokens (greedy)")
+    parser.add_argument("--gen-batch", type=int, default=8, help="prompts per generation batch")
+    parser.add_argument(
+        "--base-url", help="an OpenAI-compatible API root to judge with (default: fedtune serve)"
+    )
+    parser.add_argument("--model", default="base", help="the judge's model name at --base-url")
+    parser.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable with the key")
+    parser.add_argument("--judge-max-tokens", type=int, default=128, help="judge tokens per reply")
+    parser.add_argument("--judge-context", type=int, default=2048, help="the local judge's prompt limit")
+    parser.add_argument("--concurrency", type=int, default=16, help="judge requests in flight")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per judge request")
+    parser.add_argument("--cache", type=Path, help="on-disk cache of judge replies (default: none)")
+    parser.add_argument("--out", type=Path, help="folder for answers.jsonl and judge.json (default: temp)")
+    args = parser.parse_args()
+    if args.seeds and "," in args.seeds:
+        parser.error("--seeds: one seed (this bench prints one table)")
+    if args.model != "base" and not args.base_url:
+        parser.error("--model names a model at --base-url; the local judge serves 'base'")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per judge request
+    methods = q.parse_methods(args.methods)
+    q.import_federated_stack()
+    out = args.out or Path(tempfile.mkdtemp(prefix="fedtune-fedit-judge-"))
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    sampling = Sampling(max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch)
+    collect = Collector(args.questions, sampling, [m for m in methods if m in METHODS])
+    seen: dict[str, q.Bench] = {}
+
+    def visit(bench: q.Bench, method: str, pid: int | None) -> None:
+        seen["bench"] = bench
+        collect(bench, method, pid)
+
+    user = [*args.set, *([f"seed={args.seeds}"] if args.seeds else [])]
+    rows = q.run_table(args, methods, user, visit)
+    trained = time.perf_counter() - t0
+    all_answers = [a for rows_ in collect.answers.values() for a in rows_]
+    (out / "answers.jsonl").write_text("".join(json.dumps(a, ensure_ascii=False) + "\n" for a in all_answers))
+    bench = seen["bench"]
+    longest = longest_prompt(collect.answers, bench.cfg, bench.tokenizer)
+    log.info("longest judge prompt: %d tokens", longest)
+    if not args.base_url and longest > args.judge_context:
+        raise SystemExit(f"a judge prompt of {longest} tokens: raise --judge-context ({args.judge_context})")
+
+    t1 = time.perf_counter()
+    cache = ReplyCache(args.cache) if args.cache else None
+    if args.base_url:
+        key = os.environ.get(args.api_key_env) or None
+        endpoint = Endpoint(args.base_url, args.model, key, args.timeout, max_tokens=args.judge_max_tokens)
+        with JudgeClient(endpoint, cache) as client:
+            judged = judge_all(client, collect.answers, args.concurrency)
+    else:
+        run_dir = judge_run_dir(bench.cfg, out, args.judge_context, bench.start)
+        with local_judge(run_dir, args.judge_max_tokens) as url:
+            endpoint = Endpoint(url, "base", None, args.timeout, max_tokens=args.judge_max_tokens)
+            with JudgeClient(endpoint, cache) as client:
+                judged = judge_all(client, collect.answers, args.concurrency)
+    judging = time.perf_counter() - t1
+    judged["judge"] = {
+        "base_url": endpoint.base_url,
+        "model": endpoint.model,
+        "max_tokens": args.judge_max_tokens,
+    }
+    (out / "judge.json").write_text(json.dumps(judged, indent=2, ensure_ascii=False) + "\n")
+
+    rouge = print_report(rows, collect.answers, judged)
+    n = {m: len(a) for m, a in collect.answers.items()}
+    print(
+        f"\n{n} answers (greedy, <= {args.max_new_tokens} tokens) of the first {args.questions} held-out"
+        f" questions per client; judge {endpoint.model} at {endpoint.base_url}, <= {args.judge_max_tokens}"
+        f" tokens a reply; methods + generation {trained:.0f} s (generation {collect.seconds:.0f} s),"
+        f" judging {judging:.0f} s; files in {out}"
+    )
+    ratio = (
+        rouge["fedavg"] / rouge["local"] if {"fedavg", "local"} <= rouge.keys() and rouge["local"] else None
+    )
+    print(f"fedavg_rougeL_over_local: {'n/a' if ratio is None else f'{ratio:.3f}'}")
+
+
+if __name__ == "__main__":
+    main()
