@@ -46,12 +46,16 @@ def test_summary_rows_pair_base_and_adapter() -> None:
     assert summary_rows(results) == [{"task": "t", "metric": "acc,none", "base": 0.25, "adapter": 0.5}]
 
 
-def test_eval_tasks_on_tiny_llama(capsys, tiny_run: RunDir) -> None:
-    code, out, err = run_cli(
-        capsys, "eval", str(tiny_run.path), "--no-loss", "--tasks", "fedtune_wiki_mc", "--limit", "4"
-    )
+def _eval_task(capsys, run: RunDir, task: str, limit: int) -> tuple[dict, str]:
+    """``fedtune eval RUN --no-loss --tasks TASK --limit N``: (lm_eval.json, stdout); exit 0 asserted."""
+    args = ("--no-loss", "--tasks", task, "--limit", str(limit))
+    code, out, err = run_cli(capsys, "eval", str(run.path), *args)
     assert code == 0, err
-    doc = json.loads(tiny_run.lm_eval_file.read_text())
+    return json.loads(run.lm_eval_file.read_text()), out
+
+
+def test_eval_tasks_on_tiny_llama(capsys, tiny_run: RunDir) -> None:
+    doc, out = _eval_task(capsys, tiny_run, "fedtune_wiki_mc", 4)
     for variant in ("base", "adapter"):
         res = doc["results"][variant]["fedtune_wiki_mc"]
         assert res["sample_len"] == 4  # --limit examples were run
@@ -60,11 +64,7 @@ def test_eval_tasks_on_tiny_llama(capsys, tiny_run: RunDir) -> None:
 
 
 def test_the_generation_task_scores_free_text_answers_by_bleu_and_chrf(capsys, tiny_run: RunDir) -> None:
-    code, _, err = run_cli(
-        capsys, "eval", str(tiny_run.path), "--no-loss", "--tasks", "fedtune_wiki_gen", "--limit", "2"
-    )
-    assert code == 0, err
-    doc = json.loads(tiny_run.lm_eval_file.read_text())
+    doc, _ = _eval_task(capsys, tiny_run, "fedtune_wiki_gen", 2)
     for variant in ("base", "adapter"):
         res = doc["results"][variant]["fedtune_wiki_gen"]
         assert res["sample_len"] == 2
