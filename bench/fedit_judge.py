@@ -12,15 +12,21 @@ and pairwise FedAvg vs local-only (FedIT's protocol) and FedAvg vs base, each qu
 both orders, the reference answer shown to the judge (as ``fedtune judge`` does by default).
 
 The judge: by default ``fedtune serve`` started here on 127.0.0.1 (a free port) over a run
-directory of the same config, model id ``base``: SmolLM2 itself, without adapter. That run's
-``data.max_source_length`` is ``--judge-context`` tokens, since the server cuts a prompt from
-the left to the run's ``data.max_source_length`` (128 in the demo config, shorter than a judge
-prompt). The server is stopped by its PID when the judging ends or fails. ``--base-url`` and
-``--model`` use any OpenAI-compatible endpoint instead (the key from ``--api-key-env``, as
-``fedtune judge`` reads it); nothing is started then.
+directory of the same config, model id ``base``: SmolLM2 itself, without adapter, with
+``--max-prompt-tokens`` at ``--judge-context`` (the demo run's own ``data.max_source_length``,
+128, is shorter than a judge prompt). The server is stopped by its PID when the judging ends or
+fails. ``--follow-up`` (on by default) continues a reply that holds no score or verdict from
+``Rating: [[`` / ``Verdict: [[`` (``fedtune judge --follow-up``; SmolLM2-135M never writes the
+format by itself). ``--base-url`` and ``--model`` use any OpenAI-compatible endpoint instead
+(the key from ``--api-key-env``, as ``fedtune judge`` reads it; ``--no-follow-up`` for one that
+cannot continue a message, such as OpenAI's own); nothing is started then.
+
+``--answers DIR`` judges the ``answers.jsonl`` an earlier run wrote to ``DIR`` instead of
+training (no loss columns then): the same answers, another judge.
 
 Usage: python bench/fedit_judge.py [--questions 4] [--rounds 48] [--judge-max-tokens 128]
-       [--base-url URL --model NAME] [--out DIR] [quality.py's options]
+       [--base-url URL --model NAME] [--no-follow-up] [--answers DIR] [--out DIR]
+       [quality.py's options]
 Writes ``answers.jsonl`` and ``judge.json`` (every rationale) to ``--out`` (default: a temp dir).
 Last line: ``fedavg_rougeL_over_local: X`` (FedAvg's union ROUGE-L over local-only's).
 """
@@ -57,7 +63,8 @@ from fedtune.eval.judge import compare, grade, pair_prompt, question_text, singl
 from fedtune.eval.judge_client import Endpoint, JudgeClient, ReplyCache
 from fedtune.eval.metrics import score
 from fedtune.inference import Loaded
-from fedtune.models.adapters import StateDict
+from fedtune.models.adapters import StateDict, initial_adapter_state
+from fedtune.models.load import load_tokenizer
 from fedtune.rundir import RunDir
 
 log = logging.getLogger("fedit_judge")
@@ -110,11 +117,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def judge_run_dir(cfg: Config, folder: Path, context: int, state: StateDict) -> Path:
-    """A finished run directory of ``cfg`` whose prompts may be ``context`` tokens (served: ``base``)."""
-    data = cfg.data.model_copy(update={"max_source_length": context})
+def judge_run_dir(cfg: Config, folder: Path, state: StateDict) -> Path:
+    """A finished run directory of ``cfg`` (``fedtune serve`` serves its base model as ``base``)."""
     run = cfg.run.model_copy(update={"output_dir": str(folder), "name": "judge"})
-    judge_cfg = cfg.model_copy(update={"data": data, "run": run})
+    judge_cfg = cfg.model_copy(update={"run": run})
     rundir = RunDir.create(judge_cfg)
     rundir.save_round(1, state, judge_cfg)
     rundir.mark_complete(1)
@@ -123,12 +129,12 @@ def judge_run_dir(cfg: Config, folder: Path, context: int, state: StateDict) -> 
 
 
 @contextmanager
-def local_judge(run_dir: Path, max_tokens: int, wait_s: float = 600.0) -> Iterator[str]:
+def local_judge(run_dir: Path, max_tokens: int, context: int, wait_s: float = 600.0) -> Iterator[str]:
     """``fedtune serve RUN_DIR`` on 127.0.0.1 until the block ends; yields its API root."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "fedtune", "serve", str(run_dir), "--host", "127.0.0.1", "--port", str(port),
-           "--max-tokens", str(max_tokens)]  # fmt: skip
+           "--max-tokens", str(max_tokens), "--max-prompt-tokens", str(context)]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
     log.info("judge server: pid %s, port %s", proc.pid, port)
     try:
@@ -174,16 +180,19 @@ def longest_prompt(answers: dict[str, list[Answer]], cfg: Config, tokenizer: Any
     )
 
 
-def judge_all(client: JudgeClient, answers: dict[str, list[Answer]], concurrency: int) -> dict[str, Any]:
+def judge_all(
+    client: JudgeClient, answers: dict[str, list[Answer]], concurrency: int, follow_up: bool
+) -> dict[str, Any]:
     """Grades of every method's answers and the pairwise comparisons in :data:`PAIRS`."""
     out: dict[str, Any] = {"single": {}, "pairwise": {}}
     for method, rows in answers.items():
         log.info("judging %s: %d answers", method, len(rows))
-        out["single"][method] = grade(client, rows, concurrency=concurrency)
+        out["single"][method] = grade(client, rows, concurrency=concurrency, follow_up=follow_up)
     for ours, theirs in PAIRS:
         if ours in answers and theirs in answers:
             log.info("judging %s vs %s", ours, theirs)
-            result = compare(client, answers[ours], answers[theirs], concurrency=concurrency)
+            pair = (answers[ours], answers[theirs])
+            result = compare(client, *pair, concurrency=concurrency, follow_up=follow_up)
             out["pairwise"][f"{ours}_vs_{theirs}"] = result
     return out
 
@@ -225,7 +234,8 @@ def print_report(
     """The markdown table and the pairwise lines; returns each method's union ROUGE-L."""
     by_name = {r.method: r for r in rows}
     rouge: dict[str, float] = {}
-    print("\n| method | held-out loss (own / union) | ROUGE-L | BLEU | judge mean (n scored / malformed) |")
+    judge_head = "judge mean (n scored [after a follow-up] / malformed)"
+    print(f"\n| method | held-out loss (own / union) | ROUGE-L | BLEU | {judge_head} |")
     print("|---|---|---|---|---|")
     for method in METHODS:
         row, mine = by_name.get(method), answers.get(method)
@@ -240,7 +250,8 @@ def print_report(
         if g is not None:
             mean = "-" if g["mean_score"] is None else f"{g['mean_score']:.2f}"
             failed = f", {g['counts']['failed']} failed" if g["counts"]["failed"] else ""
-            verdict = f"{mean} ({g['counts']['graded']} / {g['counts']['malformed']}{failed})"
+            c = g["counts"]
+            verdict = f"{mean} ({c['graded']} [{c['graded_after_follow_up']}] / {c['malformed']}{failed})"
         loss = f"{q.fmt(row.own)} / {q.fmt(row.union)}"
         print(f"| {LABELS[method]} | {loss} | {s.rouge_l:.4f} | {s.bleu:.2f} | {verdict} |")
     print()
@@ -280,6 +291,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per judge request")
     parser.add_argument("--cache", type=Path, help="on-disk cache of judge replies (default: none)")
     parser.add_argument("--out", type=Path, help="folder for answers.jsonl and judge.json (default: temp)")
+    parser.add_argument(
+        "--follow-up",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="continue a reply without score/verdict from 'Rating: [[' (the endpoint must continue messages)",
+    )
+    parser.add_argument("--answers", type=Path, help="judge DIR/answers.jsonl of a run (no training)")
     args = parser.parse_args()
     if args.seeds and "," in args.seeds:
         parser.error("--seeds: one seed (this bench prints one table)")
@@ -288,14 +306,20 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def main() -> None:
-    args = parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per judge request
-    methods = q.parse_methods(args.methods)
-    q.import_federated_stack()
-    out = args.out or Path(tempfile.mkdtemp(prefix="fedtune-fedit-judge-"))
-    out.mkdir(parents=True, exist_ok=True)
+@dataclass
+class Answered:
+    """What the judging needs: the table's rows (none with --answers), the answers, the setting."""
+
+    rows: list[q.Row]
+    answers: dict[str, list[Answer]]
+    cfg: Config
+    tokenizer: Any
+    start: StateDict
+    seconds: str
+
+
+def train_and_answer(args: argparse.Namespace, methods: Sequence[str], out: Path) -> Answered:
+    """quality.py's table, every method answering as it goes; ``answers.jsonl`` written to ``out``."""
     t0 = time.perf_counter()
     sampling = Sampling(max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch)
     collect = Collector(args.questions, sampling, [m for m in methods if m in METHODS])
@@ -311,38 +335,70 @@ def main() -> None:
     all_answers = [a for rows_ in collect.answers.values() for a in rows_]
     (out / "answers.jsonl").write_text("".join(json.dumps(a, ensure_ascii=False) + "\n" for a in all_answers))
     bench = seen["bench"]
-    longest = longest_prompt(collect.answers, bench.cfg, bench.tokenizer)
-    log.info("longest judge prompt: %d tokens", longest)
-    if not args.base_url and longest > args.judge_context:
-        raise SystemExit(f"a judge prompt of {longest} tokens: raise --judge-context ({args.judge_context})")
+    seconds = f"methods + generation {trained:.0f} s (generation {collect.seconds:.0f} s)"
+    return Answered(rows, collect.answers, bench.cfg, bench.tokenizer, bench.start, seconds)
 
-    t1 = time.perf_counter()
+
+def saved_answers(args: argparse.Namespace, folder: Path) -> Answered:
+    """``--answers DIR``: an earlier run's ``answers.jsonl``, by method; the config for the local judge."""
+    answers: dict[str, list[Answer]] = {}
+    for line in (folder / "answers.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        answers.setdefault(row["variant"], []).append(row)
+    user = [*args.set, *([f"seed={args.seeds}"] if args.seeds else [])]
+    cfg = q.method_config(q.base_tree(args), {}, user)
+    start = initial_adapter_state(cfg.model, seed=cfg.seed)
+    return Answered([], answers, cfg, load_tokenizer(cfg.model), start, f"answers from {folder}")
+
+
+def judge_answers(args: argparse.Namespace, done: Answered, out: Path) -> tuple[dict[str, Any], Endpoint]:
+    """Every judgement (:func:`judge_all`) by ``--base-url``'s judge or a local fedtune serve."""
     cache = ReplyCache(args.cache) if args.cache else None
     if args.base_url:
         key = os.environ.get(args.api_key_env) or None
         endpoint = Endpoint(args.base_url, args.model, key, args.timeout, max_tokens=args.judge_max_tokens)
         with JudgeClient(endpoint, cache) as client:
-            judged = judge_all(client, collect.answers, args.concurrency)
+            return judge_all(client, done.answers, args.concurrency, args.follow_up), endpoint
+    longest = longest_prompt(done.answers, done.cfg, done.tokenizer)
+    log.info("longest judge prompt: %d tokens", longest)
+    if longest > args.judge_context:
+        raise SystemExit(f"a judge prompt of {longest} tokens: raise --judge-context ({args.judge_context})")
+    run_dir = judge_run_dir(done.cfg, out, done.start)
+    with local_judge(run_dir, args.judge_max_tokens, args.judge_context) as url:
+        endpoint = Endpoint(url, "base", None, args.timeout, max_tokens=args.judge_max_tokens)
+        with JudgeClient(endpoint, cache) as client:
+            return judge_all(client, done.answers, args.concurrency, args.follow_up), endpoint
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per judge request
+    methods = q.parse_methods(args.methods)
+    out = args.out or Path(tempfile.mkdtemp(prefix="fedtune-fedit-judge-"))
+    out.mkdir(parents=True, exist_ok=True)
+    if args.answers:
+        done = saved_answers(args, args.answers)
     else:
-        run_dir = judge_run_dir(bench.cfg, out, args.judge_context, bench.start)
-        with local_judge(run_dir, args.judge_max_tokens) as url:
-            endpoint = Endpoint(url, "base", None, args.timeout, max_tokens=args.judge_max_tokens)
-            with JudgeClient(endpoint, cache) as client:
-                judged = judge_all(client, collect.answers, args.concurrency)
+        q.import_federated_stack()
+        done = train_and_answer(args, methods, out)
+    t1 = time.perf_counter()
+    judged, endpoint = judge_answers(args, done, out)
     judging = time.perf_counter() - t1
     judged["judge"] = {
         "base_url": endpoint.base_url,
         "model": endpoint.model,
         "max_tokens": args.judge_max_tokens,
+        "follow_up": args.follow_up,
     }
     (out / "judge.json").write_text(json.dumps(judged, indent=2, ensure_ascii=False) + "\n")
 
-    rouge = print_report(rows, collect.answers, judged)
-    n = {m: len(a) for m, a in collect.answers.items()}
+    rouge = print_report(done.rows, done.answers, judged)
+    n = {m: len(a) for m, a in done.answers.items()}
     print(
         f"\n{n} answers (greedy, <= {args.max_new_tokens} tokens) of the first {args.questions} held-out"
         f" questions per client; judge {endpoint.model} at {endpoint.base_url}, <= {args.judge_max_tokens}"
-        f" tokens a reply; methods + generation {trained:.0f} s (generation {collect.seconds:.0f} s),"
+        f" tokens a reply{', follow-ups' if args.follow_up else ''}; {done.seconds},"
         f" judging {judging:.0f} s; files in {out}"
     )
     ratio = (

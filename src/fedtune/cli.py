@@ -249,6 +249,12 @@ def serve(
     port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
     max_tokens: Annotated[int, typer.Option(min=1, help="the largest max_tokens a request may ask")] = 1024,
     max_body_bytes: Annotated[int, typer.Option(min=1, help="the largest request body")] = 1_000_000,
+    max_prompt_tokens: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="prompt tokens kept, cut from the left (default: each run's data.max_source_length)"
+        ),
+    ] = None,
     trunk: Annotated[
         str | None,
         typer.Option(help="the split run's trunk service, HOST:PORT (default: start one here per split run)"),
@@ -266,7 +272,10 @@ def serve(
     from fedtune.serve import serve as run_server
 
     limits = Limits(
-        max_tokens=max_tokens, default_max_tokens=min(256, max_tokens), max_body_bytes=max_body_bytes
+        max_tokens=max_tokens,
+        default_max_tokens=min(256, max_tokens),
+        max_body_bytes=max_body_bytes,
+        max_prompt_tokens=max_prompt_tokens,
     )
     split = SplitServing(unsplit=unsplit, trunk=trunk)
     console.print(f"serving {', '.join(d.name for d in run_dirs)} on http://{host}:{port}/v1")

@@ -142,6 +142,13 @@ def judge(
     use_cache: Annotated[
         bool, typer.Option("--use-cache/--no-cache", help="read and write the cache")
     ] = True,
+    follow_up: Annotated[
+        bool,
+        typer.Option(
+            help="a reply without score/verdict: ask the judge to continue it with 'Rating: [[' "
+            "(endpoints with continue_final_message: fedtune serve, vLLM)"
+        ),
+    ] = False,
 ) -> None:
     """LLM-as-judge of the answers `fedtune eval --generate` saved: 1-10 grades, or pairwise with --against.
 
@@ -167,6 +174,7 @@ def judge(
             limit=limit,
             concurrency=concurrency,
             reference=reference,
+            follow_up=follow_up,
         )
     counts = ", ".join(f"{k} {v}" for k, v in result["counts"].items())
     if against is None:

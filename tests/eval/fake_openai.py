@@ -69,4 +69,5 @@ def fake_endpoint(script: Script) -> Iterator[Fake]:
 
 
 def user_text(body: dict[str, Any]) -> str:
-    return body["messages"][-1]["content"]
+    """The last user message's text (a continuation ends with the assistant's begun reply)."""
+    return next(m["content"] for m in reversed(body["messages"]) if m["role"] == "user")

@@ -149,3 +149,64 @@ def test_judge_reads_the_chosen_variant(capsys, tiny_run: RunDir, tmp_path: Path
         )
     assert code == 0, err
     assert json.loads(tiny_run.judge_single_file.read_text())["variant"] == variant
+
+
+def _forgets_the_format(body: dict, n: int) -> tuple[int, str]:
+    """A judge that explains but gives no [[N]]; asked to continue its reply, it states the grade."""
+    last = body["messages"][-1]
+    if body.get("continue_final_message"):
+        assert body["add_generation_prompt"] is False and last["role"] == "assistant"
+        return 200, "4]] and more" if "answer zero" in user_text(body) else "eleven]]"
+    return 200, "The answer is short and vague."
+
+
+def test_follow_up_continues_a_reply_without_score(capsys, tiny_run: RunDir, tmp_path: Path) -> None:
+    write_answers(tiny_run, ["answer zero", "answer one"])
+    with fake_endpoint(_forgets_the_format) as fake:
+        args = judge_args(tiny_run, fake.base_url, tmp_path / "c", "--follow-up", "--max-tokens", "50")
+        code, _, err = run_cli(capsys, *args)
+        assert code == 0, err
+        first, follow = fake.requests[:2], fake.requests[2:]
+    assert len(first) == 2 and len(follow) == 2  # each reply continued once, none again
+    assert all(r["max_tokens"] == 50 for r in first) and all(r["max_tokens"] == 8 for r in follow)
+    # the follow-up is the judge's own reply with the lead, as the begun assistant message
+    assert sorted(str(r["messages"][:2]) for r in follow) == sorted(str(r["messages"]) for r in first)
+    assert follow[0]["messages"][-1]["content"] == "The answer is short and vague.\n\nRating: [["
+    result = json.loads(tiny_run.judge_single_file.read_text())
+    assert [i["score"] for i in result["items"]] == [4.0, None]  # "[[eleven]]" parses to nothing
+    assert result["items"][0]["followed_up"] == "4]] and more"
+    counts = result["counts"]
+    assert (counts["followed_up"], counts["graded_after_follow_up"], counts["malformed"]) == (2, 1, 1)
+
+
+def test_follow_up_off_asks_once(capsys, tiny_run: RunDir, tmp_path: Path) -> None:
+    write_answers(tiny_run, ["answer zero"])
+    with fake_endpoint(_forgets_the_format) as fake:
+        code, _, err = run_cli(capsys, *judge_args(tiny_run, fake.base_url, tmp_path / "c"))
+        assert code == 0, err
+        assert len(fake.requests) == 1 and "continue_final_message" not in fake.requests[0]
+    assert json.loads(tiny_run.judge_single_file.read_text())["counts"]["malformed"] == 1
+
+
+def test_follow_up_of_pairwise_verdicts(capsys, tmp_path: Path) -> None:
+    ours, theirs = finished_tiny_run(tmp_path / "fed")[0], finished_tiny_run(tmp_path / "local")[0]
+    write_answers(ours, ["good zero"])
+    write_answers(theirs, ["bad zero"])
+
+    def script(body: dict, n: int) -> tuple[int, str]:
+        if not body.get("continue_final_message"):
+            text = user_text(body)
+            first = text.index("[The Start of Assistant A's Answer]")
+            return 200, "Both try." if "good" in text[first : first + 60] else "The second is better. [[B]]"
+        assert body["messages"][-1]["content"] == "Both try.\n\nVerdict: [["
+        return 200, "A]]"
+
+    with fake_endpoint(script) as fake:
+        args = judge_args(ours, fake.base_url, tmp_path / "c", "--against", str(theirs.path), "--follow-up")
+        code, _, err = run_cli(capsys, *args)
+        assert code == 0, err
+        assert len(fake.requests) == 3  # two orders, one continued
+    result = json.loads(ours.judge_vs_file(theirs.path).read_text())
+    assert result["items"][0]["verdicts"] == ["A", "B"] and result["items"][0]["outcome"] == "win"
+    assert result["items"][0]["followed_up"] == ["A]]", None]
+    assert result["counts"]["followed_up"] == 1

@@ -36,6 +36,8 @@ def test_judge_with_smollm2_behind_fedtune_serve(capsys, tmp_path: Path) -> None
         str(port),
         "--max-tokens",
         "96",
+        "--max-prompt-tokens",  # a judge prompt is longer than the demo's max_source_length
+        "2048",
     ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -50,7 +52,8 @@ def test_judge_with_smollm2_behind_fedtune_serve(capsys, tmp_path: Path) -> None
             assert time.monotonic() < deadline, "fedtune serve did not answer /health"
             time.sleep(0.5)
         args = ["judge", str(run.path), "--base-url", f"http://127.0.0.1:{port}/v1", "--model", "base",
-                "--max-tokens", "96", "--cache", str(tmp_path / "cache"), "--concurrency", "2"]  # fmt: skip
+                "--max-tokens", "96", "--cache", str(tmp_path / "cache"), "--concurrency", "2",
+                "--follow-up"]  # fmt: skip
         code, out, err = run_cli(capsys, *args)
     finally:
         proc.terminate()
@@ -59,6 +62,8 @@ def test_judge_with_smollm2_behind_fedtune_serve(capsys, tmp_path: Path) -> None
     result = json.loads(run.judge_single_file.read_text())
     counts = result["counts"]
     assert counts["requests"] == 2 and counts["failed"] == 0
-    assert counts["graded"] + counts["malformed"] == 2  # a 135M judge may well not follow the format
+    # a 135M judge forgets the format; continued from "Rating: [[" it states a grade (or copies
+    # the instruction's "N": malformed still)
+    assert counts["followed_up"] == 2 and counts["graded"] >= 1, result["items"]
     assert all(isinstance(i["rationale"], str) and i["rationale"] for i in result["items"])
     assert "mean score" in out

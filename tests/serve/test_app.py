@@ -13,6 +13,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from fedtune.data.tokenize import build_generation_input
+from fedtune.errors import FedtuneError
 from fedtune.inference import load_run
 from fedtune.models.adapters import initial_adapter_state, save_adapter_folder
 from fedtune.serve import Engine, Limits, build_app, create_app, load_catalogue
@@ -186,3 +187,52 @@ def test_the_event_loop_answers_while_a_generation_runs(run_dir: Path) -> None:
 def test_serve_command_on_a_folder_that_is_not_a_run(capsys, tmp_path: Path) -> None:
     code, _, err = run_cli(capsys, "serve", str(tmp_path))
     assert code == 2 and "Traceback" not in err
+
+
+def test_continue_final_message_goes_on_writing_the_assistants_reply(
+    client: TestClient, run_dir: Path
+) -> None:
+    # vLLM's extension, used by the judge's follow-up: the reply is begun by the caller
+    begun = [*HI, {"role": "assistant", "content": "Rating: [["}]
+    body = _chat(client, run_dir.name, messages=begun, continue_final_message=True).json()
+    loaded = load_run(run_dir)
+    cfg = loaded.cfg
+    ids = build_generation_input(HI, loaded.tokenizer, cfg.data.template, cfg.data.max_source_length)  # type: ignore[arg-type]
+    ids += loaded.tokenizer("Rating: [[", add_special_tokens=False)["input_ids"]
+    out = loaded.model.generate(  # type: ignore[union-attr]
+        input_ids=torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=0
+    )
+    expected = loaded.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+    assert body["choices"][0]["message"]["content"] == expected
+    assert body["usage"]["prompt_tokens"] == len(ids)
+
+
+def test_continue_final_message_needs_an_assistant_message_last(client: TestClient) -> None:
+    response = _chat(client, "base", continue_final_message=True)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "continue_final_message"
+
+
+def _prompt_tokens(client: TestClient, prompt: str) -> int:
+    body = {"model": "base", "prompt": prompt, "max_tokens": 1}
+    return int(client.post("/v1/completions", json=body).json()["usage"]["prompt_tokens"])
+
+
+def test_prompts_are_cut_to_the_runs_length_unless_the_server_says_more(run_dir: Path) -> None:
+    long_prompt = " ".join(["one two three four"] * 100)  # 400 words: past the run's max_source_length
+    loaded = load_run(run_dir)
+    source_length, tokens = (
+        loaded.cfg.data.max_source_length,
+        len(loaded.tokenizer(long_prompt, add_special_tokens=False)["input_ids"]),
+    )
+    assert tokens == 400 > source_length
+    with TestClient(create_app(Engine(load_catalogue([run_dir])))) as default:
+        assert _prompt_tokens(default, long_prompt) == source_length
+    limits = Limits(max_prompt_tokens=1000)
+    with TestClient(create_app(Engine(load_catalogue([run_dir])), limits)) as longer:
+        assert _prompt_tokens(longer, long_prompt) == tokens
+
+
+def test_a_prompt_limit_past_the_models_positions_is_refused(run_dir: Path) -> None:
+    with pytest.raises(FedtuneError, match=r"max-prompt-tokens 4096 .* 2048 positions"):
+        build_app([run_dir], Limits(max_prompt_tokens=4096))

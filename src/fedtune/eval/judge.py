@@ -6,13 +6,21 @@ local-only): two runs' answers to the same questions (matched by the prompt's id
 both orders; a win needs the same winner in both orders, any other pair of verdicts is a tie
 (counted as inconsistent too). A judge answer without a score or verdict is counted as
 malformed, a request that failed after its retries as failed; neither stops the others.
+
+With ``follow_up`` (``fedtune judge --follow-up``), a reply that holds no score or verdict is
+continued once: the judge's own reply, then ``Rating: [[`` (or ``Verdict: [[``), is sent back
+as the begun assistant message for the endpoint to go on writing (a continuation, see
+:mod:`.judge_client`), a few tokens long. A small judge that explains well but forgets the
+format then still states its grade after its own explanation; such items are marked
+``followed_up`` and counted apart. It needs an endpoint that continues a final assistant message
+(fedtune serve, vLLM); OpenAI's own API does not.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +55,10 @@ PAIR = (
 )
 REFERENCE_NOTE = " A correct reference answer is given: judge correctness against it."
 REFERENCE = "[The Start of Reference Answer]\n{reference}\n[The End of Reference Answer]\n\n"
+
+RATING_LEAD = "\n\nRating: [["
+VERDICT_LEAD = "\n\nVerdict: [["
+FOLLOW_UP_TOKENS = 8
 
 _RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
 _VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
@@ -106,6 +118,35 @@ def combine(first: str, second: str) -> str:
     return ours_first if ours_first == ours_second else "inconsistent"
 
 
+def _judged(
+    client: JudgeClient,
+    prompts: list[Messages],
+    parse: Callable[[str], Any],
+    *,
+    concurrency: int,
+    lead: str | None,
+) -> tuple[list[Reply], list[Any], dict[int, Reply]]:
+    """The replies, each one's parsed score or verdict, and the follow-ups asked (by index).
+
+    ``lead``: follow a reply with text and nothing parsed up with the reply + ``lead``
+    continued (None: no follow-up); the continuation is parsed after the lead's ``[[``.
+    """
+    replies = client.ask_many(prompts, concurrency)
+    _check_failures(replies, client.endpoint.url)
+    values = [parse(r.content) if r.content is not None else None for r in replies]
+    todo = [i for i, (r, v) in enumerate(zip(replies, values, strict=True)) if v is None and r.content]
+    if lead is None or not todo:
+        return replies, values, {}
+    asks = [
+        [*prompts[i], {"role": "assistant", "content": (replies[i].content or "").rstrip() + lead}]
+        for i in todo
+    ]
+    more = client.ask_many(asks, concurrency, max_tokens=FOLLOW_UP_TOKENS, continuation=True)
+    for i, reply in zip(todo, more, strict=True):
+        values[i] = parse("[[" + reply.content) if reply.content is not None else None
+    return replies, values, dict(zip(todo, more, strict=True))
+
+
 def _check_failures(replies: Sequence[Reply], url: str) -> None:
     failed = [r for r in replies if r.content is None]
     if replies and len(failed) == len(replies):
@@ -123,7 +164,12 @@ def _counts(replies: Sequence[Reply]) -> dict[str, int]:
 
 
 def grade(
-    client: JudgeClient, answers: Sequence[Answer], *, concurrency: int = 4, reference: bool = True
+    client: JudgeClient,
+    answers: Sequence[Answer],
+    *,
+    concurrency: int = 4,
+    reference: bool = True,
+    follow_up: bool = False,
 ) -> dict[str, Any]:
     """Rate every answer; ``{"counts", "mean_score", "per_client", "items"}``."""
     prompts = [
@@ -134,21 +180,14 @@ def grade(
         )
         for a in answers
     ]
-    replies = client.ask_many(prompts, concurrency)
-    _check_failures(replies, client.endpoint.url)
+    lead = RATING_LEAD if follow_up else None
+    replies, scores, extra = _judged(client, prompts, parse_rating, concurrency=concurrency, lead=lead)
     items = []
-    for a, r in zip(answers, replies, strict=True):
-        score = parse_rating(r.content) if r.content is not None else None
-        items.append(
-            {
-                "id": a["id"],
-                "client": a["client"],
-                "index": a["index"],
-                "score": score,
-                "rationale": r.content,
-                "error": r.error,
-            }
-        )
+    for i, (a, r, score) in enumerate(zip(answers, replies, scores, strict=True)):
+        item = {"id": a["id"], "client": a["client"], "index": a["index"], "score": score}
+        items.append(item | {"rationale": r.content, "error": r.error})
+        if i in extra:
+            items[-1]["followed_up"] = extra[i].content
     scored = [i for i in items if i["score"] is not None]
     per_client: dict[str, dict[str, float]] = {}
     for c in sorted({i["client"] for i in scored}):
@@ -157,6 +196,8 @@ def grade(
     counts = _counts(replies) | {
         "graded": len(scored),
         "malformed": sum(i["score"] is None and i["rationale"] is not None for i in items),
+        "followed_up": len(extra),
+        "graded_after_follow_up": sum(i["score"] is not None for i in items if "followed_up" in i),
     }
     mean = sum(i["score"] for i in scored) / len(scored) if scored else None
     return {"counts": counts, "mean_score": mean, "per_client": per_client, "items": items}
@@ -169,6 +210,7 @@ def compare(
     *,
     concurrency: int = 4,
     reference: bool = True,
+    follow_up: bool = False,
 ) -> dict[str, Any]:
     """Pairwise verdicts on the questions both sets answered, both orders asked."""
     by_id = {a["id"]: a for a in theirs}
@@ -182,14 +224,13 @@ def compare(
             pair_prompt(q, a["answer"], b["answer"], ref),
             pair_prompt(q, b["answer"], a["answer"], ref),
         ]
-    replies = client.ask_many(prompts, concurrency)
-    _check_failures(replies, client.endpoint.url)
+    lead = VERDICT_LEAD if follow_up else None
+    replies, verdicts, extra = _judged(client, prompts, parse_verdict, concurrency=concurrency, lead=lead)
     items = []
     tally = dict.fromkeys(("win", "loss", "tie", "inconsistent", "malformed", "failed"), 0)
     for k, (a, _) in enumerate(pairs):
         r1, r2 = replies[2 * k], replies[2 * k + 1]
-        v1 = parse_verdict(r1.content) if r1.content is not None else None
-        v2 = parse_verdict(r2.content) if r2.content is not None else None
+        v1, v2 = verdicts[2 * k], verdicts[2 * k + 1]
         if r1.content is None or r2.content is None:
             outcome = "failed"
         elif v1 is None or v2 is None:
@@ -207,10 +248,14 @@ def compare(
                 "errors": [r1.error, r2.error],
             }
         )
+        if 2 * k in extra or 2 * k + 1 in extra:
+            items[-1]["followed_up"] = [
+                e.content if (e := extra.get(j)) else None for j in (2 * k, 2 * k + 1)
+            ]
     decided = tally["win"] + tally["loss"] + tally["tie"] + tally["inconsistent"]
     ties = tally["tie"] + tally["inconsistent"]
     win_rate = (tally["win"] + 0.5 * ties) / decided if decided else None
-    counts = _counts(replies) | {"questions": len(pairs)} | tally
+    counts = _counts(replies) | {"questions": len(pairs), "followed_up": len(extra)} | tally
     return {"counts": counts, "win_rate": win_rate, "items": items}
 
 
@@ -224,6 +269,7 @@ def judge_run(
     limit: int | None = None,
     concurrency: int = 4,
     reference: bool = True,
+    follow_up: bool = False,
 ) -> tuple[Path, dict[str, Any]]:
     """Grade ``run_dir``'s answers, or compare them with ``against``'s; write and return the file."""
     run = RunDir.open(run_dir)
@@ -231,12 +277,14 @@ def judge_run(
     head: dict[str, Any] = {"run": str(run.path), "variant": variant}
     head["judge"] = {"base_url": client.endpoint.base_url, "model": client.endpoint.model}
     if against is None:
-        result = head | grade(client, ours, concurrency=concurrency, reference=reference)
+        result = head | grade(client, ours, concurrency=concurrency, reference=reference, follow_up=follow_up)
         path = run.judge_single_file
     else:
         theirs = read_answers(against, against_variant)
         head |= {"against": str(RunDir.open(against).path), "against_variant": against_variant}
-        result = head | compare(client, ours, theirs, concurrency=concurrency, reference=reference)
+        result = head | compare(
+            client, ours, theirs, concurrency=concurrency, reference=reference, follow_up=follow_up
+        )
         path = run.judge_vs_file(against)
     write_text_atomic(path, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     return path, result

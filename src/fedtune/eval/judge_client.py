@@ -5,6 +5,11 @@ backoff on 429, 5xx, timeouts and connection errors (a ``Retry-After`` header in
 honoured when longer), and an on-disk cache keyed by (endpoint URL, model, messages,
 temperature, max tokens), so a re-run asks only what it has not asked before. A request that still fails
 comes back as a :class:`Reply` with its error, never as an exception: the caller counts it.
+
+A *continuation* (``ask(..., continuation=True)``) asks the endpoint to go on writing the last
+message, the assistant's reply begun by the caller: vLLM's and fedtune serve's
+``continue_final_message`` (with ``add_generation_prompt: false``). The judge uses it to ask a
+judge that forgot the verdict's format for just the verdict.
 """
 
 from __future__ import annotations
@@ -63,14 +68,15 @@ class ReplyCache:
         self.folder = Path(folder).expanduser()
 
     @staticmethod
-    def key(endpoint: Endpoint, messages: Messages) -> str:
+    def key(endpoint: Endpoint, messages: Messages, max_tokens: int | None = None) -> str:
+        """The cache key; ``max_tokens``: a request's own limit instead of the endpoint's."""
         blob = json.dumps(
             [
                 endpoint.url,
                 endpoint.model,
                 messages,
                 endpoint.temperature,
-                endpoint.max_tokens,
+                max_tokens or endpoint.max_tokens,
             ],
             sort_keys=True,
             ensure_ascii=False,
@@ -130,15 +136,9 @@ class JudgeClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _post(self, messages: Messages) -> tuple[str | None, str | None, bool, float]:
+    def _post(self, body: dict[str, Any]) -> tuple[str | None, str | None, bool, float]:
         """One try: (content, error, retryable, server's Retry-After)."""
         ep = self.endpoint
-        body = {
-            "model": ep.model,
-            "messages": messages,
-            "temperature": ep.temperature,
-            "max_tokens": ep.max_tokens,
-        }
         try:
             r = self._http.post(ep.url, json=body)
         except httpx.TimeoutException:
@@ -156,14 +156,32 @@ class JudgeClient:
         error = f"HTTP {r.status_code}: {r.text[:200]}"
         return None, error, r.status_code == 429 or r.status_code >= 500, _retry_after(r)
 
-    def ask(self, messages: Messages) -> Reply:
-        """One prompt: from the cache, or asked with retries; the error of the last try if all fail."""
-        key = ReplyCache.key(self.endpoint, messages) if self.cache is not None else ""
+    def _body(self, messages: Messages, max_tokens: int | None, continuation: bool) -> dict[str, Any]:
+        ep = self.endpoint
+        body: dict[str, Any] = {
+            "model": ep.model,
+            "messages": messages,
+            "temperature": ep.temperature,
+            "max_tokens": max_tokens or ep.max_tokens,
+        }
+        if continuation:
+            body |= {"continue_final_message": True, "add_generation_prompt": False}
+        return body
+
+    def ask(self, messages: Messages, *, max_tokens: int | None = None, continuation: bool = False) -> Reply:
+        """One prompt: from the cache, or asked with retries; the error of the last try if all fail.
+
+        ``max_tokens``: this request's limit (default: the endpoint's); ``continuation``: the
+        last message is the assistant's reply begun, to be continued (module docstring).
+        """
+        if continuation and messages[-1]["role"] != "assistant":
+            raise ValueError("a continuation needs the assistant's begun reply as the last message")
+        key = ReplyCache.key(self.endpoint, messages, max_tokens) if self.cache is not None else ""
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             return Reply(hit, cached=True)
-        error = None
+        body, error = self._body(messages, max_tokens, continuation), None
         for attempt in range(self.endpoint.retries + 1):
-            content, error, retryable, wait = self._post(messages)
+            content, error, retryable, wait = self._post(body)
             if content is not None:
                 if self.cache is not None:
                     self.cache.put(key, content)
@@ -175,9 +193,20 @@ class JudgeClient:
             self._sleep(delay)
         return Reply(None, error, attempts=self.endpoint.retries + 1)
 
-    def ask_many(self, prompts: Sequence[Messages], concurrency: int = 4) -> list[Reply]:
+    def ask_many(
+        self,
+        prompts: Sequence[Messages],
+        concurrency: int = 4,
+        *,
+        max_tokens: int | None = None,
+        continuation: bool = False,
+    ) -> list[Reply]:
         """Every prompt's reply, in order, ``concurrency`` requests in flight at most."""
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+
+        def one(messages: Messages) -> Reply:
+            return self.ask(messages, max_tokens=max_tokens, continuation=continuation)
+
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
-            return list(pool.map(self.ask, prompts))
+            return list(pool.map(one, prompts))

@@ -13,10 +13,11 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from fedtune.errors import FedtuneError
 from fedtune.serve.api import Limits
 from fedtune.serve.app import create_app
 from fedtune.serve.engine import Engine
-from fedtune.serve.models import load_catalogue
+from fedtune.serve.models import Catalogue, load_catalogue
 from fedtune.serve.split import SplitServing, check_split_serving, split_opener
 
 __all__ = ["Engine", "Limits", "SplitServing", "build_app", "create_app", "load_catalogue", "serve"]
@@ -38,11 +39,23 @@ def build_app(
     check_split_serving(run_dirs, split)
     catalogue = load_catalogue(run_dirs, split_opener(split))
     try:
+        check_prompt_limit(catalogue, limits)
         engine = Engine(catalogue, max_batch=max_batch)
     except BaseException:
         catalogue.close()
         raise
     return create_app(engine, limits)
+
+
+def check_prompt_limit(catalogue: Catalogue, limits: Limits | None) -> None:
+    """Refuse ``--max-prompt-tokens`` past the base model's positions (FedtuneError)."""
+    asked = limits.max_prompt_tokens if limits else None
+    positions = getattr(getattr(catalogue.model, "config", None), "max_position_embeddings", None)
+    if asked is not None and isinstance(positions, int) and asked > positions:
+        raise FedtuneError(
+            f"--max-prompt-tokens {asked} is more than the base model's {positions} positions "
+            "(max_position_embeddings)"
+        )
 
 
 def serve(

@@ -16,11 +16,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 @dataclass(frozen=True)
 class Limits:
-    """Request limits: the largest ``max_tokens``, the default when none is asked, the body size."""
+    """Request limits: the largest ``max_tokens``, the default when none is asked, the body size.
+
+    ``max_prompt_tokens``: a prompt's tokens kept (cut from the left); None: each run's own
+    ``data.max_source_length``, the length it was trained on.
+    """
 
     max_tokens: int = 1024
     default_max_tokens: int = 256
     max_body_bytes: int = 1_000_000
+    max_prompt_tokens: int | None = None
 
 
 class ApiError(Exception):
@@ -77,6 +82,8 @@ class ChatRequest(_Common):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    # vLLM's extension: the last message is the assistant's reply begun, continued as it stands
+    continue_final_message: bool = False
 
 
 class CompletionRequest(_Common):

@@ -25,7 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fedtune.data.tokenize import build_generation_input
+from fedtune.data.tokenize import build_generation_input, encode
 from fedtune.data.types import Conversation, message
 from fedtune.errors import FedtuneError
 from fedtune.serve.api import ApiError, ChatRequest, CompletionRequest, Limits, max_tokens, parse
@@ -71,7 +71,13 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
         body: ChatRequest = parse(await _body(request, limits), ChatRequest)
         served = _served(engine, body.model)
         history: Conversation = [message(m.role, m.text()) for m in body.messages]
-        ids = await asyncio.to_thread(_chat_ids, engine, served, history)
+        if body.continue_final_message and history[-1]["role"] != "assistant":
+            raise ApiError(
+                400,
+                "continue_final_message: the last message must be the assistant's reply to continue",
+                param="continue_final_message",
+            )
+        ids = await asyncio.to_thread(_chat_ids, engine, served, history, _prompt_limit(served, limits))
         gen = _request(served, ids, body.max_completion_tokens or body.max_tokens, body, limits)
         return await _answer(engine, gen, body.stream, chat=True)
 
@@ -82,7 +88,8 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
         if len(prompts) != 1:
             raise ApiError(400, "prompt: give one prompt per request", param="prompt")
         served = _served(engine, body.model)
-        ids = await asyncio.to_thread(_completion_ids, engine, served, prompts[0])
+        limit = _prompt_limit(served, limits)
+        ids = await asyncio.to_thread(_completion_ids, engine, served, prompts[0], limit)
         gen = _request(served, ids, body.max_tokens, body, limits)
         return await _answer(engine, gen, body.stream, chat=False)
 
@@ -104,25 +111,37 @@ async def _body(request: Request, limits: Limits) -> bytes:
     return b"".join(chunks)
 
 
-def _chat_ids(engine: Engine, served: Served, history: Conversation) -> list[int]:
-    """The prompt ids of a chat (with a RAG run's evidence), off the event loop, one at a time."""
+def _prompt_limit(served: Served, limits: Limits) -> int:
+    """The prompt tokens kept: the server's ``--max-prompt-tokens``, else the run's own limit."""
+    return limits.max_prompt_tokens or served.max_source_length
+
+
+def _chat_ids(engine: Engine, served: Served, history: Conversation, limit: int) -> list[int]:
+    """The prompt ids of a chat (with a RAG run's evidence), off the event loop, one at a time.
+
+    A history ending with an assistant message (``continue_final_message``) is the prompt of
+    the turns before it followed by that message's text, which the model goes on writing.
+    """
     catalogue = engine.catalogue
+    begun = history[-1]["content"] if history[-1]["role"] == "assistant" else None
+    turns = history[:-1] if begun is not None else history
     with catalogue.prompt_lock:  # the tokenizer and the retrievers are not shared between threads
-        if served.retrieval is not None and history[-1]["role"] == "user":
-            history = served.retrieval.augment(history)[0]
+        if served.retrieval is not None and turns and turns[-1]["role"] == "user":
+            turns = served.retrieval.augment(turns)[0]
         try:
-            return build_generation_input(
-                history, catalogue.tokenizer, served.template, served.max_source_length
-            )
+            ids = build_generation_input(turns, catalogue.tokenizer, served.template, limit)
         except FedtuneError as err:
             raise ApiError(400, str(err), param="messages") from None
+        if begun is not None:
+            ids = (ids + encode(catalogue.tokenizer, begun))[-limit:]
+    return ids
 
 
-def _completion_ids(engine: Engine, served: Served, prompt: str) -> list[int]:
-    """A raw prompt's ids (cut from the left to the run's ``data.max_source_length``)."""
+def _completion_ids(engine: Engine, served: Served, prompt: str, limit: int) -> list[int]:
+    """A raw prompt's ids, cut from the left to ``limit``."""
     with engine.catalogue.prompt_lock:
-        ids = engine.catalogue.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return list(ids)[-served.max_source_length :]
+        ids = encode(engine.catalogue.tokenizer, prompt)
+    return ids[-limit:]
 
 
 def _served(engine: Engine, model_id: str) -> Served:
