@@ -239,7 +239,7 @@ def print_report(
     print("|---|---|---|---|---|")
     for method in METHODS:
         row, mine = by_name.get(method), answers.get(method)
-        if row is None or not mine:
+        if not mine:
             note = row.note if row is not None else "not run"
             print(f"| {LABELS[method]} | - | - | - | - ({note}) |")
             continue
@@ -252,7 +252,7 @@ def print_report(
             failed = f", {g['counts']['failed']} failed" if g["counts"]["failed"] else ""
             c = g["counts"]
             verdict = f"{mean} ({c['graded']} [{c['graded_after_follow_up']}] / {c['malformed']}{failed})"
-        loss = f"{q.fmt(row.own)} / {q.fmt(row.union)}"
+        loss = f"{q.fmt(row.own)} / {q.fmt(row.union)}" if row is not None else "- (saved answers)"
         print(f"| {LABELS[method]} | {loss} | {s.rouge_l:.4f} | {s.bleu:.2f} | {verdict} |")
     print()
     for method, g in judged["single"].items():
@@ -395,12 +395,12 @@ def main() -> None:
 
     rouge = print_report(done.rows, done.answers, judged)
     n = {m: len(a) for m, a in done.answers.items()}
-    print(
-        f"\n{n} answers (greedy, <= {args.max_new_tokens} tokens) of the first {args.questions} held-out"
-        f" questions per client; judge {endpoint.model} at {endpoint.base_url}, <= {args.judge_max_tokens}"
-        f" tokens a reply{', follow-ups' if args.follow_up else ''}; {done.seconds},"
-        f" judging {judging:.0f} s; files in {out}"
+    what = "" if args.answers else (
+        f" (greedy, <= {args.max_new_tokens} tokens) of the first {args.questions} held-out questions per client"
     )
+    judge = f"judge {endpoint.model} at {endpoint.base_url}, <= {args.judge_max_tokens} tokens a reply"
+    follow = ", follow-ups" if args.follow_up else ""
+    print(f"\n{n} answers{what}; {judge}{follow}; {done.seconds}, judging {judging:.0f} s; files in {out}")
     ratio = (
         rouge["fedavg"] / rouge["local"] if {"fedavg", "local"} <= rouge.keys() and rouge["local"] else None
     )
