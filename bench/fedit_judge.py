@@ -395,8 +395,12 @@ def main() -> None:
 
     rouge = print_report(done.rows, done.answers, judged)
     n = {m: len(a) for m, a in done.answers.items()}
-    what = "" if args.answers else (
-        f" (greedy, <= {args.max_new_tokens} tokens) of the first {args.questions} held-out questions a client"
+    what = (
+        ""
+        if args.answers
+        else (
+            f" (greedy, <= {args.max_new_tokens} tokens) of the first {args.questions} test questions a client"
+        )
     )
     judge = f"judge {endpoint.model} at {endpoint.base_url}, <= {args.judge_max_tokens} tokens a reply"
     follow = ", follow-ups" if args.follow_up else ""
