@@ -97,7 +97,12 @@ def _tokenizer_only(out: Path) -> None:
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
 
 
-def _build_tiny_llama(out: Path, layers: int = 2) -> None:
+def build_random_llama(out: Path, **shape: Any) -> None:
+    """Save a seeded random Llama of ``shape`` (``LlamaConfig`` fields) with SmolLM2's tokenizer in ``out``.
+
+    The vocabulary is the tokenizer's unless ``shape`` gives ``vocab_size``; the tokenizer comes
+    from the converted SmolLM2 folder when it is cached, else from the GGUF (cached on its own).
+    """
     base = cache_dir() / "models" / "smollm2-135m-instruct"
     tok_dir = (
         base
@@ -106,21 +111,30 @@ def _build_tiny_llama(out: Path, layers: int = 2) -> None:
     )
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        **{
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": 2048,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            **shape,
+        }
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _build_tiny_llama(out: Path, layers: int = 2) -> None:
+    build_random_llama(
+        out,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
 
 
 @BUILTIN_MODELS.register("tiny-llama")
