@@ -399,7 +399,7 @@ def main() -> None:
         ""
         if args.answers
         else (
-            f" (greedy, <= {args.max_new_tokens} tokens) of the first {args.questions} test questions a client"
+            f" (greedy, <= {args.max_new_tokens} tokens) of the first {args.questions} questions a client"
         )
     )
     judge = f"judge {endpoint.model} at {endpoint.base_url}, <= {args.judge_max_tokens} tokens a reply"
