@@ -398,9 +398,7 @@ def main() -> None:
     what = (
         ""
         if args.answers
-        else (
-            f" (greedy, <= {args.max_new_tokens} tokens) of the first {args.questions} questions a client"
-        )
+        else (f" (greedy, <= {args.max_new_tokens} tokens) of the first {args.questions} questions a client")
     )
     judge = f"judge {endpoint.model} at {endpoint.base_url}, <= {args.judge_max_tokens} tokens a reply"
     follow = ", follow-ups" if args.follow_up else ""
