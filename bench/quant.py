@@ -13,7 +13,10 @@ reports:
   (``RssAnon``, sampled every 5 ms) is reported beside it (``--variant V --steps 0``: that
   figure for one variant, without training);
 - step peak: the peak RSS of ``--steps`` LoRA steps above the RSS before them (the peak
-  counter is reset between the two phases through ``/proc/self/clear_refs``);
+  counter is reset between the two phases through ``/proc/self/clear_refs``), and the step
+  total: that peak above the RSS before loading (weights and step together). Before the
+  steps the model's float tensors are copied into private memory (``_private_copy``), so the
+  weight file's mapped pages count for no variant and every variant's weights count in full;
 - step time: the mean of those steps after the first (batch ``--batch`` x ``--seq`` random tokens);
 - held-out loss: then, on the same loaded base, the federation of ``--config`` (the demo:
   3 rounds x 8 chatterbot clients x 4 steps, batch 4, lr 5e-4) run in this process: every
@@ -189,6 +192,25 @@ def heldout_loss(model: Any, cfg: Config, rounds: int) -> dict[str, float]:
     return {"loss_before": before, "loss_after": union(), "fed_s": time.perf_counter() - start}
 
 
+def _private_copy(model: Any) -> None:
+    """Copy the model's float tensors (all of them at fp32/bf16; the unquantised ones of a
+    quantised model) into private memory, so that nothing refers to the memory-mapped weight
+    file any more and its pages leave the RSS. Without it a quantised model's RSS keeps every
+    page of the fp32 file read while quantising (clean file pages, reclaimable, but counted), and
+    an fp32 model's weights enter the RSS only as the step touches them: either way the step
+    figures would not compare. The copy changes no value and no dtype."""
+    import gc
+
+    for param in model.parameters():  # each tied parameter once: the tie is kept
+        if param.is_floating_point():
+            param.data = param.data.clone()
+    for module in model.modules():
+        for key, buf in module.named_buffers(recurse=False):
+            if buf.is_floating_point():
+                setattr(module, key, buf.clone())  # stays a buffer (persistent or not)
+    gc.collect()
+
+
 def _timed_steps(model: Any, steps: int, batch: int, seq: int) -> tuple[int, list[float]]:
     """``steps`` AdamW steps of ``model``'s trainable (LoRA) weights on random tokens: the peak
     RSS (KiB) over them, with the peak counter reset just before, and each step's seconds."""
@@ -252,6 +274,7 @@ def measure(
             return loaded
         fresh = attach_lora(base, fed_cfg.model.lora, seed=fed_cfg.seed)
         return {**loaded, **heldout_loss(fresh, fed_cfg, fed_cfg.fed.rounds if rounds is None else rounds)}
+    _private_copy(base)
     model = attach_lora(base, cfg.lora, seed=0)
     before_steps = _status_kib("VmRSS")
     peak, times = _timed_steps(model, steps, batch, seq)
