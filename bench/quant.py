@@ -15,8 +15,10 @@ reports:
 - step peak: the peak RSS of ``--steps`` LoRA steps above the RSS before them (the peak
   counter is reset between the two phases through ``/proc/self/clear_refs``), and the step
   total: that peak above the RSS before loading (weights and step together). Before the
-  steps the model's float tensors are copied into private memory (``_private_copy``), so the
-  weight file's mapped pages count for no variant and every variant's weights count in full;
+  steps every variant's float tensors are in private memory (``load_model`` copies a quantised
+  base's unquantised ones, ``models.quantize.release_weight_file``; the bench does the same for
+  fp32 and bf16), so the weight file's mapped pages count for no variant and every variant's
+  weights count in full;
 - step time: the mean of those steps after the first (batch ``--batch`` x ``--seq`` random tokens);
 - held-out loss: then, on the same loaded base, the federation of ``--config`` (the demo:
   3 rounds x 8 chatterbot clients x 4 steps, batch 4, lr 5e-4) run in this process: every
@@ -47,6 +49,7 @@ Last line: ``nf4_weight_memory_over_fp32: X`` (goal: <= 0.35); with ``--shape``,
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import multiprocessing
 import subprocess
@@ -192,25 +195,6 @@ def heldout_loss(model: Any, cfg: Config, rounds: int) -> dict[str, float]:
     return {"loss_before": before, "loss_after": union(), "fed_s": time.perf_counter() - start}
 
 
-def _private_copy(model: Any) -> None:
-    """Copy the model's float tensors (all of them at fp32/bf16; the unquantised ones of a
-    quantised model) into private memory, so that nothing refers to the memory-mapped weight
-    file any more and its pages leave the RSS. Without it a quantised model's RSS keeps every
-    page of the fp32 file read while quantising (clean file pages, reclaimable, but counted), and
-    an fp32 model's weights enter the RSS only as the step touches them: either way the step
-    figures would not compare. The copy changes no value and no dtype."""
-    import gc
-
-    for param in model.parameters():  # each tied parameter once: the tie is kept
-        if param.is_floating_point():
-            param.data = param.data.clone()
-    for module in model.modules():
-        for key, buf in module.named_buffers(recurse=False):
-            if buf.is_floating_point():
-                setattr(module, key, buf.clone())  # stays a buffer (persistent or not)
-    gc.collect()
-
-
 def _timed_steps(model: Any, steps: int, batch: int, seq: int) -> tuple[int, list[float]]:
     """``steps`` AdamW steps of ``model``'s trainable (LoRA) weights on random tokens: the peak
     RSS (KiB) over them, with the peak counter reset just before, and each step's seconds."""
@@ -248,6 +232,7 @@ def measure(
     from fedtune.config import LoraConfig, ModelConfig, load_config
     from fedtune.models.adapters import attach_lora
     from fedtune.models.load import load_model
+    from fedtune.models.quantize import is_quantized, release_weight_file
 
     torch.set_num_threads(threads)
     fed_cfg = load_config(config)
@@ -274,7 +259,9 @@ def measure(
             return loaded
         fresh = attach_lora(base, fed_cfg.model.lora, seed=fed_cfg.seed)
         return {**loaded, **heldout_loss(fresh, fed_cfg, fed_cfg.fed.rounds if rounds is None else rounds)}
-    _private_copy(base)
+    if not is_quantized(base):  # load_model already released a quantised base's weight file
+        release_weight_file(base)
+    gc.collect()
     model = attach_lora(base, cfg.lora, seed=0)
     before_steps = _status_kib("VmRSS")
     peak, times = _timed_steps(model, steps, batch, seq)

@@ -143,3 +143,32 @@ def test_a_federated_run_on_a_4bit_base_sends_and_saves_lora_only(tmp_path: Path
     assert sorted(saved["target_modules"]) == [f"self_attn.{p}_proj" for p in "koqv"]
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any(r["phase"] == "train" and r["round"] == 1 for r in metrics)
+
+
+def mapped(path: Path) -> bool:
+    """Whether this process still maps a file under ``path``."""
+    return str(path) in Path("/proc/self/maps").read_text()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("release", [True, False])
+def test_a_quantised_load_does_not_keep_the_weight_file_mapped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, release: bool
+) -> None:
+    # the unquantised tensors (embeddings, norms) would stay views of the memory-mapped fp32
+    # file, and with them every page quantising read; the control run shows they do
+    import shutil
+
+    from fedtune.models.load import tiny_llama_dir
+
+    folder = shutil.copytree(tiny_llama_dir(), tmp_path / "tiny")
+    if not release:
+        monkeypatch.setattr("fedtune.models.load.release_weight_file", lambda model: None)
+    cfg = quantised(bits=4).model_copy(update={"name": str(folder)})
+    model = load_model(cfg)
+    reference = load_model(cfg.model_copy(update={"quantization": None, "name": str(tiny_llama_dir())}))
+    assert mapped(folder) is not release
+    embed = model.get_input_embeddings().weight
+    assert torch.equal(embed, reference.get_input_embeddings().weight)
+    if model.config.tie_word_embeddings:
+        assert model.get_output_embeddings().weight is embed

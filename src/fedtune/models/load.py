@@ -32,7 +32,7 @@ from transformers import (
 from fedtune.config import ModelConfig
 from fedtune.errors import FedtuneError
 from fedtune.io import atomic_folder
-from fedtune.models.quantize import load_kwargs, resolve_device
+from fedtune.models.quantize import is_quantized, load_kwargs, release_weight_file, resolve_device
 from fedtune.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -204,7 +204,8 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 def load_model(cfg: ModelConfig) -> PreTrainedModel:
     """Load the base model in ``model.dtype`` with ``model.rope_scaling`` applied, on ``model.device``.
 
-    With ``model.quantization`` the weights are quantised as they load (:mod:`fedtune.models.quantize`).
+    With ``model.quantization`` the weights are quantised as they load (:mod:`fedtune.models.quantize`),
+    and the full-precision weight file is then no longer held mapped.
     """
     config = load_model_config(cfg)
     extra = load_kwargs(cfg)
@@ -213,4 +214,6 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
     )
     if not extra and (device := resolve_device(cfg.device)).type != "cpu":
         model.to(device)  # type: ignore[arg-type]
+    if is_quantized(model):
+        release_weight_file(model)
     return model
