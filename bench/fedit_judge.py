@@ -39,20 +39,16 @@ import json
 import logging
 import os
 import re
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import httpx
 
 import quality as q  # bench/quality.py: the methods, their budget, the Bench and its visit hook
 from fedtune.config import Config
@@ -66,6 +62,7 @@ from fedtune.inference import Loaded
 from fedtune.models.adapters import StateDict, initial_adapter_state
 from fedtune.models.load import load_tokenizer
 from fedtune.rundir import RunDir
+from fedtune.serve.process import served
 
 log = logging.getLogger("fedit_judge")
 METHODS = ("base", "local", "fedavg", "fflora", "centralised")
@@ -77,7 +74,6 @@ LABELS = {
     "centralised": "centralised (pooled data)",
 }
 PAIRS = (("fedavg", "local"), ("fedavg", "base"))
-SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 @dataclass
@@ -111,12 +107,6 @@ class Collector:
 
 
 # -- the judge ------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def judge_run_dir(cfg: Config, folder: Path, state: StateDict) -> Path:
     """A finished run directory of ``cfg`` (``fedtune serve`` serves its base model as ``base``)."""
     run = cfg.run.model_copy(update={"output_dir": str(folder), "name": "judge"})
@@ -128,38 +118,11 @@ def judge_run_dir(cfg: Config, folder: Path, state: StateDict) -> Path:
     return Path(rundir.path)
 
 
-@contextmanager
-def local_judge(run_dir: Path, max_tokens: int, context: int, wait_s: float = 600.0) -> Iterator[str]:
+def local_judge(run_dir: Path, max_tokens: int, context: int, wait_s: float = 600.0) -> Any:
     """``fedtune serve RUN_DIR`` on 127.0.0.1 until the block ends; yields its API root."""
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "fedtune", "serve", str(run_dir), "--host", "127.0.0.1", "--port", str(port),
-           "--max-tokens", str(max_tokens), "--max-prompt-tokens", str(context)]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
-    log.info("judge server: pid %s, port %s", proc.pid, port)
-    try:
-        deadline = time.monotonic() + wait_s
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(
-                    f"fedtune serve exited with status {proc.returncode} before answering /health"
-                )
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"fedtune serve did not answer /health within {wait_s:.0f} s")
-            time.sleep(1.0)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        proc.terminate()  # the server we started, by its PID
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    return served(
+        [run_dir], "--max-tokens", str(max_tokens), "--max-prompt-tokens", str(context), wait_s=wait_s
+    )
 
 
 def longest_prompt(answers: dict[str, list[Answer]], cfg: Config, tokenizer: Any) -> int:

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -32,18 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from certificates import TlsFiles
+from fedtune.serve.process import free_port
 
 log = logging.getLogger(__name__)
 
 BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr, flwr-clientapp
 NodeValue = str | int | float | bool
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def superlink_healthy(port: int, ca_cert: Path | None = None) -> bool:

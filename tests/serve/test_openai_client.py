@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
+from fedtune.serve.process import served
 from helpers import finished_tiny_run
-from loopback import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -23,33 +17,9 @@ pytestmark = pytest.mark.integration
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """(base URL, the run's model id) of a ``fedtune serve`` process, stopped by its own handle."""
     run, _ = finished_tiny_run(tmp_path_factory.mktemp("runs"))
-    port = free_port()
-    src = str(Path(__file__).resolve().parents[2] / "src")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "fedtune", "serve", str(run.path), "--port", str(port), "--max-tokens", "32"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"fedtune serve exited: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("fedtune serve did not answer /health within 120 s")
-            time.sleep(0.2)
-        yield f"{url}/v1", run.path.name
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    args = ("--max-tokens", "32")
+    with served([run.path], *args, wait_s=120) as url:
+        yield url, run.path.name
 
 
 @pytest.fixture(scope="module")
