@@ -58,7 +58,7 @@ class GenRequest:
         return (self.served.id, *sampling)
 
 
-class _Row:
+class StreamRow:
     """One request's progress inside a batch: its tokens, the text already sent, whether it is done."""
 
     def __init__(self, request: GenRequest, tokenizer: PreTrainedTokenizerBase, eos: set[int]) -> None:
@@ -92,7 +92,7 @@ class _Row:
 class _BatchStreamer(BaseStreamer):
     """Hands each generation step's tokens (one per row) to the rows; the prompt is skipped."""
 
-    def __init__(self, rows: list[_Row]) -> None:
+    def __init__(self, rows: list[StreamRow]) -> None:
         self.rows = rows
         self.prompt_seen = False
 
@@ -109,7 +109,7 @@ class _BatchStreamer(BaseStreamer):
 
 
 class _RowsDone(StoppingCriteria):
-    def __init__(self, rows: list[_Row]) -> None:
+    def __init__(self, rows: list[StreamRow]) -> None:
         self.rows = rows
 
     def __call__(
@@ -184,7 +184,7 @@ class Engine:
     def _generate(self, batch: list[GenRequest]) -> None:
         tokenizer, model = self._tokenizer, self.catalogue.model
         stops = stop_ids(model, tokenizer)
-        rows = [_Row(r, tokenizer, set(stops)) for r in batch]
+        rows = [StreamRow(r, tokenizer, set(stops)) for r in batch]
         pad = pad_id(tokenizer, stops)
         input_ids, mask = (t.to(input_device(model)) for t in left_pad([r.ids for r in batch], pad))
         first = batch[0]

@@ -37,7 +37,7 @@ from fedtune.config import Config
 from fedtune.errors import FedtuneError
 from fedtune.models.generation import stop_ids
 from fedtune.rundir import RunDir
-from fedtune.serve.engine import Event, GenRequest, _Row
+from fedtune.serve.engine import Event, GenRequest, StreamRow
 from fedtune.serve.models import Catalogue, SplitOpener
 from fedtune.split.chat import SplitClient, open_split_client
 from fedtune.split.client import RemoteTrunk, TrunkError
@@ -186,7 +186,7 @@ class SplitModel:
 
     @torch.no_grad()
     def _generate(self, request: GenRequest) -> None:
-        row = _Row(request, self._tokenizer, self.eos)
+        row = StreamRow(request, self._tokenizer, self.eos)
         ids = torch.tensor([request.ids], device=self._device)
         pick = sampler(request.temperature, request.top_p, self.top_k)
         with self.split.connect(self.connect_timeout_s) as client:  # this request's session
