@@ -5,7 +5,10 @@ fedtune does, and prints ``/proc/self/status``'s VmRSS, RssAnon and RssFile (MiB
 the mappings of ``*.safetensors`` files: before loading, after it, and after ``gc.collect()``.
 File-backed clean pages can be reclaimed by the kernel; private (anon) ones cannot.
 
-Usage: python bench/quant_mapped.py [--shape smollm2-1.7b] [--bits 4]
+``load_model`` copies a quantised base's unquantised tensors out of the mapping
+(``models.quantize.release_weight_file``); ``--keep-mapped`` skips that, for comparison.
+
+Usage: python bench/quant_mapped.py [--shape smollm2-1.7b] [--bits 4] [--keep-mapped]
 Last line: ``safetensors_mapped_mib_after_gc: X``.
 """
 
@@ -47,7 +50,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="smollm2-1.7b", choices=list(quant.SHAPES))
     parser.add_argument("--bits", type=int, default=4, choices=[4, 8])
+    parser.add_argument(
+        "--keep-mapped",
+        action="store_true",
+        help="skip load_model's release_weight_file (as fedtune loaded before it existed)",
+    )
     args = parser.parse_args()
+    if args.keep_mapped:
+        import fedtune.models.load
+
+        fedtune.models.load.release_weight_file = lambda model: None  # type: ignore[assignment]
     name = str(quant.build_shape(args.shape))
     quantization = {"bits": 4, "kind": "nf4"} if args.bits == 4 else {"bits": 8}
     print("before load", status(), flush=True)
