@@ -5,30 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
-from fedtune.config import Config, load_config
+from fedtune.config import Config
 from fedtune.errors import FedtuneError
-from fedtune.models.adapters import initial_adapter_state
 from fedtune.models.load import load_tokenizer
 from fedtune.rag.augment import HEADER, Evidence
 from fedtune.rag.chat import SHOWN_CHARS, chat_retrieval, describe, describe_all
 from fedtune.rundir import RunDir
-from helpers import run_cli
+from helpers import finished_tiny_run, run_cli
 
 PRIME = "A prime number has exactly two divisors: one and the number itself, such as 2, 3, 5 and 7."
 
 
 def _run(tmp_path: Path, config: str = "configs/rag-tiny.toml") -> tuple[RunDir, Config]:
     """A run directory of ``config`` with a final adapter (non-zero B), as a finished run leaves it."""
-    cfg = load_config(config, [f"run.output_dir='{tmp_path / 'runs'}'"])
-    run = RunDir.create(cfg)
-    state = initial_adapter_state(cfg.model, seed=0)
-    state = {k: v if "lora_A" in k else torch.full_like(v, 0.05) for k, v in state.items()}
-    run.save_round(1, state, cfg)
-    run.mark_complete(1)
-    run.save_final(state, cfg)
-    return run, cfg
+    return finished_tiny_run(tmp_path / "runs", config=config)  # type: ignore[no-any-return]
 
 
 def _notes(tmp_path: Path) -> Path:
