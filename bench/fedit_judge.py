@@ -57,7 +57,7 @@ from fedtune.eval.generate import Sampling
 from fedtune.eval.generation import Answer, Example, answer, answer_rows, client_held_out
 from fedtune.eval.judge import compare, grade, pair_prompt, question_text, single_prompt
 from fedtune.eval.judge_client import Endpoint, JudgeClient, ReplyCache
-from fedtune.eval.metrics import score
+from fedtune.eval.metrics import rouge_l, score
 from fedtune.inference import Loaded
 from fedtune.models.adapters import StateDict, initial_adapter_state
 from fedtune.models.load import load_tokenizer
@@ -191,6 +191,24 @@ def verdict_positions(result: dict[str, Any]) -> str:
     return ", ".join(f"{k} {counts[k]}" for k in ("A", "B", "C", "none"))
 
 
+def grade_vs_rouge(answers: dict[str, list[Answer]], judged: dict[str, Any]) -> str:
+    """Spearman's rank correlation, over every graded answer, of the judge's grade and the answer's
+    ROUGE-L against its reference: near 0, the grades carry nothing the reference does."""
+    from scipy.stats import spearmanr
+
+    by_id = {(m, a["id"]): a for m, mine in answers.items() for a in mine}
+    pairs = [
+        (rouge_l(by_id[m, i["id"]]["reference"], by_id[m, i["id"]]["answer"]), i["score"])
+        for m, g in judged["single"].items()
+        for i in g["items"]
+        if i["score"] is not None and (m, i["id"]) in by_id
+    ]
+    if len(pairs) < 3:
+        return f"n/a ({len(pairs)} graded answers)"
+    rho, p = spearmanr([r for r, _ in pairs], [g for _, g in pairs])
+    return f"rho {rho:.3f} (p {p:.3f}, {len(pairs)} graded answers)"
+
+
 def print_report(
     rows: Sequence[q.Row], answers: dict[str, list[Answer]], judged: dict[str, Any]
 ) -> dict[str, float]:
@@ -223,6 +241,7 @@ def print_report(
             f"judge scores {method} (score:count): {score_histogram(g)}; malformed replies with an"
             f" unbracketed 'Rating: N' (N:count): {loose_ratings(g)}"
         )
+    print(f"judge grade vs ROUGE-L, per answer (Spearman): {grade_vs_rouge(answers, judged)}")
     for key, p in judged["pairwise"].items():
         c = p["counts"]
         rate = "-" if p["win_rate"] is None else f"{p['win_rate']:.3f}"
@@ -328,7 +347,10 @@ def judge_answers(args: argparse.Namespace, done: Answered, out: Path) -> tuple[
         raise SystemExit(f"a judge prompt of {longest} tokens: raise --judge-context ({args.judge_context})")
     run_dir = judge_run_dir(done.cfg, out, done.start)
     with local_judge(run_dir, args.judge_max_tokens, args.judge_context) as url:
-        endpoint = Endpoint(url, "base", None, args.timeout, max_tokens=args.judge_max_tokens)
+        scope = f"fedtune serve {done.cfg.model.name} base --max-prompt-tokens {args.judge_context}"
+        endpoint = Endpoint(
+            url, "base", None, args.timeout, max_tokens=args.judge_max_tokens, cache_scope=scope
+        )
         with JudgeClient(endpoint, cache) as client:
             return judge_all(client, done.answers, args.concurrency, args.follow_up), endpoint
 

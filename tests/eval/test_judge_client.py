@@ -87,3 +87,22 @@ def test_api_key_is_sent_as_bearer() -> None:
         with JudgeClient(Endpoint(fake.base_url, "m")) as client:
             client.ask(MSG)
     assert fake.authorization == ["Bearer sk-test", None]
+
+
+def test_a_cache_scope_stands_for_the_url(tmp_path: Path) -> None:
+    """A judge restarted on another port (same scope) is not asked again; another scope is."""
+    cache = ReplyCache(tmp_path)
+    first, second = (
+        fake_endpoint(lambda body, n: (200, "first")),
+        fake_endpoint(lambda body, n: (200, "second")),
+    )
+    with first as one, second as two:
+        with JudgeClient(Endpoint(one.base_url, "judge", cache_scope="local smollm2"), cache) as client:
+            assert client.ask(MSG).content == "first"
+        with JudgeClient(Endpoint(two.base_url, "judge", cache_scope="local smollm2"), cache) as client:
+            same = client.ask(MSG)
+        with JudgeClient(Endpoint(two.base_url, "judge", cache_scope="local smollm2 2048"), cache) as client:
+            other = client.ask(MSG)
+        assert len(two.requests) == 1
+    assert same.cached and same.content == "first"
+    assert not other.cached and other.content == "second"

@@ -2,7 +2,7 @@
 
 Concurrent requests (a thread pool over one ``httpx.Client``), retries with exponential
 backoff on 429, 5xx, timeouts and connection errors (a ``Retry-After`` header in seconds is
-honoured when longer), and an on-disk cache keyed by (endpoint URL, model, messages,
+honoured when longer), and an on-disk cache keyed by (endpoint URL or its ``cache_scope``, model, messages,
 temperature, max tokens), so a re-run asks only what it has not asked before. A request that still fails
 comes back as a :class:`Reply` with its error, never as an exception: the caller counts it.
 
@@ -45,6 +45,9 @@ class Endpoint:
     backoff: float = 1.0  # seconds before the first retry, doubled for each next one
     temperature: float = 0.0
     max_tokens: int = 1024
+    # What names this judge in the cache key instead of its URL: for a judge served on a port
+    # that changes from run to run (a loopback ``fedtune serve``), say the model and its settings.
+    cache_scope: str | None = None
 
     @property
     def url(self) -> str:
@@ -72,7 +75,7 @@ class ReplyCache:
         """The cache key; ``max_tokens``: a request's own limit instead of the endpoint's."""
         blob = json.dumps(
             [
-                endpoint.url,
+                endpoint.cache_scope or endpoint.url,
                 endpoint.model,
                 messages,
                 endpoint.temperature,

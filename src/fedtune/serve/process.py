@@ -7,6 +7,7 @@ For benches and tests that speak to a real server (the judge's local endpoint, t
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -39,14 +40,16 @@ def served(run_dirs: Sequence[str | Path], *args: str, wait_s: float = 180.0) ->
     Yields the API root ``http://127.0.0.1:P/v1`` once ``/health`` answers. The child runs this
     fedtune's source (``PYTHONPATH``); a child that exits or does not answer within ``wait_s``
     raises :class:`FedtuneError` with the end of its stderr. On leaving, the child gets SIGTERM,
-    then SIGKILL after 30 s.
+    then SIGKILL after 30 s; it also gets SIGTERM if this process dies first (Linux).
     """
     port = free_port()
     src = str(Path(fedtune.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "fedtune", "serve", *map(str, run_dirs), "--host", HOST, "--port", str(port)]
     with tempfile.TemporaryFile() as err:  # a file, not a pipe: a full pipe would block the server
-        proc = subprocess.Popen([*cmd, *args], env=env, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(
+            [*cmd, *args], env=env, stdout=subprocess.DEVNULL, stderr=err, preexec_fn=_die_with_parent
+        )
         try:
             _wait_healthy(proc, port, wait_s, err)
             yield f"http://{HOST}:{port}/v1"
@@ -57,6 +60,20 @@ def served(run_dirs: Sequence[str | Path], *args: str, wait_s: float = 180.0) ->
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when the parent dies.
+
+    So a parent killed before its ``finally`` (SIGKILL, an unhandled SIGTERM) leaves no server behind.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def _wait_healthy(proc: subprocess.Popen[bytes], port: int, wait_s: float, err: IO[bytes]) -> None:
