@@ -10,8 +10,19 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-# (request body, how many requests came before) -> (status, reply text or raw body)
-Script = Callable[[dict[str, Any], int], tuple[int, str]]
+
+@dataclass
+class Raw:
+    """A scripted reply sent as it is: ``body`` verbatim (no completion wrapped around it), headers added."""
+
+    status: int
+    body: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+# (request body, how many requests came before) -> (status, reply text) or a Raw reply;
+# the script runs in the request's own thread, so it may sleep or wait for others.
+Script = Callable[[dict[str, Any], int], "tuple[int, str] | Raw"]
 
 
 @dataclass
@@ -42,14 +53,21 @@ def fake_endpoint(script: Script) -> Iterator[Fake]:
                 n = len(fake.requests)
                 fake.requests.append(body)
                 fake.authorization.append(self.headers.get("Authorization"))
+            headers: dict[str, str] = {}
             if self.path != "/v1/chat/completions":
                 status, payload = 404, '{"error": "not found"}'
             else:
-                status, text = script(body, n)
-                payload = completion(text) if status == 200 else json.dumps({"error": text})
+                reply = script(body, n)
+                if isinstance(reply, Raw):
+                    status, payload, headers = reply.status, reply.body, reply.headers
+                else:
+                    status, text = reply
+                    payload = completion(text) if status == 200 else json.dumps({"error": text})
             data = payload.encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
+            for name, value in headers.items():
+                self.send_header(name, value)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)

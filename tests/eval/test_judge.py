@@ -210,3 +210,18 @@ def test_follow_up_of_pairwise_verdicts(capsys, tmp_path: Path) -> None:
     assert result["items"][0]["verdicts"] == ["A", "B"] and result["items"][0]["outcome"] == "win"
     assert result["items"][0]["followed_up"] == ["A]]", None]
     assert result["counts"]["followed_up"] == 1
+
+
+def test_judge_sends_the_key_from_the_named_env_var(
+    capsys, monkeypatch, tiny_run: RunDir, tmp_path: Path
+) -> None:
+    write_answers(tiny_run, ["answer one"])
+    monkeypatch.setenv("FEDTUNE_TEST_JUDGE_KEY", "s3cret")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with fake_endpoint(_score_by_answer) as fake:
+        args = judge_args(tiny_run, fake.base_url, tmp_path / "c", "--api-key-env", "FEDTUNE_TEST_JUDGE_KEY")
+        code, _, err = run_cli(capsys, *args)
+        assert code == 0, err
+        code, _, err = run_cli(capsys, *judge_args(tiny_run, fake.base_url, tmp_path / "c2"))
+        assert code == 0, err
+    assert fake.authorization == ["Bearer s3cret", None]  # the default variable, OPENAI_API_KEY, is unset

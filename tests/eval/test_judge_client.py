@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
-from eval.fake_openai import fake_endpoint
+from eval.fake_openai import Raw, fake_endpoint
 from fedtune.eval.judge_client import Endpoint, JudgeClient, ReplyCache
 
 MSG = [{"role": "user", "content": "rate this"}]
@@ -106,3 +108,74 @@ def test_a_cache_scope_stands_for_the_url(tmp_path: Path) -> None:
         assert len(two.requests) == 1
     assert same.cached and same.content == "first"
     assert not other.cached and other.content == "second"
+
+
+def test_a_slow_reply_times_out_and_is_retried() -> None:
+    def script(body: dict, n: int) -> tuple[int, str]:
+        if n == 0:
+            time.sleep(2.0)  # longer than the client's timeout
+        return 200, "late but here"
+
+    with fake_endpoint(script) as fake:
+        endpoint = Endpoint(fake.base_url, "m", timeout=0.5, retries=1, backoff=0)
+        with JudgeClient(endpoint, sleep=lambda s: None) as client:
+            reply = client.ask(MSG)
+        assert len(fake.requests) == 2
+    assert reply.content == "late but here" and reply.attempts == 2
+
+
+def test_timeouts_on_every_try_are_an_error_naming_the_timeout() -> None:
+    with fake_endpoint(lambda body, n: (time.sleep(2.0), (200, "never in time"))[1]) as fake:
+        endpoint = Endpoint(fake.base_url, "m", timeout=0.5, retries=1, backoff=0)
+        with JudgeClient(endpoint, sleep=lambda s: None) as client:
+            reply = client.ask(MSG)
+    assert reply.content is None and reply.attempts == 2
+    assert reply.error == "timed out after 0.5 s"
+
+
+def test_ask_many_has_requests_in_flight_together() -> None:
+    """Four requests meet at a barrier: only four in flight at once pass it (one at a time would time out)."""
+    barrier = threading.Barrier(4, timeout=20)
+
+    def script(body: dict, n: int) -> tuple[int, str]:
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError:
+            return 500, "alone at the barrier"
+        return 200, "together"
+
+    prompts = [[{"role": "user", "content": str(i)}] for i in range(4)]
+    with (
+        fake_endpoint(script) as fake,
+        JudgeClient(Endpoint(fake.base_url, "m", timeout=30, retries=0)) as client,
+    ):
+        replies = client.ask_many(prompts, concurrency=4)
+    assert [r.content for r in replies] == ["together"] * 4
+
+
+def test_retry_after_is_honoured_when_longer_than_the_backoff() -> None:
+    delays: list[float] = []
+
+    def script(body: dict, n: int) -> tuple[int, str] | Raw:
+        if n == 0:
+            return Raw(429, '{"error": "slow down"}', {"Retry-After": "3"})
+        if n == 1:
+            return Raw(503, '{"error": "busy"}', {"Retry-After": "Wed, 21 Oct 2026 07:28:00 GMT"})
+        return 200, "ok"
+
+    with (
+        fake_endpoint(script) as fake,
+        JudgeClient(Endpoint(fake.base_url, "m", backoff=0.5), sleep=delays.append) as client,
+    ):
+        reply = client.ask(MSG)
+    assert reply.content == "ok" and reply.attempts == 3
+    assert delays == [3.0, 1.0]  # 3 s asked for > 0.5 s; an HTTP date falls back to the backoff (0.5 x 2)
+
+
+def test_a_200_without_a_message_is_an_error_not_retried() -> None:
+    with fake_endpoint(lambda body, n: Raw(200, '{"choices": []}')) as fake:
+        with JudgeClient(Endpoint(fake.base_url, "m", backoff=0), sleep=lambda s: None) as client:
+            reply = client.ask(MSG)
+        assert len(fake.requests) == 1
+    assert reply.content is None
+    assert reply.error is not None and reply.error.startswith("HTTP 200 without choices[0].message.content")
