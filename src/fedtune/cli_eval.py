@@ -32,6 +32,13 @@ def eval_(
         int | None, typer.Option(min=1, help="examples per client (--generate) / per task (--tasks)")
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="prompts per generation / harness batch")] = 8,
+    personal: Annotated[
+        bool,
+        typer.Option(
+            help="--generate on FF-LoRA runs: also each client's global + personal adapter"
+            " (needs the clients' personal adapters in RUN_DIR)"
+        ),
+    ] = True,
     tasks: Annotated[
         str | None, typer.Option(help="lm-evaluation-harness tasks, comma-separated, on base and adapter")
     ] = None,
@@ -56,7 +63,7 @@ def eval_(
         from fedtune.eval.generation import evaluate_generation
 
         sampling = Sampling(max_new_tokens, sample, temperature, top_p, seed, batch_size)
-        result = evaluate_generation(run_dir, sampling, limit=limit)
+        result = evaluate_generation(run_dir, sampling, limit=limit, personal=personal)
         out.print(_scores_table(f"generation: {run_dir}", result["variants"]))
     if prepared is not None:
         from fedtune.eval.harness import run_tasks

@@ -126,6 +126,18 @@ def test_fflora_run_without_personal_adapters_fails_before_generating(tmp_path: 
     from helpers import finished_tiny_run
 
     run = finished_tiny_run(tmp_path, "fed.strategy='fflora'", "model.lora.personal_r=4")[0]
-    with pytest.raises(FedtuneError, match="no personal adapter of client 0"):
+    with pytest.raises(FedtuneError, match=r"no personal adapter of client 0.*--no-personal"):
         evaluate_generation(run.path, Sampling(max_new_tokens=2), limit=1)
     assert not run.answers_file.exists()
+
+
+def test_no_personal_generates_the_other_variants_of_an_fflora_run(capsys, tmp_path: Path) -> None:
+    from helpers import finished_tiny_run, run_cli
+
+    run = finished_tiny_run(tmp_path, "fed.strategy='fflora'", "model.lora.personal_r=4")[0]
+    args = ["eval", str(run.path), "--no-loss", "--generate", "--max-new-tokens", "2", "--limit", "1"]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and "--no-personal" in err
+    code, _, err = run_cli(capsys, *args, "--no-personal")
+    assert code == 0, err
+    assert list(json.loads(run.generation_file.read_text())["variants"]) == ["base", "adapter"]

@@ -154,7 +154,10 @@ def evaluate_generation(
     ]
     if personal and is_fflora(cfg):
         for pid in examples:  # every personal adapter found before anything is generated
-            check_adapter_folder(run.latest_personal(pid))
+            try:
+                check_adapter_folder(run.latest_personal(pid))
+            except FedtuneError as err:
+                raise FedtuneError(f"{err} (--no-personal: generate without the personal variant)") from None
         variants.append(("personal", lambda pid: load_run(run.path, client=pid)))
     for variant, loader in variants:
         for pid, exs in examples.items():
