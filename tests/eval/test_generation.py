@@ -89,6 +89,21 @@ def test_eval_command_generates_and_prints(capsys, tiny_run: RunDir) -> None:
     assert tiny_run.generation_file.is_file()
 
 
+def test_eval_refreshes_an_existing_report(capsys, tiny_run: RunDir) -> None:
+    from fedtune.report import write_report
+
+    server = {"round": 1, "phase": "server", "client": None, "train_loss": 2.0, "eval_loss": 1.9}
+    (tiny_run.path / "metrics.jsonl").write_text(json.dumps(server) + "\n", encoding="utf-8")
+    page = write_report(tiny_run.path)
+    assert "Generation metrics" not in page.read_text()
+    code, out, err = run_cli(
+        capsys, "eval", str(tiny_run.path), "--no-loss", "--generate", "--limit", "1", "--max-new-tokens", "2"
+    )
+    assert code == 0, err
+    assert "report:" in out
+    assert "Generation metrics" in page.read_text() and "ROUGE-L" in page.read_text()
+
+
 def test_eval_without_an_adapter_is_a_clear_error(capsys, tiny_run: RunDir) -> None:
     import shutil
 
