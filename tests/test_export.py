@@ -101,3 +101,17 @@ def test_merge_of_a_quantised_run_is_made_on_the_unquantised_base(tmp_path: Path
     assert "quantization_config" not in config and config["dtype"] == "float32"
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(got, load_model(full)(torch.tensor(IDS)).logits)
+
+
+def test_loadable_base_is_a_hub_id_or_an_absolute_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedtune.export import loadable_base
+
+    assert loadable_base("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    (tmp_path / "my-model").mkdir()
+    (tmp_path / "my-model" / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    assert loadable_base("./my-model") == str(tmp_path / "my-model")  # relative: made absolute
+    built = loadable_base("tiny-llama")  # fedtune's alias: the folder it was built into
+    assert Path(built).is_absolute() and (Path(built) / "config.json").is_file()
