@@ -42,3 +42,14 @@ def finished_tiny_run(tmp_path, *overrides: str, config: str = "configs/tiny.tom
     run.mark_complete(1)
     run.save_final(state, cfg)
     return run, cfg
+
+
+def greedy_text(loaded, ids: list[int], max_new: int) -> str:  # type: ignore[no-untyped-def]
+    """fedtune's own greedy continuation of ``ids`` by a loaded run (``inference.Loaded``), decoded
+    as the server sends it (not stripped): what a served answer must equal."""
+    import torch
+
+    out = loaded.model.generate(
+        input_ids=torch.tensor([ids]), max_new_tokens=max_new, do_sample=False, pad_token_id=0
+    )
+    return str(loaded.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True))

@@ -125,7 +125,11 @@ def test_a_slow_reply_times_out_and_is_retried() -> None:
 
 
 def test_timeouts_on_every_try_are_an_error_naming_the_timeout() -> None:
-    with fake_endpoint(lambda body, n: (time.sleep(2.0), (200, "never in time"))[1]) as fake:
+    def script(body: dict, n: int) -> tuple[int, str]:
+        time.sleep(2.0)  # every try: longer than the client's timeout
+        return 200, "never in time"
+
+    with fake_endpoint(script) as fake:
         endpoint = Endpoint(fake.base_url, "m", timeout=0.5, retries=1, backoff=0)
         with JudgeClient(endpoint, sleep=lambda s: None) as client:
             reply = client.ask(MSG)

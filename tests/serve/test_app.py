@@ -17,7 +17,7 @@ from fedtune.errors import FedtuneError
 from fedtune.inference import load_run
 from fedtune.models.adapters import initial_adapter_state, save_adapter_folder
 from fedtune.serve import Engine, Limits, build_app, create_app, load_catalogue
-from helpers import finished_tiny_run, run_cli
+from helpers import finished_tiny_run, greedy_text, run_cli
 
 HI = [{"role": "user", "content": "hi there"}]
 
@@ -48,10 +48,7 @@ def _expected(run_dir: Path, client_id: int | None = None, max_new: int = 6) -> 
     loaded = load_run(run_dir, client=client_id)
     cfg = loaded.cfg
     ids = build_generation_input(HI, loaded.tokenizer, cfg.data.template, cfg.data.max_source_length)  # type: ignore[arg-type]
-    out = loaded.model.generate(  # type: ignore[union-attr]
-        input_ids=torch.tensor([ids]), max_new_tokens=max_new, do_sample=False, pad_token_id=0
-    )
-    return str(loaded.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True))
+    return greedy_text(loaded, ids, max_new)
 
 
 def test_models_lists_the_base_the_run_and_the_personal_client(client: TestClient, run_dir: Path) -> None:
@@ -81,11 +78,7 @@ def test_each_id_switches_to_its_own_adapters(client: TestClient, run_dir: Path,
 
 def _expected_completion(run_dir: Path, which: str, prompt: str, max_new: int) -> str:
     loaded = load_run(run_dir, base_only=which == "base", client=1 if which == "client" else None)
-    ids = loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    out = loaded.model.generate(  # type: ignore[union-attr]
-        input_ids=torch.tensor([ids]), max_new_tokens=max_new, do_sample=False, pad_token_id=0
-    )
-    return str(loaded.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True))
+    return greedy_text(loaded, loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"], max_new)
 
 
 def test_the_ids_answer_differently(run_dir: Path) -> None:

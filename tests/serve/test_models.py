@@ -14,7 +14,7 @@ from fedtune.errors import FedtuneError
 from fedtune.inference import load_run
 from fedtune.models.adapters import initial_adapter_state
 from fedtune.serve import Limits, build_app, load_catalogue
-from helpers import finished_tiny_run
+from helpers import finished_tiny_run, greedy_text
 
 
 def _two_runs(tmp_path: Path) -> tuple[Path, Path]:
@@ -29,11 +29,7 @@ def _two_runs(tmp_path: Path) -> tuple[Path, Path]:
 def _alone(run_dir: Path, prompt: str, max_new: int) -> str:
     """The run's greedy completion, loaded by itself as ``fedtune chat`` would."""
     loaded = load_run(run_dir)
-    ids = loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    out = loaded.model.generate(  # type: ignore[union-attr]
-        input_ids=torch.tensor([ids]), max_new_tokens=max_new, do_sample=False, pad_token_id=0
-    )
-    return str(loaded.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True))
+    return greedy_text(loaded, loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"], max_new)
 
 
 def test_two_runs_share_one_base_and_each_answers_as_alone(tmp_path: Path) -> None:

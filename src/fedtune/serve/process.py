@@ -6,6 +6,7 @@ For benches and tests that speak to a real server (the judge's local endpoint, t
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -62,18 +63,19 @@ def served(run_dirs: Sequence[str | Path], *args: str, wait_s: float = 180.0) ->
                 proc.wait()
 
 
+_PR_SET_PDEATHSIG = 1
+# libc's prctl, looked up here in the parent: the child between fork and exec only calls it
+# (no import or library loading there, which could block on a lock another thread held)
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
 def _die_with_parent() -> None:
     """In the child before exec (Linux): SIGTERM when the parent dies.
 
     So a parent killed before its ``finally`` (SIGKILL, an unhandled SIGTERM) leaves no server behind.
     """
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-_PR_SET_PDEATHSIG = 1
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _wait_healthy(proc: subprocess.Popen[bytes], port: int, wait_s: float, err: IO[bytes]) -> None:
