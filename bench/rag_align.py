@@ -127,7 +127,7 @@ def main() -> None:
         model = attach_lora(model, cfg.model.lora)
         load_adapter_state(model, read_adapter_folder(args.adapter))
     model.eval()
-    budget = Budget(tok, cfg.data.template, cfg.data.max_source_length, cfg.rag.max_passage_tokens)
+    budget = Budget.of(cfg, tok)
     clients, tests = [], []
     for pid in range(len(partitions(cfg))):
         pairs, test = client_questions(cfg, pid, args.questions)

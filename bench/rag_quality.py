@@ -94,9 +94,7 @@ def make_prompts(cfg: Config, bench: q.Bench, n: int) -> Prompts:
             out.held.append(list(test["messages"]))
             continue
         retriever = client_retriever(cfg.rag, train)
-        budget = Budget(
-            bench.tokenizer, cfg.data.template, cfg.data.max_source_length, cfg.rag.max_passage_tokens
-        )
+        budget = Budget.of(cfg, bench.tokenizer)
         out.held.append(list(augment_dataset(test, retriever, budget)[0]["messages"]))
         lacking, _ = augment_dataset(test, retriever, budget, decline_fraction=1.0)
         gold = [c[-1]["content"] for c in test["messages"]]  # the real answer, not the decline text

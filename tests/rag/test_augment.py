@@ -95,3 +95,35 @@ def test_fit_caps_each_passage(tokenizer):
 def test_fit_drops_all_evidence_when_the_question_alone_is_too_long(tokenizer):
     budget = Budget(tokenizer, "chat", max_source_length=5, max_passage_tokens=64)
     assert fit_evidence(CONV, [ev("case", "Cats purr.")], budget) == []
+
+
+def test_instruction_stands_between_evidence_and_question():
+    prompt = evidence_prompt("Q?", [ev("case", "c one")], "Use the evidence.")
+    assert prompt == "Evidence:\n[case 1] c one\n\nUse the evidence.\n\nQuestion: Q?"
+
+
+def test_budget_of_a_config_fills_the_decline_text_into_the_instruction(tokenizer, tiny_config):
+    cfg = tiny_config.model_copy(
+        update={
+            "rag": tiny_config.rag.model_copy(
+                update={"instruction": "If it is not there, say: {decline_text}", "decline_text": "Unknown."}
+            )
+        }
+    )
+    budget = Budget.of(cfg, tokenizer)
+    assert budget.instruction == "If it is not there, say: Unknown."
+    assert (budget.max_source_length, budget.template) == (cfg.data.max_source_length, cfg.data.template)
+    conv, _ = augment(CONV, [ev("reference", "Cats purr.")], budget)
+    tail = "Cats purr.\n\nIf it is not there, say: Unknown.\n\nQuestion: What is a cat?"
+    assert conv[0]["content"].endswith(tail)
+
+
+def test_fit_counts_the_instruction_in_the_source(tokenizer):
+    long = " ".join(f"word{i}" for i in range(200))
+    bare = len(build_generation_input(CONV[:1], tokenizer, "chat", 10**6))
+    limit = bare + 60
+    instruction = " ".join(["Answer from the evidence only."] * 4)
+    budget = Budget(tokenizer, "chat", limit, max_passage_tokens=1000, instruction=instruction)
+    conv, kept = augment(CONV, [ev("case", long)], budget)
+    assert len(build_generation_input(conv[:1], tokenizer, "chat", 10**6)) <= limit
+    assert instruction in conv[0]["content"] and kept  # the passage was cut to make room, not dropped

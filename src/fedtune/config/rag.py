@@ -45,6 +45,13 @@ class RagConfig(BaseModel):
         "whose target becomes rag.decline_text (the model learns to say when the evidence lacks the answer)",
     )
     decline_text: str = Field(DEFAULT_DECLINE, min_length=1, description="the target of a decline example")
+    instruction: str | None = Field(
+        None,
+        min_length=1,
+        description="a line put between the evidence and the question in training and inference, e.g. "
+        "'Answer from the evidence. If it does not hold the answer, reply: {decline_text}' "
+        "({decline_text} is replaced by rag.decline_text); unset: none",
+    )
     answer_overlap: float = Field(
         0.7,
         gt=0,

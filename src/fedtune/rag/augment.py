@@ -23,6 +23,7 @@ from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
+from fedtune.config import Config
 from fedtune.data.tokenize import build_generation_input, encode
 from fedtune.data.types import Conversation, message
 
@@ -65,8 +66,11 @@ def holds_answer(text: str, answer: str, threshold: float) -> bool:
     return found / sum(want.values()) >= threshold
 
 
-def evidence_prompt(question: str, evidence: Sequence[Evidence]) -> str:
-    """The user turn with ``evidence`` numbered per origin (``[case 1]``, ``[reference 1]``) before it."""
+def evidence_prompt(question: str, evidence: Sequence[Evidence], instruction: str = "") -> str:
+    """The user turn with ``evidence`` numbered per origin (``[case 1]``, ``[reference 1]``) before it.
+
+    ``instruction`` (``rag.instruction``), when given, stands between the evidence and the question.
+    """
     counts: Counter[str] = Counter()
     lines = [HEADER]
     for ev in evidence:
@@ -74,7 +78,8 @@ def evidence_prompt(question: str, evidence: Sequence[Evidence]) -> str:
         lines.append(f"[{ev.origin} {counts[ev.origin]}] {ev.text}")
     if not evidence:
         lines.append(NO_EVIDENCE)
-    return "\n".join(lines) + f"\n\nQuestion: {question}"
+    middle = f"\n\n{instruction}" if instruction else ""
+    return "\n".join(lines) + f"{middle}\n\nQuestion: {question}"
 
 
 def with_prompt(conv: Conversation, prompt: str) -> Conversation:
@@ -91,6 +96,14 @@ class Budget:
     template: str
     max_source_length: int
     max_passage_tokens: int
+    instruction: str = ""
+
+    @classmethod
+    def of(cls, cfg: Config, tokenizer: PreTrainedTokenizerBase) -> Budget:
+        """The budget a run's config sets: its template, source limit, passage cut and instruction."""
+        rag, data = cfg.rag, cfg.data
+        instruction = (rag.instruction or "").replace("{decline_text}", rag.decline_text)
+        return cls(tokenizer, data.template, data.max_source_length, rag.max_passage_tokens, instruction)
 
     def source_tokens(self, history: Conversation) -> int:
         """Tokens of the source that ends with ``history``'s last user turn."""
@@ -120,7 +133,7 @@ def fit_evidence(conv: Conversation, evidence: Sequence[Evidence], budget: Budge
         if not kept:
             return []
         over = (
-            budget.source_tokens(with_prompt(history, evidence_prompt(question, kept)))
+            budget.source_tokens(with_prompt(history, evidence_prompt(question, kept, budget.instruction)))
             - budget.max_source_length
         )
         if over <= 0:
@@ -139,4 +152,4 @@ def augment(
 ) -> tuple[Conversation, list[Evidence]]:
     """``conv`` with the evidence that fits in front of its question, and that evidence."""
     kept = fit_evidence(conv, evidence, budget)
-    return with_prompt(conv, evidence_prompt(question_of(conv), kept)), kept
+    return with_prompt(conv, evidence_prompt(question_of(conv), kept, budget.instruction)), kept

@@ -59,7 +59,7 @@ def chat_retrieval(
             "--rag: nothing to retrieve from (the run's config has no rag.reference or rag.k_reference "
             "is 0; give a case base with --case-base)"
         )
-    budget = Budget(tokenizer, cfg.data.template, cfg.data.max_source_length, rag.max_passage_tokens)
+    budget = Budget.of(cfg, tokenizer)
     return ChatRetrieval(Retriever(rag, cases, reference), budget)
 
 

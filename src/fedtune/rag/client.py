@@ -162,7 +162,7 @@ def augment_split(
     """
     rag = cfg.rag
     retriever = client_retriever(rag, train, state_dir=state_dir, source=source)
-    budget = Budget(tokenizer, cfg.data.template, cfg.data.max_source_length, rag.max_passage_tokens)
+    budget = Budget.of(cfg, tokenizer)
     train, train_stats = augment_dataset(
         train, retriever, budget, decline_fraction=rag.decline_fraction, seed=seed
     )
