@@ -120,3 +120,25 @@ def test_split_builds_the_case_base_from_train_only(tokenizer, reference_file, t
     assert "Rosalind" not in "".join(c[0]["content"].split("Question:")[0] for c in new_train["messages"])
     (folder,) = (tmp_path / "kb" / "case").iterdir()  # indexed under the node's state dir
     assert len(KnowledgeBase.open(folder)) == len(FACTS)
+
+
+def test_split_puts_the_instruction_in_train_and_test_prompts(tokenizer, reference_file, tmp_path):
+    cfg = load_config(
+        "configs/tiny.toml",
+        [
+            "rag.enabled=true",
+            f"rag.reference='{reference_file}'",
+            "rag.mode='bm25'",
+            "rag.decline_fraction=0.5",
+            "rag.instruction='Answer from the evidence, else reply: {decline_text}'",
+            "data.max_source_length=256",
+        ],
+    )
+    train = Dataset.from_dict({"messages": [qa(k, v) for k, v in FACTS.items()]})
+    test = Dataset.from_dict({"messages": [qa(k, v) for k, v in REFERENCE_ONLY.items()]})
+    new_train, new_test = augment_split(cfg, tokenizer, train, test, state_dir=str(tmp_path))
+    line = f"\n\nAnswer from the evidence, else reply: {cfg.rag.decline_text}\n\nQuestion: "
+    prompts = [c[0]["content"] for c in [*new_train["messages"], *new_test["messages"]]]
+    assert prompts and all(line in p for p in prompts)
+    declined = [c for c in new_train["messages"] if c[-1]["content"] == cfg.rag.decline_text]
+    assert len(declined) == round(0.5 * len(FACTS))  # the decline examples carry it too
