@@ -3,9 +3,9 @@ the evidence lacks the answer?
 
 Arms: the untuned model, and federated runs with retrieval (``--strategy``: FedAvg, the
 global side of FF-RAG, by default; ``fflora`` scores each client's fused adapter) trained
-with each ``--declines`` share of decline examples, each without and with ``rag.instruction``
-(``--instruction``; ``{decline_text}`` is replaced). Every trained arm has the same
-optimiser-step budget from the same seeded adapter.
+with a share of decline examples, without (``d<share>``) or with (``i<share>``) the
+``rag.instruction`` given by ``--instruction`` (``{decline_text}`` is replaced). Every
+trained arm has the same optimiser-step budget from the same seeded adapter.
 
 Metrics per arm, on every held-out question of every client, each asked twice: with its
 evidence as retrieved ("held": it holds the answer) and with every answer-holding passage
@@ -22,8 +22,8 @@ removed ("lacking"):
 With ``--strategy fflora`` each client's global + personal fusion is scored on its own
 questions (the mean over clients is reported).
 
-Usage: python bench/rag_boundary.py [--rounds 4] [--steps 12] [--declines 0,0.25,0.5]
-       [--instruction TEXT | --no-instruction] [--max-test 16] [--gen-examples 4]
+Usage: python bench/rag_boundary.py [--rounds 4] [--steps 6] [--arms d0.25,i0,i0.25]
+       [--instruction TEXT] [--max-test 16] [--gen-examples 4] [--strategy fedavg|fflora]
 Last line: ``boundary_accuracy: X`` (the best trained arm's ``fc acc``).
 """
 
@@ -128,7 +128,7 @@ def print_table(rows: list[Row]) -> None:
     head = ("union loss", "fc acc", "fc held", "fc lack", "gen held", "gen lack", "ROUGE-L", "s")
     print(f"{'arm':<22} " + " ".join(f"{h:>10}" for h in head))
     for r in rows:
-        cells = (f"{r.union:.4f}", f"{r.acc:.3f}", f"{r.fc_held:.2f}", f"{r.fc_lack:.2f}")
+        cells: tuple[str, ...] = (f"{r.union:.4f}", f"{r.acc:.3f}", f"{r.fc_held:.2f}", f"{r.fc_lack:.2f}")
         cells += (f"{r.gen_held:.2f}", f"{r.gen_lack:.2f}", f"{r.rouge_l:.3f}", f"{r.seconds:.0f}")
         print(f"{r.arm:<22} " + " ".join(f"{c:>10}" for c in cells))
 
@@ -137,7 +137,7 @@ def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/rag.toml")
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=12, help="optimiser steps per client per round")
+    parser.add_argument("--steps", type=int, default=6, help="optimiser steps per client per round")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--max-test", type=int, default=16, help="held-out questions per client")
     parser.add_argument("--gen-examples", type=int, default=4, help="questions per client answered greedily")
@@ -145,22 +145,37 @@ def parse() -> argparse.Namespace:
     parser.add_argument(
         "--strategy", default="fedavg", help="fed.strategy: fedavg (FF-RAG's global side) or fflora (fused)"
     )
-    parser.add_argument("--declines", default="0,0.25,0.5", help="rag.decline_fraction of the trained arms")
-    parser.add_argument("--instruction", default=INSTRUCTION, help="rag.instruction of the instructed arms")
-    parser.add_argument("--no-instruction", action="store_true", help="train without rag.instruction only")
+    parser.add_argument(
+        "--arms",
+        default="d0.25,i0,i0.25",
+        help="trained arms: d<fraction> (plain prompt) or i<fraction> (with --instruction), "
+        "fraction = rag.decline_fraction; the untuned model is scored for each prompt used",
+    )
+    parser.add_argument("--instruction", default=INSTRUCTION, help="rag.instruction of the i arms")
     parser.add_argument("--output-dir", help="where federated runs go (default: a temp dir)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     return parser.parse_args()
+
+
+def parse_arms(text: str) -> list[tuple[bool, float]]:
+    """``d0.25,i0,i0.25`` -> [(instructed, decline_fraction), ...]: ``d`` plain prompt, ``i`` instructed."""
+    arms = []
+    for spec in (a.strip() for a in text.split(",") if a.strip()):
+        if spec[0] not in "di":
+            raise SystemExit(f"--arms: {spec!r} must start with d (no instruction) or i (instruction)")
+        arms.append((spec[0] == "i", float(spec[1:])))
+    return arms
 
 
 def main() -> None:
     args = parse()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
     tree = q.base_tree(rq.bench_args(args))
-    instructions: list[str | None] = [None] if args.no_instruction else [None, args.instruction]
+    arms = parse_arms(args.arms)
     ctx: dict[str, Any] = {"tree": tree, "out": args.output_dir or tempfile.mkdtemp(prefix="ragb-")}
     rows: list[Row] = []
-    for instruction in instructions:
+    for instructed in sorted({i for i, _ in arms}):
+        instruction = args.instruction if instructed else None
         ctx["cfg"] = cfg = q.method_config(
             tree, {"rag.enabled": True, "rag.decline_fraction": 0.0, "rag.instruction": instruction}, args.set
         )
@@ -173,9 +188,9 @@ def main() -> None:
         suffix = " +instr" if instruction else ""
         t0 = time.perf_counter()
         rq.reset(bench)
-        rows.append(Row(f"base{suffix}", **measure(bench, *ctx["bench"][1:], list(range(bench.num_clients)))))
+        rows.append(Row(f"base{suffix}", **measure(bench, prompts, gen, list(range(bench.num_clients)))))
         rows[-1].seconds = time.perf_counter() - t0
-        for decline in (float(d) for d in args.declines.split(",") if d):
+        for decline in (d for i, d in arms if i == instructed):
             t0 = time.perf_counter()
             arm = f"decline {decline:.2f}{suffix}"
             log.info("arm %s", arm)
