@@ -70,7 +70,7 @@ def margins(bench: q.Bench, convs: list[Any]) -> list[float]:
     data = cfg.data
     limits = {"max_source_length": data.max_source_length, "max_target_length": data.max_target_length}
     return [
-        decline_margin(bench.model, bench.tokenizer, c, cfg.rag.decline_text, cfg.data.template, **limits)
+        decline_margin(bench.model, bench.tokenizer, c, cfg.rag.decline_text, data.template, **limits)
         for c in convs
     ]
 

@@ -26,7 +26,7 @@ class EosLover(torch.nn.Module):
         self.vocab, self.eos = vocab, eos
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the model a device
 
-    def forward(self, input_ids: torch.Tensor) -> object:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> object:
         logits = torch.zeros(*input_ids.shape, self.vocab)
         logits[..., self.eos] = BOOST
 

@@ -18,9 +18,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from fedtune.data.tokenize import IGNORE_INDEX, tokenize_conversation
+from fedtune.data.tokenize import tokenize_conversation
 from fedtune.data.types import message
 from fedtune.rag.augment import Budget, Evidence, augment
+from fedtune.training.local import label_logprobs
 
 ADAPTER_KEY = "rag.query_adapter"
 
@@ -40,7 +41,6 @@ def adapt_queries(vectors: np.ndarray, adapter: dict[str, np.ndarray] | None) ->
     )
 
 
-@torch.no_grad()
 def answer_logliks(
     model: torch.nn.Module, budget: Budget, question: str, answer: str, passages: Sequence[Evidence]
 ) -> np.ndarray:
@@ -51,16 +51,7 @@ def answer_logliks(
         tokenize_conversation(augment(conv, [ev], budget)[0], budget.tokenizer, budget.template, **limits)
         for ev in passages
     ]
-    width = max(len(r["input_ids"]) for r in rows)
-    pad = budget.tokenizer.pad_token_id or 0
-    ids = torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in rows])
-    labels = torch.tensor([r["labels"] + [IGNORE_INDEX] * (width - len(r["labels"])) for r in rows])
-    mask = torch.tensor([r["attention_mask"] + [0] * (width - len(r["attention_mask"])) for r in rows])
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    target = labels[:, 1:]
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    valid = target != IGNORE_INDEX
-    return ((logp * valid).sum(1) / valid.sum(1).clamp(min=1)).numpy()
+    return np.asarray(label_logprobs(model, rows, budget.tokenizer.pad_token_id or 0), dtype=np.float32)
 
 
 def softmax(x: np.ndarray, tau: float) -> np.ndarray:

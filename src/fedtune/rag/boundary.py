@@ -18,8 +18,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedtune.data.templates import Template
-from fedtune.data.tokenize import tokenize_conversation
+from fedtune.data.tokenize import IGNORE_INDEX, tokenize_conversation
 from fedtune.data.types import Conversation, message
+from fedtune.training.local import label_logprobs
 
 
 def answer_logprob(
@@ -37,16 +38,12 @@ def answer_logprob(
     )
     labels = row["labels"]
     start = len(labels)
-    while start > 0 and labels[start - 1] != -100:  # the trailing labelled run: the last answer
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:  # the trailing labelled run: the last answer
         start -= 1
-    device = next(model.parameters()).device
-    ids = torch.tensor([row["input_ids"]], device=device)
+    row["labels"] = [IGNORE_INDEX] * start + labels[start:]
     model.eval()
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, start - 1 : -1].float()
-    target = ids[0, start:]
-    logprobs = torch.log_softmax(logits, dim=-1).gather(1, target[:, None])
-    return float(logprobs.mean())
+    (mean,) = label_logprobs(model, [row], tokenizer.pad_token_id or 0)
+    return mean
 
 
 def decline_margin(

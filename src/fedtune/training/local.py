@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import islice
@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, get_scheduler
 
 from fedtune.config import TrainConfig
+from fedtune.data.tokenize import IGNORE_INDEX
 
 if TYPE_CHECKING:  # opacus and dp-accounting load only for DP-SGD (0.6 s per process)
     from fedtune.privacy.local_dp import LocalDp
@@ -215,3 +216,25 @@ def evaluate(
         num_tokens=tokens,
         seconds=time.perf_counter() - start,
     )
+
+
+@torch.no_grad()
+def label_logprobs(
+    model: torch.nn.Module, rows: Sequence[Mapping[str, list[int]]], pad_id: int
+) -> list[float]:
+    """Mean log-probability per labelled token of each tokenized row.
+
+    Rows hold ``input_ids``, ``labels`` and ``attention_mask``; they are padded into one batch
+    on the model's device.
+    """
+    width = max(len(r["input_ids"]) for r in rows)
+    device = next(model.parameters()).device
+
+    def padded(key: str, fill: int) -> torch.Tensor:
+        return torch.tensor([r[key] + [fill] * (width - len(r[key])) for r in rows], device=device)
+
+    logits = model(input_ids=padded("input_ids", pad_id), attention_mask=padded("attention_mask", 0)).logits
+    target = padded("labels", IGNORE_INDEX)[:, 1:]
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1))
+    valid = target != IGNORE_INDEX
+    return (logp.squeeze(-1) * valid).sum(1).div(valid.sum(1).clamp(min=1)).tolist()
