@@ -1,8 +1,15 @@
-"""The simulation's Ray resources: cores and GPUs per client."""
+"""The simulation's Ray resources (cores and GPUs per client) and Ray's start."""
 
 from __future__ import annotations
 
+import os
+import sys
+
+import pytest
+
 from fedtune.config import Config
+from fedtune.errors import FedtuneError
+from fedtune.federated import simulation
 from fedtune.federated.simulation import backend_config
 
 
@@ -16,3 +23,50 @@ def test_gpus_per_client_reach_flowers_client_resources() -> None:
 def test_clients_use_no_gpu_by_default() -> None:
     cfg = Config.model_validate({"simulation": {"num_cpus": 2}})
     assert backend_config(cfg)["client_resources"] == {"num_cpus": 2, "num_gpus": 0.0}
+
+
+class FakeRay:
+    """``ray.init`` failing its first ``failures`` calls, as a GCS server too slow to start does."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.inits: list[dict] = []
+        self.shutdowns = 0
+
+    def is_initialized(self) -> bool:
+        return False
+
+    def init(self, **kwargs) -> None:
+        self.inits.append(kwargs)
+        if len(self.inits) <= self.failures:
+            raise RuntimeError("Timed out waiting for file gcs_server_port")
+
+    def shutdown(self) -> None:
+        self.shutdowns += 1
+
+
+def use_fake_ray(monkeypatch, failures: int) -> FakeRay:
+    fake = FakeRay(failures)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setattr(simulation, "RAY_RETRY_PAUSE_S", 0.0)
+    monkeypatch.setenv("PYTHONPATH", "/extra")
+    return fake
+
+
+def test_a_failed_ray_start_is_retried_with_the_same_arguments(monkeypatch) -> None:
+    fake = use_fake_ray(monkeypatch, failures=2)
+    init_args = backend_config(Config.model_validate({"simulation": {"num_cpus": 2}}))["init_args"]
+    simulation.start_ray(init_args, attempts=3)
+    assert len(fake.inits) == 3 and fake.shutdowns == 2
+    assert all(call == fake.inits[0] for call in fake.inits)
+    assert fake.inits[0]["num_cpus"] == 2 and fake.inits[0]["include_dashboard"] is False
+    # the workers import what the driver imports, and the extra path stays once
+    path = fake.inits[0]["runtime_env"]["env_vars"]["PYTHONPATH"].split(os.pathsep)
+    assert path.count("/extra") == 1 and sys.path[0] in path
+
+
+def test_ray_failing_every_start_is_a_clear_error(monkeypatch) -> None:
+    fake = use_fake_ray(monkeypatch, failures=5)
+    with pytest.raises(FedtuneError, match=r"\(Ray\) failed to start 2 times; last: Timed out"):
+        simulation.start_ray({"num_cpus": 1}, attempts=2)
+    assert len(fake.inits) == 2 and fake.shutdowns == 2
