@@ -7,7 +7,8 @@ import os
 import sys
 import time
 import warnings
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from fedtune.config import Config
 from fedtune.errors import FedtuneError
@@ -47,7 +48,7 @@ def backend_config(cfg: Config) -> dict[str, dict[str, ConfigRecordValues]]:
     }
 
 
-def start_ray(init_args: dict[str, ConfigRecordValues], attempts: int = RAY_START_ATTEMPTS) -> None:
+def start_ray(init_args: Mapping[str, Any], attempts: int = RAY_START_ATTEMPTS) -> None:
     """Start Ray before Flower's runtime does, retrying a start whose processes do not come up.
 
     Flower starts Ray inside its runtime thread after the ServerApp's thread is running, so a
