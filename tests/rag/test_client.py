@@ -102,6 +102,27 @@ def test_decline_examples_get_no_passage_holding_the_answer(bases, tokenizer):
         assert original[-1]["content"] not in conv[0]["content"]
 
 
+def test_paired_decline_examples_sit_beside_their_answer_examples(bases, tokenizer):
+    cfg, train, cases, ref = bases
+    budget = Budget(tokenizer, "chat", max_source_length=512, max_passage_tokens=64)
+    categories = [f"c{i}" for i in range(len(train))]
+    ds = Dataset.from_dict({"messages": train, "category": categories})
+    retriever = Retriever(cfg, cases, ref)
+    out, stats = augment_dataset(ds, retriever, budget, decline_fraction=0.4, decline_mode="pair", seed=3)
+    chosen = decline_set(len(train), 0.4, 3)  # the same two examples as replace mode's
+    # 5 answer examples, each chosen one followed by its decline example: 5 + 2 rows
+    expected = [(i, d) for i in range(len(train)) for d in ((False, True) if i in chosen else (False,))]
+    assert stats["examples"] == len(out) == 7 and stats["declines"] == 2
+    assert out["category"] == [categories[i] for i, _ in expected]
+    for conv, (i, declined) in zip(out["messages"], expected, strict=True):
+        question, answer = train[i][0]["content"], train[i][-1]["content"]
+        assert conv[0]["content"].endswith(f"Question: {question}")
+        assert conv[-1]["content"] == (cfg.decline_text if declined else answer)
+        assert (answer in conv[0]["content"]) is (not declined)  # a reference passage holds it
+    with pytest.raises(ValueError, match=r"rag\.decline_mode: 'swap'"):
+        augment_dataset(ds, retriever, budget, decline_fraction=0.4, decline_mode="swap")
+
+
 def test_split_builds_the_case_base_from_train_only(tokenizer, reference_file, tmp_path):
     cfg = load_config(
         "configs/tiny.toml",

@@ -44,6 +44,11 @@ class RagConfig(BaseModel):
         description="dual task: share of training examples whose answer-holding passages are removed and "
         "whose target becomes rag.decline_text (the model learns to say when the evidence lacks the answer)",
     )
+    decline_mode: Literal["replace", "pair"] = Field(
+        "replace",
+        description="replace: a decline example takes the place of its answer example; pair: it is added "
+        "beside it (the same question with and without the answer in its evidence)",
+    )
     decline_text: str = Field(DEFAULT_DECLINE, min_length=1, description="the target of a decline example")
     instruction: str | None = Field(
         None,

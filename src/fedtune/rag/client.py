@@ -103,39 +103,60 @@ def task_of(evidence: list[Evidence], answer: str, overlap: float) -> str:
 
 
 def augment_dataset(
-    ds: Dataset, retriever: Retriever, budget: Budget, *, decline_fraction: float = 0.0, seed: int = 0
+    ds: Dataset,
+    retriever: Retriever,
+    budget: Budget,
+    *,
+    decline_fraction: float = 0.0,
+    decline_mode: str = "replace",
+    seed: int = 0,
 ) -> tuple[Dataset, Counter[str]]:
     """Every example of ``ds`` (column ``messages``) with evidence in front of its question.
 
     An example never gets its own record from the case base. A ``decline_fraction`` share
-    (chosen with ``seed``) gets only passages that do not hold its answer, and
-    ``rag.decline_text`` as its target. Returns the dataset and counts of what went in:
-    passages per origin, passages cut for length, declines, and per other example its task
-    (:func:`task_of`).
+    (chosen with ``seed``) gets a decline example: only passages that do not hold its answer,
+    and ``rag.decline_text`` as its target; ``decline_mode`` ``"replace"`` puts it in the
+    example's place, ``"pair"`` right after the example, which stays. Returns the dataset and
+    counts of what went in: passages per origin, passages cut for length, declines, and per
+    other example its task (:func:`task_of`).
     """
     convs: list[Conversation] = list(ds["messages"])
     declines = decline_set(len(convs), decline_fraction, seed)
-    answers = [c[-1]["content"] if i in declines else None for i, c in enumerate(convs)]
+    # (row of ds, declined?) per output example
+    rows = [(i, d) for i in range(len(convs)) for d in _decline_flags(i in declines, decline_mode)]
     evidence = retriever.evidence_many(
-        [question_of(c) for c in convs],
-        exclude=[frozenset({text_hash(case_text(c))}) for c in convs],
-        without=answers,
+        [question_of(convs[i]) for i, _ in rows],
+        exclude=[frozenset({text_hash(case_text(convs[i]))}) for i, _ in rows],
+        without=[convs[i][-1]["content"] if d else None for i, d in rows],
     )
-    stats: Counter[str] = Counter(examples=len(convs), declines=len(declines))
+    stats: Counter[str] = Counter(examples=len(rows), declines=len(declines))
     out = []
-    for i, (conv, ev) in enumerate(zip(convs, evidence, strict=True)):
-        if i in declines:
+    for (i, declined), ev in zip(rows, evidence, strict=True):
+        conv = convs[i]
+        if declined:
             conv = [*conv[:-1], message("assistant", retriever.cfg.decline_text)]
         new, kept = augment(conv, ev, budget)
         stats.update(e.origin for e in kept)
         stats["cut"] += len(ev) - len(kept)
-        if i not in declines:  # a decline example's target is the decline text, not a task's answer
+        if not declined:  # a decline example's target is the decline text, not a task's answer
             stats[task_of(kept, conv[-1]["content"], retriever.cfg.answer_overlap)] += 1
         out.append(new)
     columns: dict[str, Any] = {"messages": out}
     if "category" in ds.column_names:
-        columns["category"] = ds["category"]
+        categories = ds["category"]
+        columns["category"] = [categories[i] for i, _ in rows]
     return Dataset.from_dict(columns), stats
+
+
+def _decline_flags(chosen: bool, mode: str) -> tuple[bool, ...]:
+    """What an example becomes: itself, its decline example, or both (``pair``)."""
+    if not chosen:
+        return (False,)
+    if mode == "pair":
+        return (False, True)
+    if mode == "replace":
+        return (True,)
+    raise ValueError(f"rag.decline_mode: {mode!r} is neither 'replace' nor 'pair'")
 
 
 def client_retriever(
@@ -164,7 +185,12 @@ def augment_split(
     retriever = client_retriever(rag, train, state_dir=state_dir, source=source)
     budget = Budget.of(cfg, tokenizer)
     train, train_stats = augment_dataset(
-        train, retriever, budget, decline_fraction=rag.decline_fraction, seed=seed
+        train,
+        retriever,
+        budget,
+        decline_fraction=rag.decline_fraction,
+        decline_mode=rag.decline_mode,
+        seed=seed,
     )
     test, test_stats = augment_dataset(test, retriever, budget)
     log.info("rag: train %s; test %s", dict(train_stats), dict(test_stats))
