@@ -70,3 +70,19 @@ def test_ray_failing_every_start_is_a_clear_error(monkeypatch) -> None:
     with pytest.raises(FedtuneError, match=r"\(Ray\) failed to start 2 times; last: Timed out"):
         simulation.start_ray({"num_cpus": 1}, attempts=2)
     assert len(fake.inits) == 2 and fake.shutdowns == 2
+
+
+def test_ray_is_shut_down_when_flowers_runtime_fails_before_its_backend(monkeypatch) -> None:
+    import flwr.simulation
+
+    fake = use_fake_ray(monkeypatch, failures=0)
+
+    def failing_run(**kwargs) -> None:
+        assert kwargs["backend_config"]["init_args"]["num_cpus"] == 1
+        raise RuntimeError("the ClientApp failed to load")
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", failing_run)
+    cfg = Config.model_validate({"simulation": {"num_cpus": 1}})
+    with pytest.raises(RuntimeError, match="failed to load"):
+        simulation.run_server_app(cfg, server_app=None)  # type: ignore[arg-type]
+    assert len(fake.inits) == 1 and fake.shutdowns == 1

@@ -93,11 +93,16 @@ def run_server_app(cfg: Config, server_app: ServerApp) -> None:
     num_supernodes = cfg.simulation.num_supernodes or cfg.partition.num_partitions
     backend = backend_config(cfg)
     start_ray(backend["init_args"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=num_supernodes,
-            backend_config=backend,
-        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=num_supernodes,
+                backend_config=backend,
+            )
+    finally:  # Flower shuts Ray down once its backend exists; not when it failed before that
+        import ray
+
+        ray.shutdown()
