@@ -163,3 +163,15 @@ def test_split_puts_the_instruction_in_train_and_test_prompts(tokenizer, referen
     assert prompts and all(line in p for p in prompts)
     declined = [c for c in new_train["messages"] if c[-1]["content"] == cfg.rag.decline_text]
     assert len(declined) == round(0.5 * len(FACTS))  # the decline examples carry it too
+
+
+@pytest.mark.parametrize(("mode", "rows"), [("replace", 5), ("pair", 7)])
+def test_split_takes_the_decline_mode_from_the_config(tokenizer, reference_file, tmp_path, mode, rows):
+    overrides = ["rag.enabled=true", f"rag.reference='{reference_file}'", "rag.mode='bm25'"]
+    overrides += ["rag.decline_fraction=0.4", f"rag.decline_mode='{mode}'", "data.max_source_length=256"]
+    cfg = load_config("configs/tiny.toml", overrides)
+    train = Dataset.from_dict({"messages": [qa(k, v) for k, v in FACTS.items()]})
+    test = Dataset.from_dict({"messages": [qa(k, v) for k, v in REFERENCE_ONLY.items()]})
+    new_train, _ = augment_split(cfg, tokenizer, train, test, state_dir=str(tmp_path))
+    targets = [c[-1]["content"] for c in new_train["messages"]]
+    assert len(targets) == rows and targets.count(cfg.rag.decline_text) == 2  # 2 of 5 declined either way
