@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DEFAULT_DECLINE = "The retrieved documents do not contain the answer."
+DeclineMode = Literal["replace", "pair"]
 
 
 class RagConfig(BaseModel):
@@ -44,7 +45,7 @@ class RagConfig(BaseModel):
         description="dual task: share of training examples whose answer-holding passages are removed and "
         "whose target becomes rag.decline_text (the model learns to say when the evidence lacks the answer)",
     )
-    decline_mode: Literal["replace", "pair"] = Field(
+    decline_mode: DeclineMode = Field(
         "replace",
         description="replace: a decline example takes the place of its answer example; pair: it is added "
         "beside it (the same question with and without the answer in its evidence)",

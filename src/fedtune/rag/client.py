@@ -20,6 +20,7 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from fedtune.config import Config, RagConfig
+from fedtune.config.rag import DeclineMode
 from fedtune.data.types import Conversation, message
 from fedtune.errors import FedtuneError
 from fedtune.models.load import cache_dir
@@ -108,7 +109,7 @@ def augment_dataset(
     budget: Budget,
     *,
     decline_fraction: float = 0.0,
-    decline_mode: str = "replace",
+    decline_mode: DeclineMode = "replace",
     seed: int = 0,
 ) -> tuple[Dataset, Counter[str]]:
     """Every example of ``ds`` (column ``messages``) with evidence in front of its question.
@@ -148,7 +149,7 @@ def augment_dataset(
     return Dataset.from_dict(columns), stats
 
 
-def _decline_flags(chosen: bool, mode: str) -> tuple[bool, ...]:
+def _decline_flags(chosen: bool, mode: DeclineMode) -> tuple[bool, ...]:
     """What an example becomes: itself, its decline example, or both (``pair``)."""
     if not chosen:
         return (False,)
