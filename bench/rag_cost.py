@@ -6,7 +6,8 @@ chunked as the reference base is) with the same embedder, in one process on the 
 - fedtune: :func:`fedtune.rag.store.build` (dedup, embed, probe, faiss + bm25s written to a
   folder atomically), then ``KnowledgeBase.search(q, k=5, mode=...)`` one query at a time;
 - plain: the few lines a script would write: ``SentenceTransformer.encode`` (defaults,
-  unit-length), ``faiss.IndexFlatIP``, ``bm25s.tokenize`` (English stop words) + ``BM25.index``,
+  unit-length), ``faiss.IndexFlatIP``, ``bm25s.tokenize`` (English stop words and stems,
+  PyStemmer) + ``BM25.index``,
   both saved to a folder with the passages; a query is encoded and searched, BM25-retrieved,
   or both (top 20 each) fused by RRF (k = 60).
 
@@ -37,8 +38,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import bm25s
 import faiss
 import numpy as np
+import Stemmer
 
 K, DEPTH, RRF_K = 5, 20, 60
+STEMMER = Stemmer.Stemmer("english")
 
 
 class Plain:
@@ -52,7 +55,9 @@ class Plain:
         self.index = faiss.IndexFlatIP(vectors.shape[1])
         self.index.add(vectors)
         self.bm25 = bm25s.BM25()
-        self.bm25.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
+        self.bm25.index(
+            bm25s.tokenize(texts, stopwords="en", stemmer=STEMMER, show_progress=False), show_progress=False
+        )
         out.mkdir()
         faiss.write_index(self.index, str(out / "dense.faiss"))
         self.bm25.save(str(out / "bm25"))
@@ -61,7 +66,9 @@ class Plain:
 
     def bm25_rows(self, query: str, k: int) -> list[int]:
         docs, scores = self.bm25.retrieve(
-            bm25s.tokenize(query, stopwords="en", show_progress=False), k=k, show_progress=False
+            bm25s.tokenize(query, stopwords="en", stemmer=STEMMER, show_progress=False),
+            k=k,
+            show_progress=False,
         )
         return [int(d) for d, s in zip(docs[0], scores[0], strict=True) if s > 0]
 

@@ -3,17 +3,19 @@
 The authoritative base is the categorised wiki summaries (``article_text``, chunked like
 ``rag.reference = "wiki"``), indexed with :func:`fedtune.rag.store.build` and cached under
 ``~/.cache/fedtune/bench/`` (keyed by article count, embedder and content), so reruns skip
-the embedding. The questions are wiki-qa's (``wiki_qa_records``: "What is T?" and for half
-the articles "Tell me briefly about T."), partitioned one client per category (the
-``category`` partitioner) with each client's held-out split taken as in a run
-(``split_train_test``, ``data.test_fraction`` 0.2, seed ``seed + client``); ``--questions``
-of the held-out ones are sampled. A question's gold is its article's passage (any chunk of it).
+the embedding. The questions are ``--dataset``'s (default ``wiki-qa-described``, the issue's
+set: questions from titles and from descriptions, answered by first sentences; see
+:func:`fedtune.data.wiki.wiki_qa_records`): "What is T?", for half the articles "Tell me
+briefly about T.", and for every article with a telling description 'What is the subject
+described as "1968 film by Stanley Kubrick"?'. They are partitioned one client per
+category (the ``category`` partitioner) with each client's held-out split taken as in a
+run (``split_train_test``, ``data.test_fraction`` 0.2, seed ``seed + client``);
+``--questions`` of the held-out ones are sampled. A question's gold is its article's
+passage (any chunk of it). The title forms name the article (BM25 and dense find nearly
+all); the described form must be matched by meaning; a table breaks recall@5 down by form.
 
-Both question forms name the article, which favours BM25. A second, harder table asks with
-the article's short description instead ("1968 film by Stanley Kubrick"), for sampled
-articles whose description is unique in the base and does not contain the title.
-
-Usage: python bench/rag_retrieval.py [--articles N] [--questions 500] [--seed 0]
+Usage: python bench/rag_retrieval.py [--dataset wiki-qa-described|wiki-qa] [--articles N]
+       [--questions 500] [--seed 0]
 Last line: ``hybrid_recall_at_5: X`` (goal >= 0.90, and above bm25 and dense alone).
 """
 
@@ -25,13 +27,13 @@ import os
 import random
 import statistics
 import time
-from collections import Counter
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 KS = (1, 5, 10)
+FORMS = {"title": "What is T?", "paraphrase": "Tell me briefly...", "described": "by description"}
 
 
 def gold_ranks(kb, queries: list[str], gold: list[str], mode: str) -> list[int | None]:
@@ -49,6 +51,11 @@ def scores(ranks: list[int | None]) -> dict[str, float]:
     return out
 
 
+def recall5(ranks: dict[str, list[int | None]], idx: list[int]) -> dict[str, float]:
+    """Recall@5 per mode over the queries ``idx``."""
+    return {m: statistics.mean(r[i] is not None and r[i] <= 5 for i in idx) for m, r in ranks.items()}
+
+
 def table(title: str, n: int, rows: dict[str, dict[str, float]]) -> None:
     print(f"\n{title} ({n} queries)")
     print(f"{'mode':<8} {'r@1':>6} {'r@5':>6} {'r@10':>6} {'mrr@10':>7}")
@@ -62,25 +69,26 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=500, help="held-out questions sampled")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--embedder", default="all-MiniLM-L6-v2")
+    parser.add_argument("--dataset", default="wiki-qa-described", choices=("wiki-qa-described", "wiki-qa"))
     args = parser.parse_args()
 
-    from datasets import Dataset
-
+    from fedtune.data.builtin import BUILTINS
     from fedtune.data.partition import partition_dataset, split_train_test
-    from fedtune.data.wiki import UNCATEGORIZED, article_text, wiki_articles, wiki_qa_records
+    from fedtune.data.wiki import UNCATEGORIZED, article_text, wiki_articles
     from fedtune.models.load import cache_dir
     from fedtune.rag.sources import Doc, to_passages
-    from fedtune.rag.store import MANIFEST, MODES, KnowledgeBase, build
+    from fedtune.rag.store import LEXICAL, MANIFEST, MODES, KnowledgeBase, build
 
     articles = [a for a in wiki_articles() if a["category"] != UNCATEGORIZED]
     if 0 < args.articles < len(articles):
         keep = set(random.Random(args.seed).sample(range(len(articles)), args.articles))
         articles = [a for i, a in enumerate(articles) if i in keep]
+    kept = {a["title"] for a in articles}
 
     # the base: every article as wiki:TITLE documents, chunked as the reference base is
     docs = [Doc(id=f"wiki:{a['title']}", source=f"wiki:{a['title']}", text=article_text(a)) for a in articles]
     passages = list(to_passages(docs))
-    digest = hashlib.sha1("\n".join(p.text for p in passages).encode()).hexdigest()[:10]
+    digest = hashlib.sha1("\n".join([str(LEXICAL), *(p.text for p in passages)]).encode()).hexdigest()[:10]
     slug = args.embedder.replace("/", "_")
     folder = cache_dir() / "bench" / f"wiki-{len(articles)}-{slug}-{digest}"
     if (folder / MANIFEST).exists():
@@ -94,7 +102,8 @@ def main() -> None:
     print(f"articles: {len(articles)}  passages: {len(kb)}  embedder: {args.embedder}")
 
     # held-out questions per client, one client per category, as a run splits them
-    ds = Dataset.from_list(wiki_qa_records(articles))
+    ds = BUILTINS.get(args.dataset)()
+    ds = ds.filter(lambda r: r["article"] in kept)
     categories = sorted(set(ds["category"]))
     parts = partition_dataset(ds, name="category", num_partitions=len(categories), seed=args.seed)
     held_out = []
@@ -104,13 +113,26 @@ def main() -> None:
     sample = random.Random(args.seed).sample(held_out, min(args.questions, len(held_out)))
     questions = [r["messages"][0]["content"] for _, r in sample]
     gold = [f"wiki:{r['article']}" for _, r in sample]
-    print(f"questions: {len(ds)} in {len(parts)} clients, {len(held_out)} held out, {len(sample)} sampled")
+    forms = [r["form"] for _, r in sample]
+    print(
+        f"questions: {len(ds)} {args.dataset} in {len(parts)} clients, "
+        f"{len(held_out)} held out, {len(sample)} sampled"
+    )
 
     t0 = time.perf_counter()
     ranks = {mode: gold_ranks(kb, questions, gold, mode) for mode in MODES}
     print(f"search: {time.perf_counter() - t0:.1f} s for {len(questions)} questions x {len(MODES)} modes")
     main_rows = {mode: scores(r) for mode, r in ranks.items()}
-    table("held-out wiki-qa questions (name the article)", len(questions), main_rows)
+    table(f"held-out {args.dataset} questions", len(questions), main_rows)
+
+    print("\nby question form (recall@5)")
+    print(f"{'form':<28} {'n':>4} {'bm25':>6} {'dense':>6} {'hybrid':>6}")
+    for form, example in FORMS.items():
+        idx = [i for i, f in enumerate(forms) if f == form]
+        if idx:
+            r5 = recall5(ranks, idx)
+            label = f"{form} ({example})"
+            print(f"{label:<28} {len(idx):>4} {r5['bm25']:6.3f} {r5['dense']:6.3f} {r5['hybrid']:6.3f}")
 
     print("\nper client (recall@5)")
     print(f"{'client':>6} {'category':<28} {'n':>4} {'bm25':>6} {'dense':>6} {'hybrid':>6}")
@@ -118,30 +140,10 @@ def main() -> None:
         idx = [i for i, (c, _) in enumerate(sample) if c == cid]
         if not idx:
             continue
-        r5 = {m: statistics.mean(ranks[m][i] is not None and ranks[m][i] <= 5 for i in idx) for m in MODES}
+        r5 = recall5(ranks, idx)
         print(
             f"{cid:>6} {part['category'][0]:<28} {len(idx):>4} "
             f"{r5['bm25']:6.3f} {r5['dense']:6.3f} {r5['hybrid']:6.3f}"
-        )
-
-    # harder: the article's description as the query, for descriptions unique in the base
-    # that do not contain the title
-    by_title = {a["title"]: a for a in articles}
-    desc_count = Counter(a["description"].casefold() for a in articles if a["description"])
-    chosen = []
-    for title in dict.fromkeys(r["article"] for _, r in sample):
-        desc = by_title[title]["description"]
-        if desc and desc_count[desc.casefold()] == 1 and title.casefold() not in desc.casefold():
-            chosen.append((desc, f"wiki:{title}"))
-    if chosen:
-        hard_q, hard_gold = [d for d, _ in chosen], [g for _, g in chosen]
-        hard_rows = {mode: scores(gold_ranks(kb, hard_q, hard_gold, mode)) for mode in MODES}
-        table(
-            "HARDER, second table: the article's description as the query, title not in it "
-            f"(e.g. {hard_q[0]!r} -> {hard_gold[0][5:]!r}); "
-            f"{len(chosen)} of the {len(set(gold))} sampled articles qualify",
-            len(hard_q),
-            hard_rows,
         )
 
     best_single = max(main_rows["bm25"]["r@5"], main_rows["dense"]["r@5"])

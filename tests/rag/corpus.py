@@ -5,7 +5,7 @@ from __future__ import annotations
 from fedtune.rag.sources import Passage
 
 # Distinct topics; a query word appears only where noted, so bm25 results can be listed by hand
-# (bm25s does not stem here: "volcano" does not match "Volcanoes", "river" not "rivers").
+# (bm25 stems English words: "volcano" matches "Volcanoes", "river" "rivers").
 TEXTS = [
     "Volcanoes erupt molten lava and ash from deep inside the earth.",
     "Mount Etna in Sicily is the most active volcano in Europe.",

@@ -109,3 +109,10 @@ def load_wiki_qa() -> datasets.Dataset:
     """QA about the categorised wiki summaries (:mod:`~fedtune.data.wiki`): ~13.5k records, 11 categories."""
     articles = [a for a in wiki_articles() if a["category"] != UNCATEGORIZED]
     return datasets.Dataset.from_list(wiki_qa_records(articles))
+
+
+@BUILTINS.register("wiki-qa-described")
+def load_wiki_qa_described() -> datasets.Dataset:
+    """``wiki-qa`` plus a question by description per article that has a telling one: ~21.6k records."""
+    articles = [a for a in wiki_articles() if a["category"] != UNCATEGORIZED]
+    return datasets.Dataset.from_list(wiki_qa_records(articles, described=True))

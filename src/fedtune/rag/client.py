@@ -27,7 +27,7 @@ from fedtune.models.load import cache_dir
 from fedtune.rag.augment import Budget, Evidence, augment, case_text, holds_answer, question_of
 from fedtune.rag.retrieve import Retriever
 from fedtune.rag.sources import Passage, read_docs, text_hash, to_passages
-from fedtune.rag.store import MANIFEST, KnowledgeBase, build
+from fedtune.rag.store import LEXICAL, MANIFEST, KnowledgeBase, build
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,8 @@ def _index_once(folder: Path, passages: list[Passage], embedder: str) -> Knowled
 
 
 def _digest(*parts: str) -> str:
-    return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
+    # a cached index is keyed by what made it: the texts, the embedder and the bm25 tokens
+    return hashlib.sha1("\n".join([str(sorted(LEXICAL.items())), *parts]).encode()).hexdigest()[:16]
 
 
 @lru_cache(maxsize=4)

@@ -2,10 +2,14 @@
 
 Folder layout (row ``i`` is the same passage everywhere)::
 
-    manifest.json    format, version, embedder (name, dim, probe), count, chunking
+    manifest.json    format, version, embedder (name, dim, probe), lexical, count, chunking
     passages.jsonl   {"id", "source", "text"} per line
     dense.faiss      faiss IndexFlatIP over unit-length embeddings (cosine, exact)
-    bm25/            bm25s index (English stop words)
+    bm25/            bm25s index (English stop words, Snowball English stems)
+
+``lexical`` records how the BM25 tokens were made (``stopwords``, ``stemmer``); queries are
+tokenised the same way. A base written before stemming has no ``lexical`` and is read as
+built (no stemmer).
 
 Builds and additions write a new folder and swap it in (:func:`fedtune.io.atomic_folder`):
 a crash leaves the old base or the new one. Equal passages (by :func:`text_hash`) are kept once.
@@ -24,6 +28,7 @@ from typing import Any, Literal
 import bm25s
 import faiss
 import numpy as np
+import Stemmer
 
 from fedtune.errors import FedtuneError
 from fedtune.io import atomic_folder
@@ -38,8 +43,9 @@ logging.getLogger("bm25s").setLevel(logging.WARNING)
 Mode = Literal["bm25", "dense", "hybrid"]
 MODES: tuple[Mode, ...] = ("bm25", "dense", "hybrid")
 FORMAT, VERSION = "fedtune-kb", 1
-MANIFEST, PASSAGES, DENSE, LEXICAL = "manifest.json", "passages.jsonl", "dense.faiss", "bm25"
+MANIFEST, PASSAGES, DENSE, BM25 = "manifest.json", "passages.jsonl", "dense.faiss", "bm25"
 STOPWORDS = "en"
+LEXICAL = {"stopwords": STOPWORDS, "stemmer": "english"}  # a new base's BM25 tokens (PyStemmer)
 Ranking = list[tuple[int, float]]  # (passage row, retriever score), best first
 
 
@@ -58,9 +64,15 @@ class Hit:
     dense: tuple[int, float] | None = None
 
 
-def _tokens(texts: list[str]) -> list[list[str]]:
+def _stemmer(manifest: dict[str, Any]) -> Any:
+    """The manifest's BM25 stemmer (PyStemmer), None for a base built without one."""
+    name = manifest.get("lexical", {}).get("stemmer")
+    return Stemmer.Stemmer(name) if name else None
+
+
+def _tokens(texts: list[str], stemmer: Any) -> list[list[str]]:
     tokens: list[list[str]] = bm25s.tokenize(
-        texts, stopwords=STOPWORDS, return_ids=False, show_progress=False
+        texts, stopwords=STOPWORDS, stemmer=stemmer, return_ids=False, show_progress=False
     )
     return tokens
 
@@ -73,8 +85,8 @@ def _write(folder: Path, manifest: dict[str, Any], passages: list[Passage], vect
     index.add(vectors)
     faiss.write_index(index, str(folder / DENSE))
     lexical = bm25s.BM25()
-    lexical.index(_tokens([p.text for p in passages]), show_progress=False)
-    lexical.save(str(folder / LEXICAL), show_progress=False)
+    lexical.index(_tokens([p.text for p in passages], _stemmer(manifest)), show_progress=False)
+    lexical.save(str(folder / BM25), show_progress=False)
     (folder / MANIFEST).write_text(
         json.dumps({**manifest, "count": len(passages)}, indent=1), encoding="utf-8"
     )
@@ -113,6 +125,7 @@ def build(
         "format": FORMAT,
         "version": VERSION,
         "embedder": {"name": embedder, "dim": int(vectors.shape[1]), "probe": probe(model)},
+        "lexical": LEXICAL,
         **(info or {}),
     }
     with atomic_folder(out) as staging:
@@ -218,7 +231,7 @@ class KnowledgeBase:
         path = Path(path)
         manifest = _read_manifest(path)
         passages = _read_passages(path / PASSAGES, int(manifest["count"]))
-        for name in (DENSE, LEXICAL):
+        for name in (DENSE, BM25):
             if not (path / name).exists():
                 raise FedtuneError(f"{path / name}: missing; the knowledge base is incomplete, rebuild it")
         return cls(path, manifest, passages, embedder)
@@ -258,9 +271,16 @@ class KnowledgeBase:
     @cached_property
     def _lexical(self) -> Any:
         try:
-            return bm25s.BM25.load(str(self.path / LEXICAL), show_progress=False)
+            return bm25s.BM25.load(str(self.path / BM25), show_progress=False)
         except (OSError, ValueError, KeyError) as exc:
-            raise FedtuneError(f"{self.path / LEXICAL}: corrupt bm25 index ({exc})") from None
+            raise FedtuneError(f"{self.path / BM25}: corrupt bm25 index ({exc})") from None
+
+    @cached_property
+    def _stem(self) -> Any:
+        try:
+            return _stemmer(self.manifest)
+        except (KeyError, AttributeError) as exc:
+            raise FedtuneError(f"{self.path / MANIFEST}: unknown lexical stemmer ({exc})") from None
 
     def dense_vectors(self) -> np.ndarray:
         """Every passage's stored embedding (rows in passage order)."""
@@ -268,7 +288,9 @@ class KnowledgeBase:
 
     def bm25_ranking(self, queries: list[str], depth: int) -> list[Ranking]:
         """(row, BM25 score) per query, best first; only passages sharing a term with the query."""
-        docs, scores = self._lexical.retrieve(_tokens(queries), k=min(depth, len(self)), show_progress=False)
+        docs, scores = self._lexical.retrieve(
+            _tokens(queries, self._stem), k=min(depth, len(self)), show_progress=False
+        )
         return [
             [(int(d), float(s)) for d, s in zip(row, srow, strict=True) if s > 0]
             for row, srow in zip(docs, scores, strict=True)
