@@ -24,12 +24,14 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+from functools import lru_cache
 
 import numpy as np
 import torch
 
 from fedtune.config import Config, load_config
 from fedtune.data.pipeline import client_conversations, partitions
+from fedtune.data.wiki import UNCATEGORIZED, wiki_articles, wiki_qa_records
 from fedtune.federated.aggregation.fedavg import fedavg
 from fedtune.models.adapters import attach_lora, load_adapter_state, read_adapter_folder
 from fedtune.models.load import load_model, load_tokenizer
@@ -43,6 +45,16 @@ from fedtune.rag.store import KnowledgeBase
 log = logging.getLogger("rag_align")
 
 
+@lru_cache(maxsize=1)
+def question_index() -> dict[str, tuple[str, str]]:
+    """Every wiki-qa(-described) question (each is unique) -> (its article's passage id, its form)."""
+    articles = [a for a in wiki_articles() if a["category"] != UNCATEGORIZED]
+    return {
+        r["messages"][0]["content"]: (f"wiki:{r['article']}", r["form"])
+        for r in wiki_qa_records(articles, described=True)
+    }
+
+
 def client_questions(cfg: Config, pid: int, limit: int) -> tuple[list[tuple[str, str]], list[dict[str, str]]]:
     """A client's (question, answer) training pairs (first ``limit``) and its held-out questions.
 
@@ -50,10 +62,9 @@ def client_questions(cfg: Config, pid: int, limit: int) -> tuple[list[tuple[str,
     """
     train, test = client_conversations(cfg, pid)
     pairs = [(question_of(c), c[-1]["content"]) for c in train["messages"][:limit]]
-    forms = test["form"] if "form" in test.column_names else ["title"] * len(test)
+    index = question_index()
     held = [
-        {"question": question_of(c), "gold": f"wiki:{a}", "form": f}
-        for c, a, f in zip(test["messages"], test["article"], forms, strict=True)
+        {"question": q, "gold": index[q][0], "form": index[q][1]} for q in map(question_of, test["messages"])
     ]
     return pairs, held
 
