@@ -31,7 +31,7 @@ import torch
 
 from fedtune.config import Config, load_config
 from fedtune.data.pipeline import client_conversations, partitions
-from fedtune.data.wiki import UNCATEGORIZED, wiki_articles, wiki_qa_records
+from fedtune.data.wiki import categorised_articles, wiki_qa_records
 from fedtune.federated.aggregation.fedavg import fedavg
 from fedtune.models.adapters import attach_lora, load_adapter_state, read_adapter_folder
 from fedtune.models.load import load_model, load_tokenizer
@@ -48,7 +48,7 @@ log = logging.getLogger("rag_align")
 @lru_cache(maxsize=1)
 def question_index() -> dict[str, tuple[str, str]]:
     """Every wiki-qa(-described) question (each is unique) -> (its article's passage id, its form)."""
-    articles = [a for a in wiki_articles() if a["category"] != UNCATEGORIZED]
+    articles = categorised_articles()
     return {
         r["messages"][0]["content"]: (f"wiki:{r['article']}", r["form"])
         for r in wiki_qa_records(articles, described=True)

@@ -143,14 +143,14 @@ def main() -> None:
 
     from sentence_transformers import SentenceTransformer
 
-    from fedtune.data.wiki import UNCATEGORIZED, article_text, first_sentence, wiki_articles
+    from fedtune.data.wiki import article_text, categorised_articles, first_sentence
     from fedtune.rag.embed import embed, load_embedder, resolve_embedder
     from fedtune.rag.sources import Doc, to_passages
     from fedtune.rag.store import MODES, KnowledgeBase, build
 
     print(f"load average (1, 5, 15 min) at start: {os.getloadavg()}  cores: {os.cpu_count()}")
     rng = random.Random(args.seed)
-    articles = [a for a in wiki_articles() if a["category"] != UNCATEGORIZED]
+    articles = categorised_articles()
     articles = rng.sample(articles, min(args.passages, len(articles)))
     docs = [Doc(id=f"wiki:{a['title']}", source=f"wiki:{a['title']}", text=article_text(a)) for a in articles]
     passages = list(to_passages(docs))

@@ -74,12 +74,12 @@ def main() -> None:
 
     from fedtune.data.builtin import BUILTINS
     from fedtune.data.partition import partition_dataset, split_train_test
-    from fedtune.data.wiki import UNCATEGORIZED, article_text, wiki_articles
+    from fedtune.data.wiki import article_text, categorised_articles
     from fedtune.models.load import cache_dir
     from fedtune.rag.sources import Doc, to_passages
     from fedtune.rag.store import LEXICAL, MANIFEST, MODES, KnowledgeBase, build
 
-    articles = [a for a in wiki_articles() if a["category"] != UNCATEGORIZED]
+    articles = categorised_articles()
     if 0 < args.articles < len(articles):
         keep = set(random.Random(args.seed).sample(range(len(articles)), args.articles))
         articles = [a for i, a in enumerate(articles) if i in keep]

@@ -16,7 +16,7 @@ import yaml
 
 from fedtune.data.packages import package_dir
 from fedtune.data.types import Conversation, Role, message
-from fedtune.data.wiki import UNCATEGORIZED, wiki_articles, wiki_qa_records
+from fedtune.data.wiki import categorised_articles, wiki_qa_records
 from fedtune.errors import FedtuneError
 from fedtune.registry import Registry
 
@@ -107,12 +107,12 @@ def load_chatterbot(language: str = "english") -> datasets.Dataset:
 @BUILTINS.register("wiki-qa")
 def load_wiki_qa() -> datasets.Dataset:
     """QA about the categorised wiki summaries (:mod:`~fedtune.data.wiki`): ~13.5k records, 11 categories."""
-    articles = [a for a in wiki_articles() if a["category"] != UNCATEGORIZED]
+    articles = categorised_articles()
     return datasets.Dataset.from_list(wiki_qa_records(articles))
 
 
 @BUILTINS.register("wiki-qa-described")
 def load_wiki_qa_described() -> datasets.Dataset:
     """``wiki-qa`` plus a question by description per article that has a telling one: ~21.6k records."""
-    articles = [a for a in wiki_articles() if a["category"] != UNCATEGORIZED]
+    articles = categorised_articles()
     return datasets.Dataset.from_list(wiki_qa_records(articles, described=True))

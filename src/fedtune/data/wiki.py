@@ -58,6 +58,11 @@ def article_text(article: dict[str, str]) -> str:
     return f"{article['title']}. {article['extract']}"
 
 
+def categorised_articles() -> list[dict[str, str]]:
+    """The articles that have a category (those wiki-qa asks about), in title order."""
+    return [a for a in wiki_articles() if a["category"] != UNCATEGORIZED]
+
+
 def first_sentence(text: str, max_words: int = 40) -> str:
     """The first sentence of ``text`` (ends at ``.!?`` after a lowercase letter, digit or ``)``), capped."""
     sentence = _SENTENCE_END.split(text.strip(), maxsplit=1)[0]
