@@ -60,8 +60,9 @@ def test_an_unknown_stemmer_in_the_manifest_is_named(kb_copy: Path) -> None:
     manifest["lexical"]["stemmer"] = "klingon"
     (kb_copy / "manifest.json").write_text(json.dumps(manifest))
 
-    with pytest.raises(FedtuneError, match=r"manifest.json: unknown lexical stemmer .*klingon"):
-        KnowledgeBase.open(kb_copy).search("volcano", mode="bm25")
+    for opening in (lambda: KnowledgeBase.open(kb_copy), lambda: add(kb_copy, CORPUS[:1])):
+        with pytest.raises(FedtuneError, match=r"manifest.json: unknown lexical stemmer 'klingon'"):
+            opening()  # refused at open, like the manifest's other keys: before anything is written
 
 
 @pytest.mark.parametrize(

@@ -185,6 +185,11 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     for key in ("embedder", "count"):
         if key not in manifest:
             raise FedtuneError(f"{file}: corrupt manifest (no {key!r})")
+    stemmer = manifest.get("lexical", {}).get("stemmer")
+    if stemmer and stemmer not in Stemmer.algorithms():
+        raise FedtuneError(
+            f"{file}: unknown lexical stemmer {stemmer!r} (PyStemmer has: {', '.join(Stemmer.algorithms())})"
+        )
     return manifest
 
 
@@ -277,10 +282,7 @@ class KnowledgeBase:
 
     @cached_property
     def _stem(self) -> Any:
-        try:
-            return _stemmer(self.manifest)
-        except (KeyError, AttributeError) as exc:
-            raise FedtuneError(f"{self.path / MANIFEST}: unknown lexical stemmer ({exc})") from None
+        return _stemmer(self.manifest)
 
     def dense_vectors(self) -> np.ndarray:
         """Every passage's stored embedding (rows in passage order)."""
